@@ -1,0 +1,204 @@
+"""DDPM / DDIM sampling as plain functions over any denoiser ``denoiser(x, t, **cond) -> eps``.
+
+Notation: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with ``abar_t = prod_{s<=t} (1 - beta_s)``.
+A step goes from timestep ``t`` to the previous kept timestep ``s`` (``abar_s = 1`` after the
+last one). Each step is a Gaussian ``N(mean, var)``; the last DDPM step has ``var = 0``: it returns
+the mean without noise. The samplers also give the log-prob of each step taken and the
+closed-form KL to a reference denoiser's step (same variance: ``|mean - mean_ref|^2 / (2 var)``),
+which policy-gradient fine-tuning needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion_blend.blend import Denoiser, nfe_of
+from diffusion_blend.seeding import sample_normals
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A discrete noise schedule given by its betas (float64, index 0 is the least noisy)."""
+
+    betas: torch.Tensor
+
+    @classmethod
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+        """Betas linear from ``beta_start`` to ``beta_end`` over ``T`` steps (DDPM's schedule)."""
+        if T < 1 or not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"schedule T={T}, beta_start={beta_start}, beta_end={beta_end}: "
+                             "need T >= 1 and 0 < beta_start <= beta_end < 1")
+        return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64))
+
+    @property
+    def T(self) -> int:
+        return len(self.betas)
+
+    @property
+    def abar(self) -> torch.Tensor:
+        return torch.cumprod(1.0 - self.betas, 0)
+
+    def timesteps(self, steps: int | None = None) -> list[int]:
+        """``steps`` timesteps evenly spaced over ``[0, T-1]``, noisiest first (all when None)."""
+        steps = self.T if steps is None else int(steps)
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps={steps} is not allowed; use 1 <= steps <= T={self.T}")
+        ts = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long()
+        return sorted(set(ts.tolist()), reverse=True)
+
+    def pairs(self, steps: int | None = None) -> list[tuple[int, float, float]]:
+        """``(t, abar_t, abar_s)`` for each step; ``abar_s = 1`` for the last (noise-free) step."""
+        ts = self.timesteps(steps)
+        abar = self.abar.tolist()
+        prev = [abar[s] for s in ts[1:]] + [1.0]
+        return [(t, abar[t], a_s) for t, a_s in zip(ts, prev, strict=True)]
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+def predict_x0(eps: torch.Tensor, x: torch.Tensor, abar_t: float) -> torch.Tensor:
+    """The clean sample implied by a noise prediction: ``(x - sqrt(1-abar_t) eps) / sqrt(abar_t)``."""
+    return (x - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
+
+
+def to_eps(pred: torch.Tensor, x: torch.Tensor, abar_t: float, kind: str = "eps") -> torch.Tensor:
+    """Convert a ``v`` prediction to ``eps`` (``eps = sqrt(abar) v + sqrt(1-abar) x``)."""
+    if kind == "eps":
+        return pred
+    if kind == "v":
+        return math.sqrt(abar_t) * pred + math.sqrt(1.0 - abar_t) * x
+    raise ValueError(f"prediction type {kind!r} is not supported; use 'eps' or 'v'")
+
+
+def ddpm_step(eps, x, abar_t: float, abar_s: float, clip_x0: float | None = None):
+    """DDPM ancestral step: the posterior ``q(x_s | x_t, x0_hat)``, variance ``beta_tilde``."""
+    beta = 1.0 - abar_t / abar_s
+    x0 = _clip(predict_x0(eps, x, abar_t), clip_x0)
+    mean = (math.sqrt(abar_s) * beta / (1.0 - abar_t)) * x0 \
+        + (math.sqrt(1.0 - beta) * (1.0 - abar_s) / (1.0 - abar_t)) * x
+    return mean, (1.0 - abar_s) / (1.0 - abar_t) * beta
+
+
+def ddim_step(eps, x, abar_t: float, abar_s: float, eta: float, clip_x0: float | None = None):
+    """DDIM step with stochasticity ``eta`` (0: deterministic, 1: same law as DDPM)."""
+    var = eta**2 * (1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s)
+    x0 = _clip(predict_x0(eps, x, abar_t), clip_x0)
+    mean = math.sqrt(abar_s) * x0 + math.sqrt(max(1.0 - abar_s - var, 0.0)) * eps
+    return mean, var
+
+
+def _clip(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
+    return x0 if clip is None else x0.clamp(-clip, clip)
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, var: float) -> torch.Tensor:
+    """Log-density per sample of ``N(mean, var I)`` at ``x`` (summed over non-batch dims)."""
+    d = x[0].numel()
+    sq = (x - mean).flatten(1).pow(2).sum(1)
+    return -0.5 * sq / var - 0.5 * d * math.log(2 * math.pi * var)
+
+
+def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, var: float) -> torch.Tensor:
+    """``KL(N(mean_a, var I) || N(mean_b, var I))`` per sample."""
+    return (mean_a - mean_b).flatten(1).pow(2).sum(1) / (2.0 * var)
+
+
+@dataclass
+class StepOut:
+    """One step: the state reached, its Gaussian ``(mean, var)``, and the KL variance used."""
+
+    x: torch.Tensor
+    mean: torch.Tensor
+    var: float
+    kl_var: float
+
+
+def step(
+    denoiser: Denoiser, x: torch.Tensor, t: int, abar_t: float, abar_s: float,
+    noise: torch.Tensor | None, eta: float = 1.0, sampler: str = "ddpm",
+    clip_x0: float | None = None, cond: dict | None = None,
+) -> StepOut:
+    """One reverse step of ``sampler`` from timestep ``t``; ``noise`` is used when ``var > 0``."""
+    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    eps = denoiser(x, tt, **(cond or {}))
+    return step_from_eps(eps, x, abar_t, abar_s, noise, eta, sampler, clip_x0)
+
+
+def step_from_eps(eps, x, abar_t, abar_s, noise, eta=1.0, sampler="ddpm", clip_x0=None) -> StepOut:
+    """The step law from a noise prediction, then ``x_s = mean + sqrt(var) * noise``."""
+    if sampler == "ddpm":
+        mean, var = ddpm_step(eps, x, abar_t, abar_s, clip_x0)
+    elif sampler == "ddim":
+        mean, var = ddim_step(eps, x, abar_t, abar_s, eta, clip_x0)
+    else:
+        raise ValueError(f"sampler {sampler!r} is not known; use one of {SAMPLERS}")
+    x_s = mean if var == 0.0 or noise is None else mean + math.sqrt(var) * noise
+    # A noise-free step (the last DDPM step, or DDIM eta=0) has no density; its KL is taken
+    # with the step's own beta, so moving x0 there is not free.
+    return StepOut(x_s, mean, var, var if var > 0 else 1.0 - abar_t / abar_s)
+
+
+# ---------------------------------------------------------------------------- whole chains
+
+
+@dataclass
+class SampleResult:
+    """Final samples, cost, and per-step log-probs / KLs (``[steps, B]``) when asked for."""
+
+    x0: torch.Tensor
+    nfe_per_sample: float
+    logprobs: torch.Tensor | None = None
+    kls: torch.Tensor | None = None
+    states: list[torch.Tensor] = field(default_factory=list)
+
+
+def sample(
+    denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int], shape: tuple[int, ...],
+    steps: int | None = None, sampler: str = "ddpm", eta: float = 1.0,
+    cond: dict | None = None, reference: Denoiser | None = None, record: bool = False,
+    clip_x0: float | None = None, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu", progress: bool = False,
+) -> SampleResult:
+    """Run the reverse chain from per-sample seeded noise.
+
+    ``reference``: also return the per-step KL to that denoiser's step (costs its NFE too).
+    ``record``: also return per-step log-probs and the visited states ``x_T, ..., x_0``.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not known; use one of {SAMPLERS}")
+    pairs = schedule.pairs(steps)
+    noise = sample_normals(seeds, (len(pairs) + 1, *shape), dtype=dtype).to(device)
+    x = noise[:, 0]
+    logps, kls, states, nfe = [], [], [x] if record else [], 0.0
+    for k, (t, abar_t, abar_s) in enumerate(tqdm(pairs, disable=not progress, desc="sampling")):
+        out = step(denoiser, x, t, abar_t, abar_s, noise[:, k + 1], eta, sampler, clip_x0, cond)
+        nfe += nfe_of(denoiser)
+        if reference is not None:
+            ref = step(reference, x, t, abar_t, abar_s, None, eta, sampler, clip_x0, cond)
+            kls.append(gaussian_kl(out.mean, ref.mean, out.kl_var))
+            nfe += nfe_of(reference)
+        if record:
+            logps.append(_step_logprob(out))
+            states.append(out.x)
+        x = out.x
+    return SampleResult(
+        x0=x, nfe_per_sample=nfe,
+        logprobs=torch.stack(logps) if record else None,
+        kls=torch.stack(kls) if reference is not None else None,
+        states=states,
+    )
+
+
+def _step_logprob(out: StepOut) -> torch.Tensor:
+    """Log-prob of the step taken; 0 for a deterministic step (a map, not a density)."""
+    if out.var == 0.0:
+        return torch.zeros(out.x.shape[0], dtype=out.x.dtype, device=out.x.device)
+    return gaussian_logprob(out.x, out.mean, out.var)
