@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusion_blend.errors import UsageError
 from diffusion_blend.seeding import sample_uniforms
 
 Denoiser = Callable[..., torch.Tensor]
 
 
-class PreferenceError(ValueError):
+class PreferenceError(UsageError):
     """A preference that is not allowed (bad length, not finite, extrapolation not asked for)."""
 
 
@@ -178,7 +179,7 @@ class StochasticBlend:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         if x.shape[0] != len(self.seeds):
-            raise ValueError(f"batch of {x.shape[0]} rows but {len(self.seeds)} seeds")
+            raise UsageError(f"batch of {x.shape[0]} rows but {len(self.seeds)} seeds")
         pick = self.choices(t).to(x.device)
         out = torch.empty_like(x)
         for i, expert in enumerate(self.experts):

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_blend.blend import Denoiser, nfe_of
+from diffusion_blend.errors import UsageError
 from diffusion_blend.seeding import sample_normals
 
 SAMPLERS = ("ddpm", "ddim")
@@ -33,7 +34,7 @@ class Schedule:
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
         """Betas linear from ``beta_start`` to ``beta_end`` over ``T`` steps (DDPM's schedule)."""
         if T < 1 or not 0 < beta_start <= beta_end < 1:
-            raise ValueError(f"schedule T={T}, beta_start={beta_start}, beta_end={beta_end}: "
+            raise UsageError(f"schedule T={T}, beta_start={beta_start}, beta_end={beta_end}: "
                              "need T >= 1 and 0 < beta_start <= beta_end < 1")
         return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64))
 
@@ -49,7 +50,7 @@ class Schedule:
         """``steps`` timesteps evenly spaced over ``[0, T-1]``, noisiest first (all when None)."""
         steps = self.T if steps is None else int(steps)
         if not 1 <= steps <= self.T:
-            raise ValueError(f"steps={steps} is not allowed; use 1 <= steps <= T={self.T}")
+            raise UsageError(f"steps={steps} is not allowed; use 1 <= steps <= T={self.T}")
         ts = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long()
         return sorted(set(ts.tolist()), reverse=True)
 
@@ -75,7 +76,7 @@ def to_eps(pred: torch.Tensor, x: torch.Tensor, abar_t: float, kind: str = "eps"
         return pred
     if kind == "v":
         return math.sqrt(abar_t) * pred + math.sqrt(1.0 - abar_t) * x
-    raise ValueError(f"prediction type {kind!r} is not supported; use 'eps' or 'v'")
+    raise UsageError(f"prediction type {kind!r} is not supported; use 'eps' or 'v'")
 
 
 def ddpm_step(eps, x, abar_t: float, abar_s: float, clip_x0: float | None = None):
@@ -139,7 +140,7 @@ def step_from_eps(eps, x, abar_t, abar_s, noise, eta=1.0, sampler="ddpm", clip_x
     elif sampler == "ddim":
         mean, var = ddim_step(eps, x, abar_t, abar_s, eta, clip_x0)
     else:
-        raise ValueError(f"sampler {sampler!r} is not known; use one of {SAMPLERS}")
+        raise UsageError(f"sampler {sampler!r} is not known; use one of {SAMPLERS}")
     x_s = mean if var == 0.0 or noise is None else mean + math.sqrt(var) * noise
     # A noise-free step (the last DDPM step, or DDIM eta=0) has no density; its KL is taken
     # with the step's own beta, so moving x0 there is not free.
@@ -173,7 +174,7 @@ def sample(
     ``record``: also return per-step log-probs and the visited states ``x_T, ..., x_0``.
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r} is not known; use one of {SAMPLERS}")
+        raise UsageError(f"sampler {sampler!r} is not known; use one of {SAMPLERS}")
     pairs = schedule.pairs(steps)
     noise = sample_normals(seeds, (len(pairs) + 1, *shape), dtype=dtype).to(device)
     x = noise[:, 0]

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from diffusion_blend.errors import UsageError
+
 
 def _key(stream: str) -> int:
     return zlib.crc32(stream.encode())
@@ -20,7 +22,7 @@ def _key(stream: str) -> int:
 
 def _generator(seed: int, stream: str) -> np.random.Generator:
     if int(seed) < 0:
-        raise ValueError(f"seed={seed} is not allowed; seeds must be >= 0")
+        raise UsageError(f"seed={seed} is not allowed; seeds must be >= 0")
     return np.random.Generator(np.random.PCG64((_key(stream) << 64) | int(seed)))
 
 

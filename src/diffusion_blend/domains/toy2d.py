@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from diffusion_blend.blend import Preference
+from diffusion_blend.errors import UsageError
 from diffusion_blend.sampling import Schedule
 from diffusion_blend.seeding import sample_normals, sample_uniforms
 
 F64 = torch.float64
 
 
-class SpecError(ValueError):
+class SpecError(UsageError):
     """A toy2d problem spec that is malformed or describes an impossible problem."""
 
 
@@ -309,7 +310,7 @@ def parse_spec(spec: dict) -> Toy2dProblem:
         raise SpecError(f"spec field 'schedule.T'={sch['T']!r} must be an integer >= 1")
     try:
         schedule = Schedule.linear(sch["T"], float(sch["beta_start"]), float(sch["beta_end"]))
-    except (TypeError, ValueError) as e:
+    except (TypeError, UsageError) as e:
         raise SpecError(f"spec field 'schedule': {e}") from None
     problem = Toy2dProblem(mixture, rewards, float(alpha), schedule, spec)
     for i in range(problem.k):   # every expert must exist

@@ -1,0 +1,189 @@
+"""``dblend``: the command line. Bad input ends with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+
+from diffusion_blend.errors import UsageError
+
+log = logging.getLogger("diffusion_blend")
+
+
+def parse_floats(text: str, name: str) -> tuple[float, ...]:
+    """``"0.3,0.7"`` -> ``(0.3, 0.7)``; anything else is a ``UsageError`` naming the flag."""
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{name} {text!r}: give comma-separated numbers, e.g. 0.3,0.7") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise UsageError(f"{name} {text!r} contains NaN or inf; values must be finite")
+    return vals
+
+
+def parse_finite(text: str, name: str) -> float:
+    """One finite number, or a ``UsageError`` naming the flag."""
+    vals = parse_floats(text, name)
+    if len(vals) != 1:
+        raise UsageError(f"{name} {text!r}: give one number")
+    return vals[0]
+
+
+def _emit(obj: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj) + "\n")
+    else:
+        for k, v in obj.items():
+            sys.stdout.write(f"{k}: {v}\n")
+
+
+def _threads(n: int | None) -> None:
+    """Small toy2d tensors run fastest on one thread on these machines (OpenMP wake-up costs)."""
+    import torch
+
+    torch.set_num_threads(n or 1)
+
+
+# ---------------------------------------------------------------------------- toy2d
+
+
+def _add_toy2d_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", default="bimodal", help="preset name or JSON spec path")
+    p.add_argument("--method", default="blend", help="pretrained | blend | blend-ls | exact")
+    p.add_argument("--w", default=None, help="weights, e.g. 0.3,0.7 (default uniform)")
+    p.add_argument("--lam", default="1.0", help="KL-strength modifier lambda >= 0")
+    p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--sampler", default="ddpm", help="ddpm | ddim")
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experts", default=None, help="learned expert dirs, comma-separated")
+    p.add_argument("--allow-extrapolation", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_toy2d_sample(a: argparse.Namespace) -> None:
+    from diffusion_blend.domains.toy2d import load_problem
+    from diffusion_blend.evaluation.toy2d import Toy2dSampleConfig, run_sample, save_sample_run
+    from diffusion_blend.io import prepare_out_dir
+
+    _threads(a.threads)
+    cfg = Toy2dSampleConfig(
+        spec=a.spec, method=a.method, w=parse_floats(a.w, "--w") if a.w else None,
+        lam=parse_finite(a.lam, "--lam"), n=a.n, steps=a.steps, sampler=a.sampler, eta=a.eta,
+        seed=a.seed, allow_extrapolation=a.allow_extrapolation,
+        experts=tuple(a.experts.split(",")) if a.experts else (),
+    )
+    cfg.check()
+    problem = load_problem(cfg.spec)
+    cfg.preference(problem.k)          # validate before any work or any file
+    out = prepare_out_dir(a.out, a.overwrite) if a.out else None
+    experts = _load_learned_experts(cfg.experts, problem) if cfg.experts else None
+    summary, x0 = run_sample(cfg, problem, progress=not a.json, experts=experts)
+    if out:
+        save_sample_run(out, cfg, summary, x0, problem)
+    _emit(summary, a.json)
+
+
+def _load_learned_experts(dirs: Sequence[str], problem):
+    raise UsageError("--experts needs learned experts from `dblend finetune`, which this "
+                     "version does not have yet")
+
+
+def cmd_toy2d_gap(a: argparse.Namespace) -> None:
+    from diffusion_blend.domains.toy2d import load_problem
+    from diffusion_blend.evaluation.toy2d import run_gap, write_gap
+    from diffusion_blend.io import prepare_out_dir
+
+    _threads(a.threads)
+    if a.n < 1 or a.steps < 1 or a.divisions < 1:
+        raise UsageError(f"--n {a.n}, --steps {a.steps}, --divisions {a.divisions}: all must be >= 1")
+    problem = load_problem(a.spec)
+    out = prepare_out_dir(a.out, a.overwrite)
+    rows = run_gap(problem, a.n, a.steps, a.seed, a.divisions, progress=not a.json)
+    write_gap(out, problem, rows)
+    _emit({"out": str(out), "rows": rows} if a.json else {"written": str(out / "gap.md")}, a.json)
+
+
+# ---------------------------------------------------------------------------- bench, demo
+
+
+def cmd_bench_toy2d(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.toy2d import bench_toy2d
+
+    _threads(a.threads)
+    _emit(bench_toy2d(n=a.n, steps=a.steps, numpy_reference=not a.no_reference), a.json)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from diffusion_blend.evaluation.toy2d import run_demo
+
+    _threads(a.threads)
+    out = run_demo(a.out, a.overwrite)
+    sys.stdout.write(f"wrote {out}/report.md, gap.png, gap.md and scatter plots\n")
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dblend", description="Diffusion Blend: inference-time "
+                                "multi-preference alignment of diffusion models.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    toy = sub.add_parser("toy2d", help="the exact Gaussian-mixture testbed").add_subparsers(
+        dest="toy2d_command", required=True)
+    s = toy.add_parser("sample", help="sample one method and compare with the exact target")
+    _add_toy2d_sample_args(s)
+    s.set_defaults(func=cmd_toy2d_sample)
+    g = toy.add_parser("gap", help="sweep w and measure the Jensen gap")
+    g.add_argument("--spec", default="bimodal")
+    g.add_argument("--n", type=int, default=10000)
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--divisions", type=int, default=10)
+    g.add_argument("--out", default="dblend-gap")
+    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_toy2d_gap)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("toy2d", help="time the exact-expert blend, 2 experts")
+    b.add_argument("--n", type=int, default=20000)
+    b.add_argument("--steps", type=int, default=1000)
+    b.add_argument("--no-reference", action="store_true", help="skip the numpy reference")
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench_toy2d)
+
+    d = sub.add_parser("demo", help="the main demo (toy2d Jensen-gap report)")
+    d.add_argument("--out", default="dblend-demo")
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--threads", type=int, default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except UsageError as e:
+        sys.stderr.write(f"dblend: error: {e}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
