@@ -50,7 +50,8 @@ def test_blend_formula(nets):
 def test_lam_zero_is_base_and_unit_vector_is_expert(nets):
     base, experts = nets
     x, t = _xt()
-    assert torch.equal(BlendedDenoiser(base, experts, Preference((0.4, 0.6), 0.0))(x, t), base(x, t))
+    lam0 = BlendedDenoiser(base, experts, Preference((0.4, 0.6), 0.0))
+    assert torch.equal(lam0(x, t), base(x, t))
     for i in range(2):
         w = tuple(1.0 if j == i else 0.0 for j in range(2))
         assert torch.equal(BlendedDenoiser(base, experts, Preference(w))(x, t), experts[i](x, t))

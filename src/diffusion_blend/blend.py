@@ -85,7 +85,8 @@ class Preference:
     def check_k(self, k: int) -> None:
         """Raise unless the preference has exactly ``k`` weights."""
         if self.k != k:
-            raise PreferenceError(f"w has {self.k} weights {list(self.w)} but there are {k} experts")
+            raise PreferenceError(
+                f"w has {self.k} weights {list(self.w)} but there are {k} experts")
 
 
 def nfe_of(denoiser: Denoiser) -> float:

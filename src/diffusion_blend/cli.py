@@ -104,7 +104,8 @@ def cmd_toy2d_gap(a: argparse.Namespace) -> None:
 
     _threads(a.threads)
     if a.n < 1 or a.steps < 1 or a.divisions < 1:
-        raise UsageError(f"--n {a.n}, --steps {a.steps}, --divisions {a.divisions}: all must be >= 1")
+        raise UsageError(f"--n {a.n}, --steps {a.steps}, --divisions {a.divisions}: "
+                         "all must be >= 1")
     problem = load_problem(a.spec)
     out = prepare_out_dir(a.out, a.overwrite)
     rows = run_gap(problem, a.n, a.steps, a.seed, a.divisions, progress=not a.json)

@@ -1,6 +1,6 @@
 """DDPM / DDIM sampling as plain functions over any denoiser ``denoiser(x, t, **cond) -> eps``.
 
-Notation: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with ``abar_t = prod_{s<=t} (1 - beta_s)``.
+Notation: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, ``abar_t = prod_{s<=t} (1 - beta_s)``.
 A step goes from timestep ``t`` to the previous kept timestep ``s`` (``abar_s = 1`` after the
 last one). Each step is a Gaussian ``N(mean, var)``; the last DDPM step has ``var = 0``: it returns
 the mean without noise. The samplers also give the log-prob of each step taken and the
@@ -66,7 +66,7 @@ class Schedule:
 
 
 def predict_x0(eps: torch.Tensor, x: torch.Tensor, abar_t: float) -> torch.Tensor:
-    """The clean sample implied by a noise prediction: ``(x - sqrt(1-abar_t) eps) / sqrt(abar_t)``."""
+    """The clean sample implied by ``eps``: ``(x - sqrt(1-abar_t) eps) / sqrt(abar_t)``."""
     return (x - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
 
 

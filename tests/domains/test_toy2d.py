@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import z_ok
+
 from diffusion_blend.blend import BlendedDenoiser, Preference
 from diffusion_blend.domains.toy2d import PRESETS, SpecError, load_problem, parse_spec
 from diffusion_blend.evaluation.metrics import mean_and_stderr

@@ -83,7 +83,8 @@ class MixtureDenoiser:
     def _cast(self, dtype, device) -> dict:
         key = (dtype, str(device))
         if key not in self._cache:
-            self._cache[key] = {k: v.to(dtype=dtype, device=device) for k, v in self._params.items()}
+            self._cache[key] = {k: v.to(dtype=dtype, device=device)
+                                for k, v in self._params.items()}
         return self._cache[key]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -286,7 +287,8 @@ def _tensor(v, name: str, shape: tuple) -> torch.Tensor:
     try:
         t = torch.as_tensor(v, dtype=F64)
     except (TypeError, ValueError):
-        raise SpecError(f"spec field {name!r} must be numbers of shape {shape}, got {v!r}") from None
+        raise SpecError(f"spec field {name!r} must be numbers of shape {list(shape)}, "
+                        f"got {v!r}") from None
     if tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
         raise SpecError(f"spec field {name!r} must be finite numbers of shape {list(shape)}, "
                         f"got shape {list(t.shape)}")

@@ -224,24 +224,24 @@ def write_gap(out: Path, problem: Toy2dProblem, rows: list[dict]) -> None:
 
 
 def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n: int = 8192,
-             progress: bool = True) -> Path:
+             steps: int = 1000, progress: bool = True) -> Path:
     """Gap sweep on ``bimodal`` plus blend-vs-exact scatter plots and ``report.md``."""
     out = prepare_out_dir(out, overwrite)
     problem = load_problem("bimodal")
     start = time.perf_counter()
-    rows = run_gap(problem, n=n, progress=progress)
+    rows = run_gap(problem, n=n, steps=steps, progress=progress)
     write_gap(out, problem, rows)
     shown = []
     for w in [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0)]:
         for method in ("blend", "exact"):
-            cfg = Toy2dSampleConfig(w=w, method=method, n=min(n, 3000))
+            cfg = Toy2dSampleConfig(w=w, method=method, n=min(n, 3000), steps=steps)
             summary, x0 = run_sample(cfg, problem)
             name = f"scatter_{method}_w{w[0]:.1f}.png"
             title = f"{method}  w={list(w)}  E[r]={[round(v, 2) for v in summary['mean_rewards']]}"
             save_figure(scatter_figure(x0, problem.target(cfg.preference(2))[0], title), out / name)
             shown.append(name)
     write_text(out / "report.md", _demo_report(rows, shown, time.perf_counter() - start, n))
-    write_json(out / "config.json", {"spec": problem.spec, "n": n, "steps": 1000, "seed": 0})
+    write_json(out / "config.json", {"spec": problem.spec, "n": n, "steps": steps, "seed": 0})
     return out
 
 

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from diffusion_blend.cli import main
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_toy2d_sample_json(capsys, tmp_path):
+    rc, out, _ = run(capsys, "toy2d", "sample", "--spec", "bimodal-linear", "--w", "0.25,0.75",
+                     "--n", "300", "--steps", "50", "--json", "--out", str(tmp_path / "o"))
+    assert rc == 0
+    res = json.loads(out)
+    for key in ("method", "w", "lam", "n", "nfe_per_sample", "mean_rewards", "stderr_rewards",
+                "target_mean_rewards", "target_log_z", "energy_distance", "seconds"):
+        assert key in res
+    assert res["nfe_per_sample"] == 100 and res["w"] == [0.25, 0.75]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "config.json", "result.json", "samples.safetensors", "scatter.png"]
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert saved["spec"]["rewards"][1] == {"type": "linear", "a": [0, 1]}
+
+
+def test_spec_from_a_json_file(capsys, tmp_path):
+    from diffusion_blend.domains.toy2d import PRESETS
+
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(PRESETS["gaussian"]))
+    rc, out, _ = run(capsys, "toy2d", "sample", "--spec", str(path), "--method", "exact",
+                     "--n", "200", "--json")
+    assert rc == 0 and json.loads(out)["nfe_per_sample"] == 0
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--w", "1,2,3"], "3 weights"),
+    (["--w", "nan,1"], "NaN"),
+    (["--lam", "inf"], "NaN or inf"),
+    (["--lam", "-1"], "lam=-1.0"),
+    (["--lam", "2"], "--allow-extrapolation"),
+    (["--w=-0.5,1.5"], "--allow-extrapolation"),
+    (["--n", "0"], "--n 0"),
+    (["--steps", "0"], "--steps 0"),
+    (["--spec", "nope"], "preset"),
+    (["--method", "magic"], "magic"),
+    (["--sampler", "euler"], "euler"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, args, match):
+    out_dir = tmp_path / "never"
+    rc, out, err = run(capsys, "toy2d", "sample", "--n", "10", "--steps", "5", *args,
+                       "--out", str(out_dir))
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and match in err
+    assert not out_dir.exists()
+
+
+def test_extrapolation_when_asked(capsys):
+    rc, out, _ = run(capsys, "toy2d", "sample", "--spec", "gaussian", "--w=-0.5,1.5",
+                     "--lam", "2", "--allow-extrapolation", "--n", "50", "--steps", "10", "--json")
+    assert rc == 0 and json.loads(out)["lam"] == 2.0
+
+
+def test_refuses_non_empty_out(capsys, tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    rc, _, err = run(capsys, "toy2d", "sample", "--n", "10", "--steps", "5",
+                     "--out", str(tmp_path))
+    assert rc == 2 and "not empty" in err and "--overwrite" in err
+
+
+def test_gap_and_demo_write_their_files(capsys, tmp_path):
+    rc, _, _ = run(capsys, "toy2d", "gap", "--n", "200", "--steps", "20", "--divisions", "2",
+                   "--out", str(tmp_path / "gap"))
+    assert rc == 0
+    assert {"gap.png", "gap.md", "gap.json"} <= {p.name for p in (tmp_path / "gap").iterdir()}
+    from diffusion_blend.evaluation.toy2d import run_demo
+
+    out = run_demo(tmp_path / "demo", n=200, steps=20, progress=False)
+    names = {p.name for p in out.iterdir()}
+    assert {"report.md", "gap.png", "scatter_blend_w0.5.png", "scatter_exact_w0.5.png"} <= names
+    assert "Jensen gap" in (out / "report.md").read_text()
+
+
+def test_blend_ls_runs_one_network_per_step(capsys):
+    rc, out, _ = run(capsys, "toy2d", "sample", "--method", "blend-ls", "--w", "0.5,0.5",
+                     "--lam", "0.5", "--n", "100", "--steps", "30", "--json")
+    assert rc == 0 and json.loads(out)["nfe_per_sample"] == 30
