@@ -80,8 +80,10 @@ def test_gap_and_demo_write_their_files(capsys, tmp_path):
 
     out = run_demo(tmp_path / "demo", n=200, steps=20, progress=False)
     names = {p.name for p in out.iterdir()}
-    assert {"report.md", "gap.png", "scatter_blend_w0.5.png", "scatter_exact_w0.5.png"} <= names
-    assert "Jensen gap" in (out / "report.md").read_text()
+    assert {"report.md", "gap_bimodal.png", "gap_bimodal-linear.md",
+            "scatter_bimodal_blend_w0.50.png", "scatter_bimodal_exact_w0.50.png"} <= names
+    report = (out / "report.md").read_text()
+    assert report.count("| w |") == 2 and "standard errors" in report
 
 
 def test_blend_ls_runs_one_network_per_step(capsys):

@@ -128,7 +128,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
     _threads(a.threads)
     out = run_demo(a.out, a.overwrite)
-    sys.stdout.write(f"wrote {out}/report.md, gap.png, gap.md and scatter plots\n")
+    sys.stdout.write(f"wrote {out}/report.md with the Jensen-gap plots, tables and scatter "
+                     "plots beside it\n")
 
 
 # ---------------------------------------------------------------------------- parser
