@@ -65,9 +65,14 @@ class Schedule:
 # ---------------------------------------------------------------------------- one step
 
 
-def predict_x0(eps: torch.Tensor, x: torch.Tensor, abar_t: float) -> torch.Tensor:
+def _sqrt(v):
+    """``sqrt`` of a python float or, elementwise, of a tensor (per-row ``abar``)."""
+    return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
+
+
+def predict_x0(eps: torch.Tensor, x: torch.Tensor, abar_t) -> torch.Tensor:
     """The clean sample implied by ``eps``: ``(x - sqrt(1-abar_t) eps) / sqrt(abar_t)``."""
-    return (x - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
+    return (x - _sqrt(1.0 - abar_t) * eps) / _sqrt(abar_t)
 
 
 def to_eps(pred: torch.Tensor, x: torch.Tensor, abar_t: float, kind: str = "eps") -> torch.Tensor:
@@ -79,13 +84,23 @@ def to_eps(pred: torch.Tensor, x: torch.Tensor, abar_t: float, kind: str = "eps"
     raise UsageError(f"prediction type {kind!r} is not supported; use 'eps' or 'v'")
 
 
-def ddpm_step(eps, x, abar_t: float, abar_s: float, clip_x0: float | None = None):
-    """DDPM ancestral step: the posterior ``q(x_s | x_t, x0_hat)``, variance ``beta_tilde``."""
+def ddpm_step(eps, x, abar_t, abar_s, clip_x0: float | None = None):
+    """DDPM ancestral step: the posterior ``q(x_s | x_t, x0_hat)``, variance ``beta_tilde``.
+
+    ``abar_t``, ``abar_s`` are floats, or tensors broadcastable to ``x`` (one step per row).
+    """
     beta = 1.0 - abar_t / abar_s
     x0 = _clip(predict_x0(eps, x, abar_t), clip_x0)
-    mean = (math.sqrt(abar_s) * beta / (1.0 - abar_t)) * x0 \
-        + (math.sqrt(1.0 - beta) * (1.0 - abar_s) / (1.0 - abar_t)) * x
+    mean = (_sqrt(abar_s) * beta / (1.0 - abar_t)) * x0 \
+        + (_sqrt(1.0 - beta) * (1.0 - abar_s) / (1.0 - abar_t)) * x
     return mean, (1.0 - abar_s) / (1.0 - abar_t) * beta
+
+
+def ddpm_mean_eps_coef(abar_t, abar_s):
+    """``d mean / d eps`` of the DDPM step (a scalar): two predictions ``eps_a``, ``eps_b`` at the
+    same state give means differing by ``-coef * (eps_a - eps_b)``."""
+    beta = 1.0 - abar_t / abar_s
+    return _sqrt(abar_s) * beta / (1.0 - abar_t) * _sqrt(1.0 - abar_t) / _sqrt(abar_t)
 
 
 def ddim_step(eps, x, abar_t: float, abar_s: float, eta: float, clip_x0: float | None = None):
@@ -100,16 +115,25 @@ def _clip(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
     return x0 if clip is None else x0.clamp(-clip, clip)
 
 
-def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, var: float) -> torch.Tensor:
-    """Log-density per sample of ``N(mean, var I)`` at ``x`` (summed over non-batch dims)."""
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, var) -> torch.Tensor:
+    """Log-density per sample of ``N(mean, var I)`` at ``x`` (summed over non-batch dims).
+
+    ``var`` is a float or a per-row tensor.
+    """
     d = x[0].numel()
+    var = _per_row(var, x.shape[0])
     sq = (x - mean).flatten(1).pow(2).sum(1)
-    return -0.5 * sq / var - 0.5 * d * math.log(2 * math.pi * var)
+    log_var = var.log() if isinstance(var, torch.Tensor) else math.log(var)
+    return -0.5 * sq / var - 0.5 * d * (math.log(2 * math.pi) + log_var)
 
 
-def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, var: float) -> torch.Tensor:
-    """``KL(N(mean_a, var I) || N(mean_b, var I))`` per sample."""
-    return (mean_a - mean_b).flatten(1).pow(2).sum(1) / (2.0 * var)
+def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, var) -> torch.Tensor:
+    """``KL(N(mean_a, var I) || N(mean_b, var I))`` per sample (``var`` float or per row)."""
+    return (mean_a - mean_b).flatten(1).pow(2).sum(1) / (2.0 * _per_row(var, mean_a.shape[0]))
+
+
+def _per_row(var, b: int):
+    return var.reshape(b) if isinstance(var, torch.Tensor) else var
 
 
 @dataclass
@@ -161,6 +185,7 @@ class SampleResult:
     states: list[torch.Tensor] = field(default_factory=list)
 
 
+@torch.no_grad()
 def sample(
     denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int], shape: tuple[int, ...],
     steps: int | None = None, sampler: str = "ddpm", eta: float = 1.0,

@@ -1,0 +1,110 @@
+"""Typed fine-tuning configuration with presets.
+
+One objective, two estimators: ``J = E[r_w(x0)] - alpha * E[sum_t KL(p_theta(.|x_t) || p_pre(.|x_t))]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from diffusion_blend.errors import UsageError
+
+ESTIMATORS = ("pathwise", "dpok")
+KL_MODES = ("to-go", "published")
+ADVANTAGES = ("value", "batch")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that decides a fine-tuning run's result (saved as ``config.json``)."""
+
+    estimator: str = "pathwise"
+    w: tuple[float, ...] = (1.0,)
+    alpha: float = 1.0
+    iterations: int = 150
+    batch_size: int = 256          # trajectories per iteration
+    sample_steps: int | None = None  # chain length (None: every timestep of the schedule)
+    lr: float = 3e-3
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 25
+    reward_scale: float = 1.0      # the reward is multiplied by this, alpha too (same optimum)
+    reward_clip: float | None = None
+    # pathwise
+    truncate_steps: int | None = None  # backpropagate through the last K steps only
+    grad_checkpointing: bool = False
+    # dpok
+    kl_mode: str = "to-go"
+    advantage: str = "value"
+    ppo_epochs: int = 2
+    ppo_clip: float = 0.2
+    minibatches: int = 4
+    timestep_fraction: float = 1.0  # share of stochastic steps used in each update
+    value_lr: float = 3e-3
+    value_epochs: int = 4
+    # model (toy2d correction MLP; LoRA rank for networks)
+    hidden: int = 64
+    lora_rank: int = 4
+    # evaluation
+    eval_trajectories: int = 16384
+
+    def check(self) -> None:
+        """Raise a ``UsageError`` naming the first bad field."""
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("kl_mode", self.kl_mode, KL_MODES)
+        _choice("advantage", self.advantage, ADVANTAGES)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if not self.alpha > 0:
+            raise UsageError(f"alpha={self.alpha} is not allowed; alpha must be > 0")
+        for name in ("iterations", "batch_size", "checkpoint_every", "ppo_epochs", "minibatches",
+                     "eval_trajectories", "hidden", "lora_rank"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"{name}={getattr(self, name)} is not allowed; use >= 1")
+        if not 0 < self.timestep_fraction <= 1:
+            raise UsageError(f"timestep_fraction={self.timestep_fraction}: use 0 < f <= 1")
+        if not (self.lr > 0 and self.grad_clip > 0 and self.reward_scale > 0):
+            raise UsageError("lr, grad_clip and reward_scale must be > 0")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["w"] = list(self.w)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UsageError(f"config has unknown fields {sorted(unknown)}")
+        d = dict(d)
+        if "w" in d:
+            d["w"] = tuple(d["w"])
+        return cls(**d)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"{name} {value!r} is not known; use one of {allowed}")
+
+
+PRESETS: dict[str, dict] = {
+    "toy2d-pathwise": {"estimator": "pathwise", "iterations": 150, "batch_size": 256, "lr": 3e-3},
+    "toy2d-dpok": {"estimator": "dpok", "kl_mode": "to-go", "iterations": 200,
+                   "batch_size": 256, "lr": 1e-3, "timestep_fraction": 0.25},
+    "toy2d-dpok-published": {"estimator": "dpok", "kl_mode": "published", "iterations": 200,
+                             "batch_size": 256, "lr": 1e-3, "timestep_fraction": 0.25},
+}
+
+
+def preset(name: str, **overrides) -> FinetuneConfig:
+    """A preset config with ``overrides`` applied (``None`` values are ignored)."""
+    if name not in PRESETS:
+        raise UsageError(f"preset {name!r} is not known; use one of {sorted(PRESETS)}")
+    fields = PRESETS[name] | {k: v for k, v in overrides.items() if v is not None}
+    cfg = FinetuneConfig.from_dict(fields)
+    cfg.check()
+    return cfg

@@ -1,0 +1,189 @@
+"""DPOK estimator: policy gradient over the stochastic sampling chain, PPO-style.
+
+Each stochastic step is a Gaussian policy ``N(mean_theta(x_t), var_t)``. A batch of trajectories
+is rolled out once, then updated on for a few epochs with a clipped importance ratio. The loss
+per transition is ``-min(rho A, clip(rho) A) + alpha * KL_t(theta)`` with the closed-form KL at
+the stored state. Two returns:
+
+* ``published`` (DPOK as published): ``G_t = r(x0)``. The KL's gradient is taken only at the
+  stored states, ignoring how an action changes the KL paid later: it under-tilts.
+* ``to-go`` (default): ``G_t = r(x0) - alpha * sum of the KL of the later steps``: the exact
+  policy gradient of the regularised objective.
+
+The advantage is ``G_t - V(x_t, t)`` with a learned value network, or ``G_t`` minus the batch
+mean at that step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffusion_blend.finetune.config import FinetuneConfig
+from diffusion_blend.finetune.objective import Task, predictions, timestep_tensor
+from diffusion_blend.sampling import ddpm_step, gaussian_kl, gaussian_logprob, step_from_eps
+from diffusion_blend.seeding import sample_normals
+
+
+@dataclass
+class Rollout:
+    """A batch of trajectories: per step ``k`` (noisiest first) the state, action and laws."""
+
+    states: torch.Tensor      # [S, B, *shape]  x_t
+    actions: torch.Tensor     # [S, B, *shape]  x_s reached
+    old_logp: torch.Tensor    # [S, B]          0 where the step is noise-free
+    ref_means: torch.Tensor   # [S, B, *shape]  pretrained step mean at x_t
+    kl: torch.Tensor          # [S, B]
+    reward: torch.Tensor      # [B]
+    timesteps: torch.Tensor   # [S]
+    abar_t: torch.Tensor      # [S]
+    abar_s: torch.Tensor      # [S]
+    stochastic: torch.Tensor  # [S] bool
+    cond: dict
+
+
+@torch.no_grad()
+def rollout(task: Task, cfg: FinetuneConfig, seeds: list[int]) -> Rollout:
+    """Sample trajectories with the current policy and record what the update needs."""
+    pairs = task.schedule.pairs(cfg.sample_steps)
+    noise = sample_normals(seeds, (len(pairs) + 1, *task.shape)).to(task.device)
+    cond = task.conditioning(seeds)
+    x = noise[:, 0]
+    rec = {k: [] for k in ("states", "actions", "old_logp", "ref_means", "kl", "stochastic")}
+    for k, (t, a_t, a_s) in enumerate(pairs):
+        tt = timestep_tensor(t, len(seeds), task.device)
+        eps, eps_ref = predictions(task, x, tt, cond)
+        out = step_from_eps(eps, x, a_t, a_s, noise[:, k + 1])
+        ref = step_from_eps(eps_ref, x, a_t, a_s, None)
+        lp = gaussian_logprob(out.x, out.mean, out.var) if out.var > 0 else torch.zeros_like(
+            out.x.flatten(1)[:, 0])
+        for key, v in (("states", x), ("actions", out.x), ("old_logp", lp),
+                       ("ref_means", ref.mean), ("kl", gaussian_kl(out.mean, ref.mean,
+                                                                   out.kl_var)),
+                       ("stochastic", out.var > 0)):
+            rec[key].append(v)
+        x = out.x
+    r = cfg.reward_scale * task.reward(x, **cond)
+    if cfg.reward_clip is not None:
+        r = r.clamp(-cfg.reward_clip, cfg.reward_clip)
+    ts = [p[0] for p in pairs]
+    return Rollout(
+        **{k: torch.stack(v) if k != "stochastic" else torch.tensor(v) for k, v in rec.items()},
+        reward=r, timesteps=torch.tensor(ts), abar_t=torch.tensor([p[1] for p in pairs]),
+        abar_s=torch.tensor([p[2] for p in pairs]), cond=cond)
+
+
+def returns(ro: Rollout, cfg: FinetuneConfig) -> torch.Tensor:
+    """``G`` per step and trajectory ([S, B]), in the scaled reward's units."""
+    G = ro.reward.expand_as(ro.kl).clone()
+    if cfg.kl_mode == "to-go":
+        later = ro.kl.flip(0).cumsum(0).flip(0) - ro.kl       # sum over the steps after k
+        G = G - cfg.reward_scale * cfg.alpha * later
+    return G
+
+
+class ValueNet(nn.Module):
+    """``V(x_t, t)``: the expected return from a state, used as the per-step baseline."""
+
+    def __init__(self, dim: int, T: int, hidden: int = 64):
+        super().__init__()
+        self.T = T
+        self.net = nn.Sequential(nn.Linear(dim + 2, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                 nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = (t.float() / self.T)[:, None]
+        return self.net(torch.cat([x.flatten(1), s, s.sqrt()], 1))[:, 0]
+
+
+def advantages(ro: Rollout, G: torch.Tensor, cfg: FinetuneConfig,
+               value: ValueNet | None, value_opt, gen: torch.Generator) -> torch.Tensor:
+    """``G - baseline`` per step and trajectory; the value net is fitted after it is used."""
+    if cfg.advantage == "batch" or value is None:
+        return G - G.mean(1, keepdim=True)
+    S, B = G.shape
+    xs, ts = ro.states.flatten(0, 1), ro.timesteps.repeat_interleave(B)
+    with torch.no_grad():
+        A = G - value(xs, ts).reshape(S, B)
+    target = G.reshape(-1)
+    for _ in range(cfg.value_epochs):
+        for idx in torch.randperm(S * B, generator=gen).chunk(cfg.minibatches):
+            loss = (value(xs[idx], ts[idx]) - target[idx]).pow(2).mean()
+            value_opt.zero_grad()
+            loss.backward()
+            value_opt.step()
+    return A
+
+
+def update_batches(ro: Rollout, cfg: FinetuneConfig, gen: torch.Generator) -> list[torch.Tensor]:
+    """Minibatches of flat transition indices ``k * B + b`` for one epoch.
+
+    A ``timestep_fraction`` share of the stochastic steps is used, plus every noise-free step
+    (those carry only the KL term).
+    """
+    S, B = ro.kl.shape
+    stoch = ro.stochastic.nonzero()[:, 0]
+    keep = stoch[torch.randperm(len(stoch), generator=gen)[:max(1, round(
+        cfg.timestep_fraction * len(stoch)))]]
+    steps = torch.cat([keep, (~ro.stochastic).nonzero()[:, 0]])
+    flat = (steps[:, None] * B + torch.arange(B)).reshape(-1)
+    return list(flat[torch.randperm(len(flat), generator=gen)].chunk(cfg.minibatches))
+
+
+def dpok_update(task: Task, cfg: FinetuneConfig, ro: Rollout, A: torch.Tensor, optimizer,
+                gen: torch.Generator, clip_params) -> dict:
+    """PPO epochs over the rollout; returns the mean clipped fraction and last loss."""
+    S, B = ro.kl.shape
+    flat = {"x": ro.states.flatten(0, 1), "a": ro.actions.flatten(0, 1),
+            "ref": ro.ref_means.flatten(0, 1), "lp": ro.old_logp.reshape(-1),
+            "A": A.reshape(-1)}
+    k_of = torch.arange(S).repeat_interleave(B)
+    clipped, loss_val = [], 0.0
+    for _ in range(cfg.ppo_epochs):
+        for idx in update_batches(ro, cfg, gen):
+            loss, frac = _transition_loss(task, cfg, ro, flat, k_of, idx, B)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
+            optimizer.step()
+            clipped.append(frac)
+            loss_val = float(loss)
+    return {"clip_fraction": sum(clipped) / max(len(clipped), 1), "loss": loss_val}
+
+
+def _transition_loss(task, cfg, ro: Rollout, flat: dict, k_of, idx, B: int):
+    k = k_of[idx]
+    shape = (-1,) + (1,) * len(task.shape)
+    a_t, a_s = ro.abar_t[k].reshape(shape).to(task.device), ro.abar_s[k].reshape(shape).to(
+        task.device)
+    cond = {n: _rows(v, idx % B) for n, v in ro.cond.items()}
+    eps = task.policy(flat["x"][idx], ro.timesteps[k].to(task.device), **cond)
+    mean, var = ddpm_step(eps, flat["x"][idx], a_t.to(eps.dtype), a_s.to(eps.dtype))
+    stoch = ro.stochastic[k].to(task.device)
+    beta = 1.0 - a_t / a_s
+    kl_var = torch.where(stoch.reshape(shape), var, beta.to(var.dtype))
+    kl = gaussian_kl(mean, flat["ref"][idx], kl_var)
+    safe_var = torch.where(stoch.reshape(shape), var, torch.ones_like(var))
+    logp = gaussian_logprob(flat["a"][idx], mean, safe_var)
+    ratio = torch.exp((logp - flat["lp"][idx]).clamp(max=20.0))
+    adv = flat["A"][idx]
+    pg = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.ppo_clip, 1 + cfg.ppo_clip) * adv)
+    pg = torch.where(stoch, pg, torch.zeros_like(pg))
+    per = -pg + cfg.reward_scale * cfg.alpha * kl
+    frac = float(((ratio - 1).abs() > cfg.ppo_clip)[stoch].float().mean()) if stoch.any() else 0.0
+    return per.sum() / B, frac
+
+
+def _rows(v, rows):
+    if isinstance(v, torch.Tensor) and v.ndim > 0:
+        return v[rows.to(v.device)]
+    return v
+
+
+def dpok_stats(ro: Rollout, cfg: FinetuneConfig) -> dict:
+    path_kl = ro.kl.sum(0)
+    r = ro.reward / cfg.reward_scale
+    return {"reward": float(r.mean()), "path_kl": float(path_kl.mean()),
+            "objective": float((r - cfg.alpha * path_kl).mean())}

@@ -1,0 +1,110 @@
+"""What every estimator shares: the task, rollouts of the chain, and the objective's estimate.
+
+Per trajectory the objective is ``r_w(x0) - alpha * sum_t KL_t``, each ``KL_t`` the closed-form KL
+between the fine-tuned and pretrained step laws at the visited state (same variance). The last
+DDPM step is noise-free; its KL uses that step's beta, so moving ``x0`` there is not free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffusion_blend.blend import Denoiser
+from diffusion_blend.sampling import Schedule, ddpm_mean_eps_coef, step_from_eps
+from diffusion_blend.seeding import sample_normals
+
+RewardFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class Task:
+    """A fine-tuning problem: the trainable ``policy``, the frozen ``reference``, the reward.
+
+    ``reward(x0, **cond) -> [B]`` is the scalar reward being maximised (``r_w``); ``cond(seeds)``
+    gives per-sample conditioning (e.g. class labels), or ``None``.
+    """
+
+    policy: nn.Module
+    reference: Denoiser
+    reward: RewardFn
+    schedule: Schedule
+    shape: tuple[int, ...]
+    differentiable: bool = True
+    cond: Callable[[Sequence[int]], dict] | None = None
+    device: torch.device | str = "cpu"
+
+    def conditioning(self, seeds: Sequence[int]) -> dict:
+        return self.cond(seeds) if self.cond is not None else {}
+
+
+def iteration_seeds(seed: int, iteration: int, n: int, offset: int = 0) -> list[int]:
+    """Per-sample seeds of one iteration: a pure function of (seed, iteration), so resuming a
+    run replays exactly the trajectories of an uninterrupted one."""
+    base = (int(seed) << 40) + offset + iteration * n
+    return list(range(base, base + n))
+
+
+def timestep_tensor(t: int, b: int, device) -> torch.Tensor:
+    return torch.full((b,), t, dtype=torch.long, device=device)
+
+
+def predictions(task: Task, x: torch.Tensor, t: torch.Tensor, cond: dict):
+    """``(eps_policy, eps_reference)`` at ``x``; one shared evaluation when the policy offers
+    ``pair`` (a correction on top of the reference), two forwards otherwise."""
+    if hasattr(task.policy, "pair") and not cond:
+        return task.policy.pair(x, t)
+    return task.policy(x, t, **cond), task.reference(x, t, **cond)
+
+
+def kl_step(policy_eps, ref_eps, x, abar_t, abar_s, noise):
+    """One DDPM step with the policy; its KL to the reference's step at the same ``x``.
+
+    The two means differ by ``coef * (eps_policy - eps_ref)`` (the step is affine in eps).
+    """
+    out = step_from_eps(policy_eps, x, abar_t, abar_s, noise)
+    coef = ddpm_mean_eps_coef(abar_t, abar_s)
+    diff = (policy_eps - ref_eps).flatten(1)
+    return out, diff.pow(2).sum(1) * (coef**2 / (2.0 * out.kl_var))
+
+
+@torch.no_grad()
+def evaluate(task: Task, seeds: Sequence[int], steps: int | None, alpha: float,
+             basis: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             chunk: int = 4096) -> dict:
+    """Per-trajectory reward, path KL and objective on fresh trajectories (means, stderrs)."""
+    rewards, kls, bases = [], [], []
+    for i in range(0, len(seeds), chunk):
+        part = list(seeds[i:i + chunk])
+        x0, kl = rollout_kl(task, part, steps)
+        cond = task.conditioning(part)
+        rewards.append(task.reward(x0, **cond).double())
+        kls.append(kl.double())
+        if basis is not None:
+            bases.append(basis(x0).double())
+    r, kl = torch.cat(rewards), torch.cat(kls)
+    obj = r - alpha * kl
+    n = len(r)
+    out = {"reward": float(r.mean()), "reward_stderr": float(r.std() / n**0.5),
+           "path_kl": float(kl.mean()), "path_kl_stderr": float(kl.std() / n**0.5),
+           "objective": float(obj.mean()), "objective_stderr": float(obj.std() / n**0.5)}
+    if basis is not None:
+        b = torch.cat(bases)
+        out["basis_rewards"], out["basis_stderr"] = b.mean(0).tolist(), (b.std(0) / n**0.5).tolist()
+    return out
+
+
+def rollout_kl(task: Task, seeds: Sequence[int], steps: int | None):
+    """Sample with the policy; final states and each trajectory's summed KL to the reference."""
+    pairs = task.schedule.pairs(steps)
+    noise = sample_normals(seeds, (len(pairs) + 1, *task.shape)).to(task.device)
+    cond = task.conditioning(seeds)
+    x, total = noise[:, 0], torch.zeros(len(seeds), device=task.device)
+    for k, (t, a_t, a_s) in enumerate(pairs):
+        tt = timestep_tensor(t, len(seeds), task.device)
+        out, kl = kl_step(*predictions(task, x, tt, cond), x, a_t, a_s, noise[:, k + 1])
+        x, total = out.x, total + kl
+    return x, total

@@ -1,0 +1,262 @@
+"""The fine-tuning loop: iterations, metrics, atomic checkpoints, exact resume.
+
+Every iteration's trajectories and shuffles are drawn from seeds that are a pure function of
+``(seed, iteration)``, and a checkpoint holds the trainable weights and optimizer state, so a
+resumed run reaches bit-identical weights to an uninterrupted one. A run directory holds
+``config.json``, ``metrics.jsonl``, ``checkpoints/`` and, at the end, ``expert.safetensors`` with
+``expert.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffusion_blend.errors import UsageError
+from diffusion_blend.finetune import dpok
+from diffusion_blend.finetune.config import FinetuneConfig
+from diffusion_blend.finetune.objective import Task, iteration_seeds
+from diffusion_blend.finetune.pathwise import pathwise_loss
+from diffusion_blend.io import atomic_write, write_json
+
+log = logging.getLogger(__name__)
+RESUME_MAY_DIFFER = {"iterations", "checkpoint_every", "eval_trajectories"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that are trained (``requires_grad``), by name, detached and contiguous."""
+    return {n: p.detach().contiguous().clone() for n, p in module.named_parameters()
+            if p.requires_grad}
+
+
+def load_trainable(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(module.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise UsageError(f"weights do not fit the model: unknown parameter {missing[0]!r}")
+    with torch.no_grad():
+        for n, v in state.items():
+            if params[n].shape != v.shape:
+                raise UsageError(f"weights do not fit the model: {n!r} has shape "
+                                 f"{list(v.shape)}, the model {list(params[n].shape)}")
+            params[n].copy_(v)
+
+
+# ---------------------------------------------------------------------------- optimizer state
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        meta["state"][str(idx)] = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.contiguous()
+            else:
+                meta["state"][str(idx)][k] = v
+    return tensors, meta
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state = {int(i): dict(v) for i, v in meta["state"].items()}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state[int(i)][k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(out: Path, iteration: int, modules: dict, optimizers: dict,
+                    config: dict) -> Path:
+    """Write ``checkpoints/step-N`` in a temp dir, rename it, then point ``latest.json`` at it."""
+    ckdir = out / "checkpoints"
+    ckdir.mkdir(exist_ok=True)
+    final = ckdir / f"step-{iteration:06d}"
+    tmp = ckdir / f".step-{iteration:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files, opt_meta = {}, {}
+    for name, m in modules.items():
+        save_file(trainable_state(m), tmp / f"{name}.safetensors")
+    for name, o in optimizers.items():
+        tensors, opt_meta[name] = _optimizer_tensors(o)
+        save_file(tensors, tmp / f"{name}.safetensors")
+    files = {p.name: sha256(p) for p in tmp.iterdir()}
+    write_json(tmp / "state.json", {"iteration": iteration, "config": config, "files": files,
+                                    "optimizers": opt_meta})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_json(ckdir / "latest.json", {"checkpoint": final.name, "iteration": iteration})
+    for old in ckdir.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(out: Path, modules: dict, optimizers: dict) -> dict:
+    """Verify every file's sha256, then load; a corrupt checkpoint is refused, not loaded."""
+    latest = out / "checkpoints" / "latest.json"
+    if not latest.is_file():
+        raise UsageError(f"--resume: {out} has no checkpoint (no checkpoints/latest.json)")
+    try:
+        ck = out / "checkpoints" / json.loads(latest.read_text())["checkpoint"]
+        state = json.loads((ck / "state.json").read_text())
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"checkpoint in {out / 'checkpoints'} is corrupt ({e}); "
+                         "not loaded") from None
+    for fname, digest in state["files"].items():
+        if not (ck / fname).is_file() or sha256(ck / fname) != digest:
+            raise UsageError(f"checkpoint file {ck / fname} is corrupt (sha256 mismatch or "
+                             "missing); not loaded")
+    try:
+        for name, m in modules.items():
+            load_trainable(m, load_file(ck / f"{name}.safetensors"))
+        for name, o in optimizers.items():
+            _load_optimizer(o, load_file(ck / f"{name}.safetensors"), state["optimizers"][name])
+    except (SafetensorError, KeyError, ValueError) as e:
+        raise UsageError(f"checkpoint {ck} could not be loaded ({e})") from None
+    return state
+
+
+def config_differences(saved: dict, new: dict) -> list[str]:
+    keys = (saved.keys() | new.keys()) - RESUME_MAY_DIFFER
+    return sorted(k for k in keys if saved.get(k) != new.get(k))
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def prepare_run_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) -> None:
+    """Refuse another run's directory unless ``overwrite``; on resume, refuse another config."""
+    cfg_path = out / "config.json"
+    if resume:
+        if not cfg_path.is_file():
+            raise UsageError(f"--resume: {out} holds no run (no config.json)")
+        diff = config_differences(json.loads(cfg_path.read_text()), run_config)
+        if diff:
+            raise UsageError(f"--resume: the checkpoint's config differs in {diff}; "
+                             "resume with the same settings or start a new --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"--out {out} already holds files (another run?); choose another "
+                             "directory, pass --resume to continue it, or --overwrite")
+        if not cfg_path.is_file():
+            raise UsageError(f"--overwrite: {out} is not a run directory (no config.json); "
+                             "refusing to delete it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def lr_at(cfg: FinetuneConfig, it: int) -> float:
+    """Learning rate of iteration ``it``: linear warm-up, then constant or cosine."""
+    if it < cfg.warmup:
+        return cfg.lr * (it + 1) / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        frac = (it - cfg.warmup) / max(cfg.iterations - cfg.warmup, 1)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr
+
+
+def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: bool = False,
+          overwrite: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Fine-tune ``task.policy`` in place; returns the last iteration's metrics.
+
+    ``meta`` describes the task (spec, reward weights, base hash) and is part of the run's
+    identity. ``stop_after`` ends the loop early (as if killed) after that many iterations.
+    """
+    cfg.check()
+    out = Path(out)
+    run_config = cfg.to_dict() | {"task": meta}
+    prepare_run_dir(out, run_config, resume, overwrite)
+    params = [p for p in task.policy.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("the policy has no trainable parameters")
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    modules, optimizers = {"policy": task.policy}, {"optimizer": opt}
+    value = value_opt = None
+    if cfg.estimator == "dpok" and cfg.advantage == "value":
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            value = dpok.ValueNet(math.prod(task.shape), task.schedule.T, cfg.hidden)
+        value.to(task.device)
+        value_opt = torch.optim.Adam(value.parameters(), lr=cfg.value_lr)
+        modules["value"], optimizers["value_optimizer"] = value, value_opt
+    start = load_checkpoint(out, modules, optimizers)["iteration"] if resume else 0
+    if not resume:
+        write_json(out / "config.json", run_config)
+    _truncate_metrics(out / "metrics.jsonl", start)
+    last: dict = {}
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
+               disable=not progress, desc=f"finetune ({cfg.estimator})")
+    for it in bar:
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, it)
+        stats = _iteration(task, cfg, it, opt, params, value, value_opt)
+        last = {"iteration": it + 1, **stats, "lr": lr_at(cfg, it),
+                "seconds": time.perf_counter() - t0}
+        _append_jsonl(out / "metrics.jsonl", last)
+        bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['path_kl']:.3f}")
+        done = it + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            save_checkpoint(out, done, modules, optimizers, run_config)
+        if stop_after is not None and done - start >= stop_after:
+            break
+    return last
+
+
+def _iteration(task, cfg, it, opt, params, value, value_opt) -> dict:
+    seeds = iteration_seeds(cfg.seed, it, cfg.batch_size)
+    if cfg.estimator == "pathwise":
+        loss, stats = pathwise_loss(task, cfg, seeds)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        return stats
+    gen = torch.Generator().manual_seed((cfg.seed << 32) + it)
+    ro = dpok.rollout(task, cfg, seeds)
+    A = dpok.advantages(ro, dpok.returns(ro, cfg), cfg, value, value_opt, gen)
+    return dpok.dpok_stats(ro, cfg) | dpok.dpok_update(task, cfg, ro, A, opt, gen, params)
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, upto: int) -> None:
+    """Keep only the metrics of iterations already in the checkpoint (a killed run may have
+    logged a few more)."""
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in rows if json.loads(ln)["iteration"] <= upto]
+    atomic_write(path, lambda p: p.write_text("".join(r + "\n" for r in kept)))
+
+
+def save_expert(out: Path, policy: torch.nn.Module, meta: dict) -> Path:
+    """The trained weights as ``expert.safetensors`` and their description as ``expert.json``."""
+    path = out / "expert.safetensors"
+    atomic_write(path, lambda p: save_file(trainable_state(policy), p))
+    write_json(out / "expert.json", meta | {"weights_sha256": sha256(path)})
+    return path
