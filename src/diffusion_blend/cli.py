@@ -83,18 +83,19 @@ def cmd_toy2d_sample(a: argparse.Namespace) -> None:
     )
     cfg.check()
     problem = load_problem(cfg.spec)
-    cfg.preference(problem.k)          # validate before any work or any file
-    out = prepare_out_dir(a.out, a.overwrite) if a.out else None
     experts = _load_learned_experts(cfg.experts, problem) if cfg.experts else None
-    summary, x0 = run_sample(cfg, problem, progress=not a.json, experts=experts)
+    cfg.preference(len(experts) if experts else problem.k)  # validate before writing anything
+    out = prepare_out_dir(a.out, a.overwrite) if a.out else None
+    summary, x0 = run_sample(cfg, problem, progress=not a.json, learned=experts)
     if out:
         save_sample_run(out, cfg, summary, x0, problem)
     _emit(summary, a.json)
 
 
 def _load_learned_experts(dirs: Sequence[str], problem):
-    raise UsageError("--experts needs learned experts from `dblend finetune`, which this "
-                     "version does not have yet")
+    from diffusion_blend.finetune.toy2d import load_expert
+
+    return [load_expert(d, problem) for d in dirs]
 
 
 def cmd_toy2d_gap(a: argparse.Namespace) -> None:
@@ -111,6 +112,59 @@ def cmd_toy2d_gap(a: argparse.Namespace) -> None:
     rows = run_gap(problem, a.n, a.steps, a.seed, a.divisions, progress=not a.json)
     write_gap(out, problem, rows)
     _emit({"out": str(out), "rows": rows} if a.json else {"written": str(out / "gap.md")}, a.json)
+
+
+# ---------------------------------------------------------------------------- finetune
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", default="bimodal")
+    p.add_argument("--w", default=None, help="reward weights of the expert, e.g. 1,0")
+    p.add_argument("--alpha", default=None, help="KL strength (default: the spec's alpha)")
+    p.add_argument("--estimator", default="pathwise", help="pathwise | dpok")
+    p.add_argument("--kl-mode", default=None, help="DPOK returns: to-go (default) | published")
+    p.add_argument("--preset", default=None, help="config preset (default toy2d-ESTIMATOR)")
+    p.add_argument("--steps", type=int, default=None, help="training iterations")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--sample-steps", type=int, default=None, help="chain length (default T)")
+    p.add_argument("--eval-trajectories", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def finetune_config_from_args(a: argparse.Namespace, k: int, spec_alpha: float):
+    """The resolved fine-tuning config: preset, then the flags given."""
+    from diffusion_blend.finetune.config import ESTIMATORS, preset
+
+    if a.estimator not in ESTIMATORS:
+        raise UsageError(f"--estimator {a.estimator!r} is not known; use one of {ESTIMATORS}")
+    name = a.preset or ("toy2d-dpok-published" if a.estimator == "dpok" and a.kl_mode ==
+                        "published" else f"toy2d-{a.estimator}")
+    w = parse_floats(a.w, "--w") if a.w else tuple(1.0 if i == 0 else 0.0 for i in range(k))
+    alpha = parse_finite(a.alpha, "--alpha") if a.alpha is not None else spec_alpha
+    if a.seed < 0:
+        raise UsageError(f"--seed {a.seed} is not allowed; use >= 0")
+    return preset(name, estimator=a.estimator, kl_mode=a.kl_mode, w=w, alpha=alpha,
+                  iterations=a.steps, batch_size=a.batch_size, lr=a.lr,
+                  sample_steps=a.sample_steps, eval_trajectories=a.eval_trajectories,
+                  checkpoint_every=a.checkpoint_every, seed=a.seed)
+
+
+def cmd_finetune_toy2d(a: argparse.Namespace) -> None:
+    from diffusion_blend.domains.toy2d import load_problem
+    from diffusion_blend.finetune.toy2d import finetune_toy2d
+
+    _threads(a.threads)
+    problem = load_problem(a.spec)
+    cfg = finetune_config_from_args(a, problem.k, problem.alpha)
+    result = finetune_toy2d(problem, cfg, a.out, a.resume, a.overwrite, progress=not a.json)
+    _emit(result, a.json)
 
 
 # ---------------------------------------------------------------------------- bench, demo
@@ -157,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_toy2d_gap)
+
+    ft = sub.add_parser("finetune", help="fine-tune an expert (KL-regularised RL)")
+    ft_sub = ft.add_subparsers(dest="finetune_domain", required=True)
+    f = ft_sub.add_parser("toy2d", help="on the exact testbed, against the analytic optimum")
+    _add_finetune_args(f)
+    f.set_defaults(func=cmd_finetune_toy2d)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     b = bench.add_parser("toy2d", help="time the exact-expert blend, 2 experts")

@@ -23,7 +23,7 @@ from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_t
 from diffusion_blend.sampling import SAMPLERS, sample
 from diffusion_blend.seeding import seed_range
 
-METHODS = ("pretrained", "blend", "blend-ls", "exact")
+METHODS = ("pretrained", "blend", "blend-ls", "exact", "finetuned")
 REFERENCE_SEED_OFFSET = 1_000_000_000  # exact reference samples use seeds disjoint from runs
 
 
@@ -72,6 +72,8 @@ def build_denoiser(
     if method == "pretrained":
         return base
     experts = experts or [problem.expert_denoiser(i) for i in range(problem.k)]
+    if method == "finetuned":
+        return experts[0]
     if method == "blend":
         return BlendedDenoiser(base, experts, pref)
     c_pre, c = pref.coefficients()
@@ -80,18 +82,26 @@ def build_denoiser(
 
 def run_sample(
     cfg: Toy2dSampleConfig, problem: Toy2dProblem | None = None, progress: bool = False,
-    experts: list[Denoiser] | None = None,
+    learned: list | None = None,
 ) -> tuple[dict, torch.Tensor]:
-    """Sample ``cfg.n`` points with ``cfg.method``; summary against the exact target, samples."""
+    """Sample ``cfg.n`` points with ``cfg.method``; summary against the exact target, samples.
+
+    ``learned``: fine-tuned experts (``finetune.toy2d.LearnedExpert``) replacing the exact ones;
+    expert i was trained for reward weights ``W_i``, so the target of ``(w, lam)`` is the base
+    tilted by ``lam * sum_i w_i W_i . r``.
+    """
     cfg.check()
     problem = problem or load_problem(cfg.spec)
-    pref = cfg.preference(problem.k)
-    target, log_z = problem.target(pref)
+    problem, basis = _with_learned(problem, learned, cfg.method)
+    pref = cfg.preference(basis.shape[0])
+    c = (pref.lam * torch.tensor(pref.w, dtype=torch.float64) @ basis).tolist()
+    target, log_z = problem.tilted(c)
     seeds = seed_range(cfg.seed, cfg.n)
     start = time.perf_counter()
     if cfg.method == "exact":
         x0, nfe = target.sample(seeds).float(), 0.0
     else:
+        experts = [e.denoiser for e in learned] if learned else None
         den = build_denoiser(problem, cfg.method, pref, seeds, experts)
         res = sample(den, problem.schedule, seeds, (problem.mixture.dim,), cfg.steps,
                      cfg.sampler, cfg.eta, progress=progress)
@@ -104,9 +114,30 @@ def run_sample(
         "steps": cfg.steps, "sampler": cfg.sampler, "seed": cfg.seed,
         "nfe_per_sample": nfe, "mean_rewards": means, "stderr_rewards": errs,
         "target_mean_rewards": problem.expected_rewards(target), "target_log_z": log_z,
-        "energy_distance": energy_distance(x0, reference), "seconds": seconds,
+        "target_coefficients": c, "energy_distance": energy_distance(x0, reference),
+        "seconds": seconds,
     }
+    if learned:
+        summary["experts"] = [str(e.path) for e in learned]
     return summary, x0
+
+
+def _with_learned(problem: Toy2dProblem, learned: list | None, method: str):
+    """The problem at the experts' alpha, and the basis ``W`` (one row of reward weights per
+    expert; the identity for the exact experts)."""
+    if method == "finetuned" and (not learned or len(learned) != 1):
+        raise UsageError("--method finetuned samples one fine-tuned model: give exactly one "
+                         "--experts DIR")
+    if not learned:
+        return problem, torch.eye(problem.k, dtype=torch.float64)
+    alphas = {e.alpha for e in learned}
+    if len(alphas) != 1:
+        raise UsageError(f"--experts were trained at different alphas {sorted(alphas)}; "
+                         "blend experts trained at one alpha")
+    from diffusion_blend.finetune.toy2d import with_alpha
+
+    return with_alpha(problem, alphas.pop()), torch.tensor([e.w for e in learned],
+                                                           dtype=torch.float64)
 
 
 def save_sample_run(out: Path, cfg: Toy2dSampleConfig, summary: dict, x0: torch.Tensor,
@@ -120,7 +151,7 @@ def save_sample_run(out: Path, cfg: Toy2dSampleConfig, summary: dict, x0: torch.
     resolved = dataclasses.asdict(cfg) | {"spec": problem.spec, "w": summary["w"]}
     write_json(out / "config.json", resolved)
     write_json(out / "result.json", summary)
-    target, _ = problem.target(cfg.preference(problem.k))
+    target, _ = problem.tilted(summary["target_coefficients"])
     title = f"{cfg.method}  w={summary['w']}  lam={summary['lam']}"
     save_figure(scatter_figure(x0, target, title), out / "scatter.png")
 

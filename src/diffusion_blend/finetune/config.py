@@ -1,6 +1,7 @@
 """Typed fine-tuning configuration with presets.
 
-One objective, two estimators: ``J = E[r_w(x0)] - alpha * E[sum_t KL(p_theta(.|x_t) || p_pre(.|x_t))]``.
+One objective, two estimators:
+``J = E[r_w(x0)] - alpha * E[sum_t KL(p_theta(.|x_t) || p_pre(.|x_t))]``.
 """
 
 from __future__ import annotations

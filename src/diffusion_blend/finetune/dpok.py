@@ -149,7 +149,7 @@ def dpok_update(task: Task, cfg: FinetuneConfig, ro: Rollout, A: torch.Tensor, o
             torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
             optimizer.step()
             clipped.append(frac)
-            loss_val = float(loss)
+            loss_val = float(loss.detach())
     return {"clip_fraction": sum(clipped) / max(len(clipped), 1), "loss": loss_val}
 
 

@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_blend.domains.toy2d import load_problem
+from diffusion_blend.errors import UsageError
+from diffusion_blend.finetune.config import FinetuneConfig
+from diffusion_blend.finetune.objective import evaluate, iteration_seeds
+from diffusion_blend.finetune.toy2d import finetune_toy2d, make_task, measure
+
+SMALL = dict(batch_size=32, sample_steps=40, eval_trajectories=2000, checkpoint_every=2)
+
+
+def cfg_for(estimator, **kw):
+    cfg = FinetuneConfig(estimator=estimator, w=(1.0, 0.0), **(SMALL | kw))
+    if estimator == "dpok":
+        cfg.lr, cfg.minibatches = 3e-3, 2
+    return cfg
+
+
+@pytest.mark.parametrize("estimator", ["pathwise", "dpok"])
+def test_short_run_raises_the_objective(tmp_path, estimator):
+    problem = load_problem("bimodal")
+    cfg = cfg_for(estimator, iterations=8, lr=1e-2)
+    before = measure(problem, make_task(problem, cfg).policy, cfg.w, 2000, 0, cfg.sample_steps)
+    assert before["path_kl"] == 0.0  # zero-initialised correction: exactly the pretrained model
+    after = finetune_toy2d(problem, cfg, tmp_path / "run", progress=False)
+    se = (before["objective_stderr"] ** 2 + after["objective_stderr"] ** 2) ** 0.5
+    assert after["objective"] - before["objective"] > 4 * se
+    assert after["path_kl"] > 4 * after["path_kl_stderr"]
+    for name in ("config.json", "metrics.jsonl", "expert.safetensors", "expert.json",
+                 "result.json"):
+        assert (tmp_path / "run" / name).is_file()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 8
+
+
+@pytest.mark.parametrize("estimator", ["pathwise", "dpok"])
+def test_resume_gives_bit_identical_weights(tmp_path, estimator):
+    problem = load_problem("bimodal")
+    cfg = cfg_for(estimator, iterations=5, checkpoint_every=2)
+    finetune_toy2d(problem, cfg, tmp_path / "straight", progress=False)
+    stopped = finetune_toy2d(problem, cfg, tmp_path / "killed", progress=False, stop_after=3)
+    assert stopped["stopped_at"] == 3  # 'killed' after 3 iterations; last checkpoint at 2
+    finetune_toy2d(problem, cfg, tmp_path / "killed", resume=True, progress=False)
+    a = load_file(tmp_path / "straight" / "expert.safetensors")
+    b = load_file(tmp_path / "killed" / "expert.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["iteration"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_pathwise_refuses_a_non_differentiable_reward():
+    from diffusion_blend.finetune.pathwise import pathwise_loss
+
+    problem = load_problem("bimodal")
+    cfg = cfg_for("pathwise")
+    task = make_task(problem, cfg)
+    task.differentiable = False
+    with pytest.raises(UsageError, match="differentiable"):
+        pathwise_loss(task, cfg, [0, 1])
+
+
+def test_resume_errors(tmp_path):
+    problem = load_problem("bimodal")
+    cfg = cfg_for("pathwise", iterations=2)
+    with pytest.raises(UsageError, match="no run"):
+        finetune_toy2d(problem, cfg, tmp_path / "empty", resume=True, progress=False)
+    finetune_toy2d(problem, cfg, tmp_path / "run", progress=False)
+    with pytest.raises(UsageError, match="already holds"):
+        finetune_toy2d(problem, cfg, tmp_path / "run", progress=False)
+    other = cfg_for("pathwise", iterations=2, lr=0.5, batch_size=16)
+    with pytest.raises(UsageError, match=r"\['batch_size', 'lr'\]"):
+        finetune_toy2d(problem, other, tmp_path / "run", resume=True, progress=False)
+    ck = next((tmp_path / "run" / "checkpoints").glob("step-*"))
+    weights = ck / "policy.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(UsageError, match="corrupt"):
+        finetune_toy2d(problem, cfg, tmp_path / "run", resume=True, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not a run directory"):
+        finetune_toy2d(problem, cfg, tmp_path / "other", overwrite=True, progress=False)
+    assert (tmp_path / "other" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("estimator", "reinforce", "estimator"), ("alpha", 0.0, "alpha"), ("alpha", -1.0, "alpha"),
+    ("kl_mode", "sideways", "kl_mode"), ("iterations", 0, "iterations"),
+])
+def test_bad_config(field, value, match):
+    cfg = FinetuneConfig()
+    setattr(cfg, field, value)
+    with pytest.raises(UsageError, match=match):
+        cfg.check()
+
+
+def test_evaluate_counts_kl_of_a_shifted_model():
+    """A constant eps shift delta at every step has path KL sum_t coef_t^2 |delta|^2/(2 var_t)."""
+    from diffusion_blend.finetune.objective import Task
+    from diffusion_blend.sampling import Schedule, ddpm_mean_eps_coef
+
+    sched = Schedule.linear(20, 1e-3, 0.2)
+    delta = torch.tensor([0.3, -0.1])
+
+    class Shift(torch.nn.Module):
+        def forward(self, x, t, **_):
+            return torch.zeros_like(x) + delta
+
+    task = Task(Shift(), lambda x, t, **_: torch.zeros_like(x), lambda x, **_: x[:, 0], sched, (2,))
+    ev = evaluate(task, iteration_seeds(0, 0, 64), None, alpha=1.0)
+    want = 0.0
+    for t, a_t, a_s in sched.pairs():
+        beta = 1 - a_t / a_s
+        var = (1 - a_s) / (1 - a_t) * beta if a_s < 1 else beta
+        want += ddpm_mean_eps_coef(a_t, a_s) ** 2 * float(delta @ delta) / (2 * var)
+    assert abs(ev["path_kl"] - want) < 1e-4 * want
