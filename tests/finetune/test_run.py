@@ -111,7 +111,7 @@ def test_evaluate_counts_kl_of_a_shifted_model():
     task = Task(Shift(), lambda x, t, **_: torch.zeros_like(x), lambda x, **_: x[:, 0], sched, (2,))
     ev = evaluate(task, iteration_seeds(0, 0, 64), None, alpha=1.0)
     want = 0.0
-    for t, a_t, a_s in sched.pairs():
+    for _t, a_t, a_s in sched.pairs():
         beta = 1 - a_t / a_s
         var = (1 - a_s) / (1 - a_t) * beta if a_s < 1 else beta
         want += ddpm_mean_eps_coef(a_t, a_s) ** 2 * float(delta @ delta) / (2 * var)
