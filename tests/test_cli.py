@@ -90,3 +90,44 @@ def test_blend_ls_runs_one_network_per_step(capsys):
     rc, out, _ = run(capsys, "toy2d", "sample", "--method", "blend-ls", "--w", "0.5,0.5",
                      "--lam", "0.5", "--n", "100", "--steps", "30", "--json")
     assert rc == 0 and json.loads(out)["nfe_per_sample"] == 30
+
+
+def test_finetune_then_blend_learned_experts(capsys, tmp_path):
+    common = ["--steps", "2", "--batch-size", "16", "--sample-steps", "30",
+              "--eval-trajectories", "200", "--json"]
+    for i, w in enumerate(["1,0", "0,1"]):
+        rc, out, err = run(capsys, "finetune", "toy2d", "--spec", "bimodal-linear", "--w", w,
+                           "--out", str(tmp_path / f"e{i}"), *common)
+        assert rc == 0, err
+        res = json.loads(out)
+        for key in ("mean_rewards", "path_kl", "objective", "optimum_objective",
+                    "pretrained_objective", "gain_ratio", "seconds"):
+            assert key in res
+        assert abs(res["objective"] - (res["mean_rewards"][i] - res["path_kl"])) < 1e-6
+    experts = f"{tmp_path / 'e0'},{tmp_path / 'e1'}"
+    rc, out, err = run(capsys, "toy2d", "sample", "--spec", "bimodal-linear", "--experts",
+                       experts, "--w", "0.5,0.5", "--n", "100", "--steps", "30", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["target_coefficients"] == [0.5, 0.5]
+    rc, out, err = run(capsys, "toy2d", "sample", "--spec", "bimodal-linear", "--method",
+                       "finetuned", "--experts", str(tmp_path / "e1"), "--n", "50", "--steps",
+                       "30", "--json")
+    assert rc == 0 and json.loads(out)["target_coefficients"] == [0.0, 1.0]
+    # an expert trained on another base is refused
+    rc, _, err = run(capsys, "toy2d", "sample", "--spec", "gaussian", "--experts", experts,
+                     "--n", "10", "--steps", "5")
+    assert rc == 2 and "another base" in err
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--estimator", "reinforce"], "reinforce"),
+    (["--alpha", "0"], "alpha"),
+    (["--alpha", "-2"], "alpha"),
+    (["--w", "1,0,0"], "3 weights"),
+    (["--resume"], "no run"),
+])
+def test_finetune_bad_input(capsys, tmp_path, args, match):
+    rc, out, err = run(capsys, "finetune", "toy2d", "--out", str(tmp_path / "r"), "--steps", "1",
+                       *args)
+    assert rc == 2 and match in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()

@@ -177,6 +177,14 @@ def cmd_bench_toy2d(a: argparse.Namespace) -> None:
     _emit(bench_toy2d(n=a.n, steps=a.steps, numpy_reference=not a.no_reference), a.json)
 
 
+def cmd_bench_finetune_toy2d(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.finetune_toy2d import bench_finetune_toy2d
+
+    _threads(a.threads)
+    _emit(bench_finetune_toy2d(a.spec, a.out, a.overwrite, dpok_budget_s=a.dpok_seconds,
+                               quick=a.quick), a.json)
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.toy2d import run_demo
 
@@ -226,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_toy2d)
+
+    bf = bench.add_parser("finetune-toy2d", help="estimators against the analytic optimum")
+    bf.add_argument("--spec", default="bimodal-linear")
+    bf.add_argument("--out", default="bench-finetune-toy2d")
+    bf.add_argument("--overwrite", action="store_true")
+    bf.add_argument("--dpok-seconds", type=float, default=180.0)
+    bf.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    bf.add_argument("--threads", type=int, default=None)
+    bf.add_argument("--json", action="store_true")
+    bf.set_defaults(func=cmd_bench_finetune_toy2d)
 
     d = sub.add_parser("demo", help="the main demo (toy2d Jensen-gap report)")
     d.add_argument("--out", default="dblend-demo")
