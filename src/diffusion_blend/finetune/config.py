@@ -35,6 +35,7 @@ class FinetuneConfig:
     checkpoint_every: int = 25
     reward_scale: float = 1.0      # the reward is multiplied by this, alpha too (same optimum)
     reward_clip: float | None = None
+    freeze_last_step: bool = False  # the last (noise-free) step stays the pretrained map
     # pathwise
     truncate_steps: int | None = None  # backpropagate through the last K steps only
     grad_checkpointing: bool = False
@@ -93,11 +94,18 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 PRESETS: dict[str, dict] = {
-    "toy2d-pathwise": {"estimator": "pathwise", "iterations": 150, "batch_size": 256, "lr": 3e-3},
-    "toy2d-dpok": {"estimator": "dpok", "kl_mode": "to-go", "iterations": 200,
-                   "batch_size": 256, "lr": 1e-3, "timestep_fraction": 0.25},
-    "toy2d-dpok-published": {"estimator": "dpok", "kl_mode": "published", "iterations": 200,
-                             "batch_size": 256, "lr": 1e-3, "timestep_fraction": 0.25},
+    "toy2d-pathwise": {"estimator": "pathwise", "iterations": 150, "batch_size": 256, "lr": 1e-2,
+                       "lr_schedule": "cosine"},
+    "toy2d-dpok": {"estimator": "dpok", "kl_mode": "to-go", "iterations": 45,
+                   "batch_size": 256, "lr": 3e-3, "timestep_fraction": 0.25},
+    "toy2d-dpok-published": {"estimator": "dpok", "kl_mode": "published", "iterations": 45,
+                             "batch_size": 256, "lr": 3e-3, "timestep_fraction": 0.25},
+    "digits-pathwise": {"estimator": "pathwise", "iterations": 120, "batch_size": 64,
+                        "sample_steps": 10, "lr": 2e-3, "alpha": 0.5, "freeze_last_step": True,
+                        "checkpoint_every": 20, "eval_trajectories": 512},
+    "digits-dpok": {"estimator": "dpok", "iterations": 120, "batch_size": 64, "sample_steps": 10,
+                    "lr": 1e-3, "alpha": 0.5, "freeze_last_step": True, "advantage": "batch",
+                    "minibatches": 2, "checkpoint_every": 20, "eval_trajectories": 512},
 }
 
 

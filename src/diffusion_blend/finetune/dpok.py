@@ -54,7 +54,7 @@ def rollout(task: Task, cfg: FinetuneConfig, seeds: list[int]) -> Rollout:
     rec = {k: [] for k in ("states", "actions", "old_logp", "ref_means", "kl", "stochastic")}
     for k, (t, a_t, a_s) in enumerate(pairs):
         tt = timestep_tensor(t, len(seeds), task.device)
-        eps, eps_ref = predictions(task, x, tt, cond)
+        eps, eps_ref = predictions(task, x, tt, cond, task.freeze_last and k == len(pairs) - 1)
         out = step_from_eps(eps, x, a_t, a_s, noise[:, k + 1])
         ref = step_from_eps(eps_ref, x, a_t, a_s, None)
         lp = gaussian_logprob(out.x, out.mean, out.var) if out.var > 0 else torch.zeros_like(
@@ -121,13 +121,14 @@ def update_batches(ro: Rollout, cfg: FinetuneConfig, gen: torch.Generator) -> li
     """Minibatches of flat transition indices ``k * B + b`` for one epoch.
 
     A ``timestep_fraction`` share of the stochastic steps is used, plus every noise-free step
-    (those carry only the KL term).
+    (those carry only the KL term) unless it is frozen to the pretrained model.
     """
     S, B = ro.kl.shape
     stoch = ro.stochastic.nonzero()[:, 0]
     keep = stoch[torch.randperm(len(stoch), generator=gen)[:max(1, round(
         cfg.timestep_fraction * len(stoch)))]]
-    steps = torch.cat([keep, (~ro.stochastic).nonzero()[:, 0]])
+    fixed = (~ro.stochastic).nonzero()[:, 0]
+    steps = keep if cfg.freeze_last_step else torch.cat([keep, fixed])
     flat = (steps[:, None] * B + torch.arange(B)).reshape(-1)
     return list(flat[torch.randperm(len(flat), generator=gen)].chunk(cfg.minibatches))
 

@@ -36,6 +36,7 @@ class Task:
     differentiable: bool = True
     cond: Callable[[Sequence[int]], dict] | None = None
     device: torch.device | str = "cpu"
+    freeze_last: bool = False  # the last, noise-free step stays the pretrained map
 
     def conditioning(self, seeds: Sequence[int]) -> dict:
         return self.cond(seeds) if self.cond is not None else {}
@@ -52,9 +53,13 @@ def timestep_tensor(t: int, b: int, device) -> torch.Tensor:
     return torch.full((b,), t, dtype=torch.long, device=device)
 
 
-def predictions(task: Task, x: torch.Tensor, t: torch.Tensor, cond: dict):
+def predictions(task: Task, x: torch.Tensor, t: torch.Tensor, cond: dict, frozen: bool = False):
     """``(eps_policy, eps_reference)`` at ``x``; one shared evaluation when the policy offers
-    ``pair`` (a correction on top of the reference), two forwards otherwise."""
+    ``pair`` (a correction on top of the reference), two forwards otherwise. ``frozen``: the
+    policy takes the reference's step (used for a frozen last step)."""
+    if frozen:
+        ref = task.reference(x, t, **cond)
+        return ref, ref
     if hasattr(task.policy, "pair") and not cond:
         return task.policy.pair(x, t)
     return task.policy(x, t, **cond), task.reference(x, t, **cond)
@@ -105,6 +110,7 @@ def rollout_kl(task: Task, seeds: Sequence[int], steps: int | None):
     x, total = noise[:, 0], torch.zeros(len(seeds), device=task.device)
     for k, (t, a_t, a_s) in enumerate(pairs):
         tt = timestep_tensor(t, len(seeds), task.device)
-        out, kl = kl_step(*predictions(task, x, tt, cond), x, a_t, a_s, noise[:, k + 1])
+        frozen = task.freeze_last and k == len(pairs) - 1
+        out, kl = kl_step(*predictions(task, x, tt, cond, frozen), x, a_t, a_s, noise[:, k + 1])
         x, total = out.x, total + kl
     return x, total

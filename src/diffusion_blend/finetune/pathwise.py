@@ -28,7 +28,8 @@ def pathwise_loss(task: Task, cfg: FinetuneConfig, seeds: list[int]) -> tuple[to
     first_tracked = 0 if cfg.truncate_steps is None else len(pairs) - cfg.truncate_steps
     for k, (t, a_t, a_s) in enumerate(pairs):
         with torch.set_grad_enabled(k >= first_tracked):
-            args = (x, noise[:, k + 1], t, a_t, a_s, cond)
+            frozen = task.freeze_last and k == len(pairs) - 1
+            args = (x, noise[:, k + 1], t, a_t, a_s, cond, frozen)
             if cfg.grad_checkpointing and k >= first_tracked:
                 x, kl = checkpoint(_step, task, *args, use_reentrant=False)
             else:
@@ -44,9 +45,9 @@ def pathwise_loss(task: Task, cfg: FinetuneConfig, seeds: list[int]) -> tuple[to
     return -objective.mean(), stats
 
 
-def _step(task: Task, x, noise, t, a_t, a_s, cond):
+def _step(task: Task, x, noise, t, a_t, a_s, cond, frozen=False):
     tt = timestep_tensor(t, x.shape[0], x.device)
-    out, kl = kl_step(*predictions(task, x, tt, cond), x, a_t, a_s, noise)
+    out, kl = kl_step(*predictions(task, x, tt, cond, frozen), x, a_t, a_s, noise)
     return out.x, kl
 
 

@@ -1,0 +1,109 @@
+"""LoRA experts on one base network, through PEFT, for any ``nn.Module`` denoiser.
+
+Several named adapters live on the same base weights; ``use_adapter`` picks the active one and
+``adapter_view`` gives a denoiser that runs the base with one adapter (or none, the pretrained
+model) without copying any weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from diffusion_blend.errors import UsageError
+
+BASE = "__base__"
+
+
+def lora_layers(model: nn.Module) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def add_lora(model: nn.Module, name: str, rank: int = 4, targets: Sequence[str] = (),
+             alpha: float | None = None, seed: int | None = None) -> nn.Module:
+    """Inject a LoRA adapter ``name`` (B initialised at zero: the model is unchanged)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets),
+                     init_lora_weights=True)
+    with torch.random.fork_rng():
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            inject_adapter_in_model(cfg, model, adapter_name=name)
+        except ValueError as e:
+            raise UsageError(f"LoRA targets {list(targets)} do not fit the model: {e}") from None
+    for n, p in model.named_parameters():
+        p.requires_grad_(f".{name}." in n)
+    return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for layer in lora_layers(model):
+        for n in layer.lora_A:
+            if n not in names:
+                names.append(n)
+    return names
+
+
+@contextmanager
+def use_adapter(model: nn.Module, name: str | None):
+    """Run ``model`` with only adapter ``name`` active (``None``: the base model alone)."""
+    layers = lora_layers(model)
+    saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
+    try:
+        for layer in layers:
+            if name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(name)
+        yield model
+    finally:
+        for layer, active, disabled in saved:
+            layer.enable_adapters(not disabled)
+            layer.set_adapter(active)
+
+
+def _requires_grad_snapshot(model: nn.Module) -> dict:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+class AdapterView(nn.Module):
+    """A denoiser view of ``model`` with one adapter active (``None``: the pretrained model)."""
+
+    def __init__(self, model: nn.Module, name: str | None):
+        super().__init__()
+        self.model, self.name = model, name
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        grads = _requires_grad_snapshot(self.model)
+        with use_adapter(self.model, self.name):
+            out = self.model(x, t, **cond)
+        for n, p in self.model.named_parameters():   # set_adapter may flip requires_grad
+            p.requires_grad_(grads[n])
+        return out
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The weights of adapter ``name`` (PEFT key layout, adapter name removed)."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(model, adapter_name=name)
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+
+def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter weights saved by ``adapter_state`` into adapter ``name``."""
+    from peft.utils import set_peft_model_state_dict
+
+    res = set_peft_model_state_dict(model, state, adapter_name=name)
+    bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
+    if bad:
+        raise UsageError(f"adapter weights do not fit the model: unexpected {bad[:3]}")

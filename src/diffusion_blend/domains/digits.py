@@ -1,0 +1,263 @@
+"""The digits domain: a small class-conditional diffusion model on scikit-learn's 8x8 digits.
+
+The "prompt" is the digit class 0-9; class 10 is the null class used for classifier-free
+guidance. Images are 1x8x8 in [-1, 1]. Everything here trains on 2 CPU cores in minutes, and
+the shipped weights under ``diffusion_blend/weights/digits`` are what the recipes produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffusion_blend.errors import UsageError
+from diffusion_blend.io import atomic_write, write_json
+from diffusion_blend.sampling import Schedule
+
+log = logging.getLogger(__name__)
+NULL_CLASS = 10
+SHAPE = (1, 8, 8)
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "digits"
+UNET_CONFIG = dict(
+    sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+    num_class_embeds=11, norm_num_groups=8, attention_head_dim=16,
+)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def load_data(split_seed: int = 0, test_fraction: float = 0.2) -> dict[str, torch.Tensor]:
+    """scikit-learn's bundled digits in [-1, 1], split into train / test by a seeded shuffle."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = perm[:n_test], perm[n_test:]
+    return {"train_x": x[train], "train_y": y[train], "test_x": x[test], "test_y": y[test]}
+
+
+def check_class(c: int) -> int:
+    if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 9:
+        raise UsageError(f"--class {c!r} is not allowed; digits classes are 0-9")
+    return c
+
+
+# ---------------------------------------------------------------------------- the denoiser
+
+
+def build_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**UNET_CONFIG)
+
+
+class UNetDenoiser(nn.Module):
+    """``eps(x, t, y)`` from a class-conditional ``UNet2DModel``; ``y=None`` is the null class."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+        b = x.shape[0]
+        if y is None:
+            y = NULL_CLASS
+        y = torch.as_tensor(y, device=x.device).long().reshape(-1).expand(b)
+        t = t.reshape(-1).expand(b)
+        return self.unet(x, t, class_labels=y).sample
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class BaseConfig:
+    """Recipe of the base model (``dblend digits train-base``)."""
+
+    iterations: int = 2500
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: int = 100
+    p_uncond: float = 0.1
+    ema: float = 0.999
+    seed: int = 0
+    split_seed: int = 0
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def schedule(self) -> Schedule:
+        return Schedule.linear(self.T, self.beta_start, self.beta_end)
+
+
+def _lr(cfg: BaseConfig, it: int) -> float:
+    if it < cfg.warmup:
+        return cfg.lr * (it + 1) / cfg.warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (it - cfg.warmup) / (cfg.iterations -
+                                                                       cfg.warmup)))
+
+
+def train_base(cfg: BaseConfig, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train the class-conditional UNet with the DDPM loss; returns the EMA model and stats."""
+    data = load_data(cfg.split_seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    unet = build_unet()
+    ema = build_unet()
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    abar = cfg.schedule().abar.float()
+    x_all, y_all = data["train_x"], data["train_y"]
+    start, losses = time.perf_counter(), []
+    for it in tqdm(range(cfg.iterations), disable=not progress, desc="train-base"):
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
+        x0, y = x_all[idx], y_all[idx].clone()
+        y[torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond] = NULL_CLASS
+        t = torch.randint(0, cfg.T, (cfg.batch_size,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = abar[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = (unet(xt, t, class_labels=y).sample - eps).pow(2).mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, it)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                pe.lerp_(p, 1 - cfg.ema)
+        losses.append(float(loss.detach()))
+    stats = {"train_seconds": time.perf_counter() - start,
+             "final_loss": sum(losses[-100:]) / len(losses[-100:])}
+    return ema.eval(), stats
+
+
+# ---------------------------------------------------------------------------- classifiers
+
+
+class Classifier(nn.Module):
+    """A small CNN on 1x8x8 digits; ``features`` is its penultimate layer (for FID-like scores)."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.SiLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, stride=2), nn.SiLU(),
+            nn.Flatten(), nn.Linear(8 * width, 128), nn.SiLU())
+        self.head = nn.Linear(128, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@dataclass
+class ClassifierConfig:
+    width: int = 32
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    noise: float = 0.1  # input noise augmentation: robust on generated images
+    seed: int = 0
+    split_seed: int = 0
+
+
+def train_classifier(cfg: ClassifierConfig, progress: bool = False) -> tuple[Classifier, dict]:
+    """Train on the train split; report accuracy on the test split."""
+    data = load_data(cfg.split_seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = Classifier(cfg.width)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    x, y = data["train_x"], data["train_y"]
+    for _ in tqdm(range(cfg.epochs), disable=not progress, desc="classifier"):
+        for idx in torch.randperm(len(x), generator=g).split(cfg.batch_size):
+            xb = x[idx] + cfg.noise * torch.randn(x[idx].shape, generator=g)
+            loss = nn.functional.cross_entropy(model(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        acc = float((model(data["test_x"]).argmax(1) == data["test_y"]).float().mean())
+    return model, {"test_accuracy": acc}
+
+
+# ---------------------------------------------------------------------------- weight files
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], meta: dict) -> dict:
+    """``NAME.safetensors`` plus ``NAME.json`` (meta and the weights' sha256), both atomic."""
+    path = Path(path)
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda p: save_file(state, p))
+    meta = meta | {"sha256": sha256_file(path)}
+    write_json(path.with_suffix(".json"), meta)
+    return meta
+
+
+RECIPES = {"base": "dblend digits train-base", "classifier": "dblend digits train-base",
+           "judge": "dblend digits train-base", "expert": "dblend digits train-experts"}
+
+
+def load_weights(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load and verify a weight file and its JSON; a clear error names the file and recipe."""
+    path, meta_path = Path(path), Path(path).with_suffix(".json")
+    recipe = RECIPES.get(kind, "the digits recipes")
+    if not path.is_file() or not meta_path.is_file():
+        raise UsageError(f"weight file {path} (or its .json) is missing; create it with "
+                         f"`{recipe}`")
+    meta = json.loads(meta_path.read_text())
+    if sha256_file(path) != meta.get("sha256"):
+        raise UsageError(f"weight file {path} is corrupt (sha256 differs from {meta_path.name});"
+                         f" recreate it with `{recipe}`")
+    try:
+        return load_file(path), meta
+    except SafetensorError as e:
+        raise UsageError(f"weight file {path} could not be read ({e}); recreate it with "
+                         f"`{recipe}`") from None
+
+
+def load_base(weights_dir: Path | None = None) -> tuple[UNetDenoiser, dict]:
+    """The shipped (or given) base model, frozen, with its metadata."""
+    state, meta = load_weights(Path(weights_dir or WEIGHTS_DIR) / "base.safetensors", "base")
+    unet = build_unet()
+    unet.load_state_dict(state)
+    return UNetDenoiser(unet.eval().requires_grad_(False)), meta
+
+
+def load_classifier(name: str = "classifier", weights_dir: Path | None = None) -> Classifier:
+    state, meta = load_weights(Path(weights_dir or WEIGHTS_DIR) / f"{name}.safetensors", name)
+    model = Classifier(meta["config"]["width"])
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
+def base_config_dict(cfg: BaseConfig) -> dict:
+    return asdict(cfg)

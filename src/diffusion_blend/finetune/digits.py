@@ -1,0 +1,171 @@
+"""Digits experts: LoRA adapters on the shipped base, fine-tuned by the project's engine.
+
+Rewards are normalised by the pretrained model's mean and standard deviation, so one alpha
+moves every expert a similar distance. With a 10-step chain the last step's variance is tiny
+and its KL would dominate, so the last step stays the pretrained map (``freeze_last_step``),
+in training and in sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffusion_blend.adapters import AdapterView, add_lora, adapter_state, load_adapter_state
+from diffusion_blend.domains import digits
+from diffusion_blend.errors import UsageError
+from diffusion_blend.evaluation.digits import DEFAULT_STEPS, sample_digits
+from diffusion_blend.finetune.config import FinetuneConfig, preset
+from diffusion_blend.finetune.objective import Task, evaluate, iteration_seeds
+from diffusion_blend.finetune.run import train
+from diffusion_blend.rewards import WeightedSum, get_reward
+from diffusion_blend.rewards.digits import DIGIT_REWARDS
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+
+
+def classes_for(seeds) -> torch.Tensor:
+    """Training prompts: sample with seed s is digit ``s % 10`` (balanced, reproducible)."""
+    return torch.tensor([int(s) % 10 for s in seeds], dtype=torch.long)
+
+
+class LastStepBase(nn.Module):
+    """An expert whose last step (``t == 0``) is the pretrained model's, as it was trained."""
+
+    def __init__(self, expert: nn.Module, base: nn.Module):
+        super().__init__()
+        self.expert, self.base = expert, base
+
+    def forward(self, x, t, **cond):
+        if bool((t.reshape(-1) == 0).all()):
+            return self.base(x, t, **cond)
+        return self.expert(x, t, **cond)
+
+
+def reward_stats(base: nn.Module, names, classifier, n: int = 500) -> dict:
+    """Mean and std of each raw reward under the pretrained model (for normalisation)."""
+    seeds = list(range(20_000, 20_000 + n))
+    y = classes_for(seeds)
+    x0, _ = sample_digits(base, y, seeds)
+    out = {}
+    for name in names:
+        r = get_reward(name, classifier=classifier)
+        v = r.raw(x0, y=y)
+        out[name] = {"shift": float(v.mean()), "scale": float(v.std().clamp(min=1e-6))}
+    return out
+
+
+def normalised_rewards(names, stats: dict, classifier) -> list:
+    return [get_reward(n, classifier=classifier, **stats[n]) for n in names]
+
+
+@dataclass
+class Expert:
+    """One adapter's description (what it was trained for)."""
+
+    name: str
+    rewards: list[str]
+    w: list[float]
+    alpha: float
+    estimator: str
+
+
+def make_task(model: nn.Module, adapter: str, reward, cfg: FinetuneConfig) -> Task:
+    add_lora(model, adapter, cfg.lora_rank, LORA_TARGETS, seed=cfg.seed)
+    policy, ref = AdapterView(model, adapter), AdapterView(model, None)
+    return Task(policy, ref, reward, digits.BaseConfig().schedule(), digits.SHAPE,
+                cond=lambda seeds: {"y": classes_for(seeds)}, freeze_last=cfg.freeze_last_step)
+
+
+def train_expert(weights_dir: Path, out: Path, spec: Expert, cfg: FinetuneConfig,
+                 stats: dict, progress: bool = True) -> dict:
+    """Fine-tune one adapter on ``r_w`` (normalised rewards) and save it beside the base."""
+    base, base_meta = digits.load_base(weights_dir)
+    classifier = digits.load_classifier("classifier", weights_dir)
+    reward = WeightedSum(normalised_rewards(spec.rewards, stats, classifier), spec.w)
+    model = base  # the adapter is injected into the (frozen) base network
+    task = make_task(model, spec.name, reward, cfg)
+    meta = {"domain": "digits", "expert": spec.name, "rewards": spec.rewards, "w": spec.w,
+            "alpha": cfg.alpha, "base_sha256": base_meta["sha256"]}
+    start = time.perf_counter()
+    train(task, cfg, out / "runs" / spec.name, meta, overwrite=True, progress=progress)
+    seconds = time.perf_counter() - start
+    ev = evaluate(task, iteration_seeds(cfg.seed, 0, cfg.eval_trajectories, 1 << 39),
+                  cfg.sample_steps, cfg.alpha)
+    return digits.save_weights(out / f"{spec.name}.safetensors", adapter_state(model, spec.name), {
+        "recipe": "dblend digits train-experts", **meta, "config": cfg.to_dict(),
+        "reward_stats": {n: stats[n] for n in spec.rewards}, "train_seconds": seconds,
+        "lora": {"rank": cfg.lora_rank, "targets": list(LORA_TARGETS)}, "eval": ev})
+
+
+def expert_specs(alpha: float, pair=("class", "ink"), grid=(0.25, 0.5, 0.75),
+                 kla=(0.5, 2.0)) -> list[tuple[Expert, str, dict]]:
+    """Every adapter of the recipe: one expert per reward, MORL on a w grid of ``pair``, and
+    lambda-specific fine-tunes (alpha / lambda) of the first reward of ``pair``."""
+    out = []
+    for r in ("class", "ink", "symmetry"):
+        est = "digits-dpok" if r == "symmetry" else "digits-pathwise"
+        out.append((Expert(r, [r], [1.0], alpha, est.split("-")[1]), est, {}))
+    for w1 in grid:
+        name = f"morl_{pair[0]}_{pair[1]}_{w1:.2f}"
+        out.append((Expert(name, list(pair), [w1, 1 - w1], alpha, "pathwise"), "digits-pathwise",
+                    {}))
+    for lam in kla:
+        name = f"kla_{pair[0]}_lam{lam:g}"
+        out.append((Expert(name, [pair[0]], [1.0], alpha / lam, "pathwise"), "digits-pathwise",
+                    {"alpha": alpha / lam}))
+    return out
+
+
+def run_train_experts(weights_dir: Path, out: Path, alpha: float = 0.5, iterations=None,
+                      progress: bool = True, only: list[str] | None = None) -> dict:
+    """The experts recipe (``dblend digits train-experts``); writes adapters + ``rewards.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    base, _ = digits.load_base(weights_dir)
+    classifier = digits.load_classifier("classifier", weights_dir)
+    stats = reward_stats(base, DIGIT_REWARDS, classifier)
+    (out / "rewards.json").write_text(json.dumps(stats, indent=2))
+    done = {}
+    for spec, name, extra in expert_specs(alpha):
+        if only and spec.name not in only:
+            continue
+        cfg = preset(name, alpha=extra.get("alpha", alpha), iterations=iterations)
+        done[spec.name] = train_expert(weights_dir, out, spec, cfg, stats, progress)
+    return done
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_experts(names: list[str], weights_dir: Path | None = None,
+                 experts_dir: Path | None = None) -> tuple[nn.Module, list, list[dict]]:
+    """Base plus named adapters on it, as denoisers: ``(base, [expert views], [metas])``.
+
+    An adapter whose recorded base hash differs from the loaded base is refused.
+    """
+    weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
+    experts_dir = Path(experts_dir or weights_dir / "experts")
+    base, base_meta = digits.load_base(weights_dir)
+    views, metas = [], []
+    for name in names:
+        state, meta = digits.load_weights(experts_dir / f"{name}.safetensors", "expert")
+        if meta.get("base_sha256") != base_meta["sha256"]:
+            raise UsageError(f"expert {name!r} was trained on another base (base_sha256 "
+                             f"{str(meta.get('base_sha256'))[:12]}... != "
+                             f"{base_meta['sha256'][:12]}...); retrain it with "
+                             "`dblend digits train-experts`")
+        add_lora(base, name, meta["lora"]["rank"], meta["lora"]["targets"])
+        load_adapter_state(base, name, state)
+        views.append(LastStepBase(AdapterView(base, name), AdapterView(base, None)))
+        metas.append(meta)
+    base.requires_grad_(False)
+    return AdapterView(base, None), views, metas
+
+
+def default_steps() -> int:
+    return DEFAULT_STEPS

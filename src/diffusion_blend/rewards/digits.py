@@ -1,0 +1,92 @@
+"""Rewards on 1x8x8 digit images in [-1, 1] (pixel intensity ``p = (x + 1) / 2`` in [0, 1]).
+
+All are differentiable torch functions. Raw ranges are below; each reward can be normalised by
+the pretrained model's standard deviation (``scale``) so that one alpha moves every expert a
+similar distance.
+
+- ``class``: logit margin of the prompted digit under the reward classifier,
+  ``logit_y - max_{j != y} logit_j`` (unbounded; not saturated like the log-probability).
+- ``ink``: mean intensity, in [0, 1] (bold strokes).
+- ``crisp``: mean ``|2p - 1|``, in [0, 1] (pixels close to 0 or 1).
+- ``symmetry``: ``-mean |p - mirror(p)|`` left-right, in [-1, 0].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_blend.errors import UsageError
+from diffusion_blend.rewards import register
+
+
+def _intensity(x0: torch.Tensor) -> torch.Tensor:
+    return ((x0.clamp(-1.5, 1.5) + 1.0) / 2.0).flatten(1)
+
+
+class DigitReward:
+    """A named differentiable reward with an affine normalisation ``(r - shift) / scale``."""
+
+    differentiable = True
+
+    def __init__(self, name: str, fn, scale: float = 1.0, shift: float = 0.0):
+        if not scale > 0:
+            raise UsageError(f"reward {name!r}: scale={scale} must be > 0")
+        self.name, self.fn, self.scale, self.shift = name, fn, float(scale), float(shift)
+
+    def raw(self, x0: torch.Tensor, **cond) -> torch.Tensor:
+        return self.fn(x0, **cond)
+
+    def __call__(self, x0: torch.Tensor, **cond) -> torch.Tensor:
+        return (self.fn(x0, **cond) - self.shift) / self.scale
+
+
+def ink(x0: torch.Tensor, **_) -> torch.Tensor:
+    return _intensity(x0).mean(1)
+
+
+def crisp(x0: torch.Tensor, **_) -> torch.Tensor:
+    return (2 * _intensity(x0) - 1).abs().mean(1)
+
+
+def symmetry(x0: torch.Tensor, **_) -> torch.Tensor:
+    p = (x0.clamp(-1.5, 1.5) + 1.0) / 2.0
+    return -(p - p.flip(-1)).abs().flatten(1).mean(1)
+
+
+def class_margin(classifier):
+    def fn(x0: torch.Tensor, y=None, **_) -> torch.Tensor:
+        if y is None:
+            raise UsageError("reward 'class' needs the prompted class y")
+        logits = classifier(x0.float())
+        y = torch.as_tensor(y, device=x0.device).long().reshape(-1).expand(x0.shape[0])
+        own = logits.gather(1, y[:, None])[:, 0]
+        others = logits.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), float("-inf"))
+        return own - others.max(1).values
+    return fn
+
+
+@register("ink")
+def make_ink(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
+    return DigitReward("ink", ink, scale, shift)
+
+
+@register("crisp")
+def make_crisp(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
+    return DigitReward("crisp", crisp, scale, shift)
+
+
+@register("symmetry")
+def make_symmetry(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
+    return DigitReward("symmetry", symmetry, scale, shift)
+
+
+@register("class")
+def make_class(classifier=None, scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
+    if classifier is None:
+        from diffusion_blend.domains.digits import load_classifier
+
+        classifier = load_classifier("classifier")
+    return DigitReward("class", class_margin(classifier), scale, shift)
+
+
+DIGIT_REWARDS = ("class", "ink", "crisp", "symmetry")
