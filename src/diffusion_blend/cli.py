@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from diffusion_blend.errors import UsageError
 
@@ -185,13 +186,73 @@ def cmd_bench_finetune_toy2d(a: argparse.Namespace) -> None:
                                quick=a.quick), a.json)
 
 
-def cmd_demo(a: argparse.Namespace) -> None:
+def cmd_toy2d_demo(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.toy2d import run_demo
 
     _threads(a.threads)
     out = run_demo(a.out, a.overwrite)
     sys.stdout.write(f"wrote {out}/report.md with the Jensen-gap plots, tables and scatter "
                      "plots beside it\n")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from diffusion_blend.evaluation.digits_demo import run_demo
+
+    _threads(a.threads)
+    out = run_demo(a.out, a.overwrite)
+    sys.stdout.write(f"wrote {out}/report.md, grid_mpa.png, grid_kla.png and pareto.png\n")
+
+
+# ---------------------------------------------------------------------------- digits
+
+
+def cmd_digits_train_base(a: argparse.Namespace) -> None:
+    from diffusion_blend.domains.digits import BaseConfig
+    from diffusion_blend.evaluation.digits import run_train_base
+
+    _threads(a.threads)
+    cfg = BaseConfig(seed=a.seed, **({"iterations": a.iterations} if a.iterations else {}))
+    if cfg.iterations < 2 or cfg.seed < 0:
+        raise UsageError(f"--iterations {cfg.iterations} / --seed {cfg.seed}: need >= 2 / >= 0")
+    summary = run_train_base(a.out, cfg, a.overwrite, progress=not a.json)
+    _emit({"out": summary["out"], "seconds": summary["seconds"],
+           "quality": summary["base"]["quality"]}, a.json)
+
+
+def cmd_digits_train_experts(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from diffusion_blend.finetune.digits import run_train_experts
+
+    _threads(a.threads)
+    only = a.only.split(",") if a.only else None
+    done = run_train_experts(Path(a.weights), Path(a.out), a.alpha, a.iterations,
+                             progress=not a.json, only=only)
+    _emit({name: {"eval": m["eval"], "train_seconds": m["train_seconds"]}
+           for name, m in done.items()}, a.json)
+
+
+def cmd_sample_digits(a: argparse.Namespace) -> None:
+    from diffusion_blend.evaluation.digits_demo import image_grid, parse_class, run_sample
+    from diffusion_blend.io import save_figure
+
+    _threads(a.threads)
+    parse_class(a.cls)
+    experts = a.experts.split(",")
+    w = parse_floats(a.w, "--w") if a.w else (1.0 / len(experts),) * len(experts)
+    if a.n < 1:
+        raise UsageError(f"--n {a.n} is not allowed; use >= 1")
+    if a.out and Path(a.out).suffix.lower() != ".png":
+        raise UsageError(f"--out {a.out}: give a .png path")
+    x0, summary = run_sample(int(a.cls), w, parse_finite(a.lam, "--lam"), a.n, a.seed, experts,
+                             a.allow_extrapolation)
+    if a.out:
+        cols = min(8, a.n)
+        rows = [list(x0[i:i + cols]) for i in range(0, a.n - a.n % cols or a.n, cols)]
+        save_figure(image_grid(rows, [""] * len(rows), [""] * cols,
+                               f"digit {a.cls}, w={summary['w']}, lam={summary['lam']}"), a.out)
+        summary["out"] = a.out
+    _emit(summary, a.json)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -245,7 +306,48 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--json", action="store_true")
     bf.set_defaults(func=cmd_bench_finetune_toy2d)
 
-    d = sub.add_parser("demo", help="the main demo (toy2d Jensen-gap report)")
+    td = toy.add_parser("demo", help="the toy2d Jensen-gap report")
+    td.add_argument("--out", default="dblend-toy2d-demo")
+    td.add_argument("--overwrite", action="store_true")
+    td.add_argument("--threads", type=int, default=None)
+    td.set_defaults(func=cmd_toy2d_demo)
+
+    dg = sub.add_parser("digits", help="the digits domain recipes").add_subparsers(
+        dest="digits_command", required=True)
+    tb = dg.add_parser("train-base", help="train the base model and the classifiers")
+    tb.add_argument("--out", required=True)
+    tb.add_argument("--iterations", type=int, default=None)
+    tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument("--overwrite", action="store_true")
+    tb.add_argument("--threads", type=int, default=None)
+    tb.add_argument("--json", action="store_true")
+    tb.set_defaults(func=cmd_digits_train_base)
+    te = dg.add_parser("train-experts", help="fine-tune the LoRA experts, MORL and DB-KLA runs")
+    te.add_argument("--weights", required=True, help="directory with base/classifier weights")
+    te.add_argument("--out", required=True)
+    te.add_argument("--alpha", type=float, default=0.5)
+    te.add_argument("--iterations", type=int, default=None)
+    te.add_argument("--only", default=None, help="comma-separated expert names")
+    te.add_argument("--threads", type=int, default=None)
+    te.add_argument("--json", action="store_true")
+    te.set_defaults(func=cmd_digits_train_experts)
+
+    smp = sub.add_parser("sample", help="one-off sampling").add_subparsers(dest="sample_domain",
+                                                                        required=True)
+    sd = smp.add_parser("digits", help="DB-MPA / DB-KLA with the shipped digits experts")
+    sd.add_argument("--class", dest="cls", default="0")
+    sd.add_argument("--experts", default="class,ink")
+    sd.add_argument("--w", default=None)
+    sd.add_argument("--lam", default="1.0")
+    sd.add_argument("--n", type=int, default=16)
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--out", default=None)
+    sd.add_argument("--allow-extrapolation", action="store_true")
+    sd.add_argument("--threads", type=int, default=None)
+    sd.add_argument("--json", action="store_true")
+    sd.set_defaults(func=cmd_sample_digits)
+
+    d = sub.add_parser("demo", help="the main demo: digits DB-MPA / DB-KLA grids and report")
     d.add_argument("--out", default="dblend-demo")
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--threads", type=int, default=None)

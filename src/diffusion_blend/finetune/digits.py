@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffusion_blend.adapters import AdapterView, add_lora, adapter_state, load_adapter_state
+from diffusion_blend.adapters import AdapterView, adapter_state, add_lora, load_adapter_state
 from diffusion_blend.domains import digits
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.digits import DEFAULT_STEPS, sample_digits
