@@ -59,7 +59,8 @@ def quality(denoiser: Denoiser, judge: digits.Classifier, per_class: int = 50, s
 
 
 def run_train_base(out: str | Path, cfg: digits.BaseConfig | None = None,
-                   overwrite: bool = False, progress: bool = True) -> dict:
+                   overwrite: bool = False, progress: bool = True,
+                   classifier_epochs: int = 40, quality_per_class: int = 50) -> dict:
     """The base recipe: reward classifier, judge classifier, then the diffusion model."""
     cfg = cfg or digits.BaseConfig()
     out = prepare_out_dir(out, overwrite)
@@ -67,14 +68,16 @@ def run_train_base(out: str | Path, cfg: digits.BaseConfig | None = None,
     split = {"source": "sklearn.datasets.load_digits", "split_seed": cfg.split_seed,
              "test_fraction": 0.2}
     metas = {}
-    for name, ccfg in (("classifier", digits.ClassifierConfig(seed=cfg.seed)),
-                       ("judge", digits.ClassifierConfig(seed=cfg.seed + 1, width=48))):
+    for name, ccfg in (
+            ("classifier", digits.ClassifierConfig(seed=cfg.seed, epochs=classifier_epochs)),
+            ("judge", digits.ClassifierConfig(seed=cfg.seed + 1, width=48,
+                                              epochs=classifier_epochs))):
         model, stats = digits.train_classifier(ccfg)
         metas[name] = digits.save_weights(out / f"{name}.safetensors", model.state_dict(), {
             "recipe": "dblend digits train-base", "config": vars(ccfg), "data": split, **stats})
     unet, stats = digits.train_base(cfg, progress)
     judge = digits.load_classifier("judge", out)
-    q = quality(digits.UNetDenoiser(unet), judge, seed=10_000)
+    q = quality(digits.UNetDenoiser(unet), judge, per_class=quality_per_class, seed=10_000)
     meta = digits.save_weights(out / "base.safetensors", unet.state_dict(), {
         "recipe": "dblend digits train-base", "config": digits.base_config_dict(cfg),
         "unet": {k: list(v) if isinstance(v, tuple) else v

@@ -24,8 +24,8 @@ from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_t
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
 
 PAIR = ("class", "ink")
-MORL = ("morl_class_ink_0.25", "morl_class_ink_0.50", "morl_class_ink_0.75")
-KLA = {0.5: "kla_class_lam0.5", 2.0: "kla_class_lam2"}
+MORL = {0.25: "morl_class_ink_w025", 0.5: "morl_class_ink_w050", 0.75: "morl_class_ink_w075"}
+KLA = {0.5: "kla_class_lam0p5", 2.0: "kla_class_lam2"}
 
 
 class DigitsBench:
@@ -86,12 +86,12 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: list
     return fig
 
 
-def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n_per_class: int = 20,
+def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n_per_class: int = 10,
              progress: bool = True, weights_dir: Path | None = None) -> Path:
     """Grids over w (DB-MPA) and lambda (DB-KLA), a Pareto plot and ``report.md``."""
     out = prepare_out_dir(out, overwrite)
     start = time.perf_counter()
-    names = ["class", "ink", "symmetry", *MORL, *KLA.values()]
+    names = ["class", "ink", "symmetry", *MORL.values(), *KLA.values()]
     bench = DigitsBench(names, weights_dir)
     classes = torch.arange(10).repeat(n_per_class)
     seeds = list(range(len(classes)))
@@ -100,7 +100,7 @@ def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n_per_cla
     jobs = [("pretrained", bench.base)] + [(f"expert:{n}", bench.expert(n)) for n in
                                            ("class", "ink", "symmetry")]
     jobs += [(f"db-mpa:{w}", bench.blend(list(PAIR), Preference((w, 1 - w)))) for w in grid_w]
-    jobs += [(f"morl:{m[-4:]}", bench.expert(m)) for m in MORL]
+    jobs += [(f"morl:{w}", bench.expert(m)) for w, m in MORL.items()]
     lams = [0.0, 0.5, 1.0, 1.5, 2.0]
     jobs += [(f"db-kla:{lam}", bench.blend(["class"], Preference((1.0,), lam, True)))
              for lam in lams]

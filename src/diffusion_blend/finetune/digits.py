@@ -112,11 +112,11 @@ def expert_specs(alpha: float, pair=("class", "ink"), grid=(0.25, 0.5, 0.75),
         est = "digits-dpok" if r == "symmetry" else "digits-pathwise"
         out.append((Expert(r, [r], [1.0], alpha, est.split("-")[1]), est, {}))
     for w1 in grid:
-        name = f"morl_{pair[0]}_{pair[1]}_{w1:.2f}"
+        name = f"morl_{pair[0]}_{pair[1]}_w{round(w1 * 100):03d}"  # adapter names take no "."
         out.append((Expert(name, list(pair), [w1, 1 - w1], alpha, "pathwise"), "digits-pathwise",
                     {}))
     for lam in kla:
-        name = f"kla_{pair[0]}_lam{lam:g}"
+        name = f"kla_{pair[0]}_lam{lam:g}".replace(".", "p")
         out.append((Expert(name, [pair[0]], [1.0], alpha / lam, "pathwise"), "digits-pathwise",
                     {"alpha": alpha / lam}))
     return out

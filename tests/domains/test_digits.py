@@ -1,0 +1,79 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from diffusion_blend.blend import BlendedDenoiser, Preference
+from diffusion_blend.domains import digits
+from diffusion_blend.errors import UsageError
+from diffusion_blend.evaluation.digits import frechet_distance, run_train_base
+from diffusion_blend.finetune.digits import load_experts, run_train_experts
+
+
+def test_data_split_is_disjoint_and_scaled():
+    d = digits.load_data()
+    assert d["train_x"].shape[1:] == (1, 8, 8) and len(d["train_x"]) + len(d["test_x"]) == 1797
+    assert d["train_x"].min() == -1.0 and d["train_x"].max() == 1.0
+    again = digits.load_data()
+    assert torch.equal(d["test_y"], again["test_y"])
+
+
+def test_frechet_distance_zero_for_same_set_positive_for_shift():
+    x = torch.randn(400, 5, generator=torch.Generator().manual_seed(0))
+    assert abs(frechet_distance(x, x)) < 1e-6
+    assert abs(frechet_distance(x, x + 1.0) - 5.0) < 1e-6  # |mu shift|^2, same covariance
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory):
+    """The real recipes, shortened: 3 base iterations, 1 classifier epoch, 1 expert step."""
+    root = tmp_path_factory.mktemp("recipe")
+    cfg = digits.BaseConfig(iterations=3)
+    run_train_base(root / "w", cfg, progress=False, classifier_epochs=1, quality_per_class=2)
+    run_train_experts(root / "w", root / "w" / "experts", iterations=1, progress=False,
+                      only=["class", "ink"])
+    return root
+
+
+def test_shortened_recipe_is_deterministic_and_loadable(tiny_recipe, tmp_path):
+    cfg = digits.BaseConfig(iterations=3)
+    run_train_base(tmp_path / "again", cfg, progress=False, classifier_epochs=1,
+                   quality_per_class=2)
+    for name in ("base", "classifier", "judge"):
+        a = json.loads((tiny_recipe / "w" / f"{name}.json").read_text())["sha256"]
+        b = json.loads((tmp_path / "again" / f"{name}.json").read_text())["sha256"]
+        assert a == b, name  # same seed -> the same weights, bit for bit
+    base, experts, metas = load_experts(["class", "ink"], tiny_recipe / "w")
+    x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 500)
+    y = torch.arange(4)
+    # lam = 0 is the base, w = e_i is expert i: exactly
+    assert torch.equal(BlendedDenoiser(base, experts, Preference((0.3, 0.7), 0.0))(x, t, y=y),
+                       base(x, t, y=y))
+    assert torch.equal(BlendedDenoiser(base, experts, Preference((0.0, 1.0)))(x, t, y=y),
+                       experts[1](x, t, y=y))
+    assert metas[0]["base_sha256"] == json.loads((tiny_recipe / "w" / "base.json").read_text())[
+        "sha256"]
+
+
+def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_recipe / "w", other)
+    run_train_base(other, digits.BaseConfig(iterations=2, seed=5), overwrite=True,
+                   progress=False, classifier_epochs=1, quality_per_class=1)
+    shutil.copytree(tiny_recipe / "w" / "experts", other / "experts", dirs_exist_ok=True)
+    with pytest.raises(UsageError, match="another base"):
+        load_experts(["class"], other)
+    with pytest.raises(UsageError, match="missing.*train-experts"):
+        load_experts(["symmetry"], tiny_recipe / "w")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_recipe / "w", broken)
+    p = broken / "base.safetensors"
+    p.write_bytes(p.read_bytes()[:-4] + b"oops")
+    with pytest.raises(UsageError, match="corrupt.*train-base"):
+        digits.load_base(broken)
+
+
+def test_class_outside_range():
+    with pytest.raises(UsageError, match="0-9"):
+        digits.check_class(10)
