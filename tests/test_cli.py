@@ -131,3 +131,31 @@ def test_finetune_bad_input(capsys, tmp_path, args, match):
                        *args)
     assert rc == 2 and match in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--class", "10"], "0-9"),
+    (["--class", "x"], "0-9"),
+    (["--experts", "class,beauty"], "beauty"),
+    (["--experts", "class,ink", "--w", "0.2,0.3,0.5"], "3 weights"),
+    (["--lam", "nan"], "NaN"),
+    (["--out", "grid.jpg"], ".png"),
+])
+def test_sample_digits_bad_input(capsys, args, match):
+    rc, out, err = run(capsys, "sample", "digits", "--n", "2", *args)
+    assert rc == 2 and match in err and err.count("\n") == 1 and out == ""
+
+
+def test_sample_digits_json_and_png(capsys, tmp_path):
+    rc, out, err = run(capsys, "sample", "digits", "--class", "3", "--w", "0.3,0.7", "--n", "4",
+                       "--json", "--out", str(tmp_path / "g.png"))
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["nfe_per_sample"] == 20 and set(res["mean_rewards"]) >= {"class", "ink"}
+    assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_demo_refuses_non_empty_out(capsys, tmp_path):
+    (tmp_path / "x").write_text("keep")
+    rc, _, err = run(capsys, "demo", "--out", str(tmp_path))
+    assert rc == 2 and "--overwrite" in err

@@ -186,6 +186,13 @@ def cmd_bench_finetune_toy2d(a: argparse.Namespace) -> None:
                                quick=a.quick), a.json)
 
 
+def cmd_bench_digits(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.digits import bench_digits
+
+    _threads(a.threads)
+    _emit(bench_digits(a.n), a.json)
+
+
 def cmd_toy2d_demo(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.toy2d import run_demo
 
@@ -305,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--threads", type=int, default=None)
     bf.add_argument("--json", action="store_true")
     bf.set_defaults(func=cmd_bench_finetune_toy2d)
+
+    bd = bench.add_parser("digits", help="digits sampling throughput")
+    bd.add_argument("--n", type=int, default=200)
+    bd.add_argument("--threads", type=int, default=None)
+    bd.add_argument("--json", action="store_true")
+    bd.set_defaults(func=cmd_bench_digits)
 
     td = toy.add_parser("demo", help="the toy2d Jensen-gap report")
     td.add_argument("--out", default="dblend-toy2d-demo")

@@ -75,7 +75,7 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: list
     for i in range(nr):
         for j in range(nc):
             ax = axes[i][j]
-            ax.imshow(((rows[i][j][0] + 1) / 2).clamp(0, 1), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(((rows[i][j][0] + 1) / 2).clamp(0, 1), cmap="gray_r", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
