@@ -66,8 +66,6 @@ def _add_toy2d_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-extrapolation", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", action="store_true")
 
 
 def cmd_toy2d_sample(a: argparse.Namespace) -> None:
@@ -135,8 +133,6 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", action="store_true")
 
 
 def finetune_config_from_args(a: argparse.Namespace, k: int, spec_alpha: float):
@@ -265,106 +261,89 @@ def cmd_sample_digits(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- parser
 
 
+def A(*flags: str, **kw) -> tuple:
+    """One argument spec: ``A("--n", type=int, default=10)``."""
+    return flags, kw
+
+
+OUT = A("--out", required=True)
+OVERWRITE = A("--overwrite", action="store_true")
+
+
+def _command(sub, name: str, func, help: str, *specs: tuple, json: bool = True):
+    """A subcommand with its arguments, plus ``--threads`` (and ``--json``) on every one."""
+    p = sub.add_parser(name, help=help)
+    for flags, kw in specs:
+        p.add_argument(*flags, **kw)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    if json:
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=func)
+    return p
+
+
+def _toy2d_commands(sub) -> None:
+    toy = sub.add_parser("toy2d", help="the exact Gaussian-mixture testbed").add_subparsers(
+        dest="toy2d_command", required=True)
+    s = _command(toy, "sample", cmd_toy2d_sample, "sample one method, compare with the target")
+    _add_toy2d_sample_args(s)
+    _command(toy, "gap", cmd_toy2d_gap, "sweep w and measure the Jensen gap",
+             A("--spec", default="bimodal"), A("--n", type=int, default=10000),
+             A("--steps", type=int, default=1000), A("--seed", type=int, default=0),
+             A("--divisions", type=int, default=10), A("--out", default="dblend-gap"),
+             OVERWRITE)
+    _command(toy, "demo", cmd_toy2d_demo, "the toy2d Jensen-gap report",
+             A("--out", default="dblend-toy2d-demo"), OVERWRITE, json=False)
+
+
+def _digits_commands(sub) -> None:
+    dg = sub.add_parser("digits", help="the digits domain recipes").add_subparsers(
+        dest="digits_command", required=True)
+    _command(dg, "train-base", cmd_digits_train_base, "train the base model and classifiers",
+             OUT, A("--iterations", type=int, default=None), A("--seed", type=int, default=0),
+             OVERWRITE)
+    _command(dg, "train-experts", cmd_digits_train_experts,
+             "fine-tune the LoRA experts, MORL and DB-KLA runs",
+             A("--weights", required=True, help="directory with base/classifier weights"), OUT,
+             A("--alpha", type=float, default=0.5), A("--iterations", type=int, default=None),
+             A("--only", default=None, help="comma-separated expert names"))
+    smp = sub.add_parser("sample", help="one-off sampling").add_subparsers(
+        dest="sample_domain", required=True)
+    _command(smp, "digits", cmd_sample_digits, "DB-MPA / DB-KLA with the shipped experts",
+             A("--class", dest="cls", default="0"), A("--experts", default="class,ink"),
+             A("--w", default=None), A("--lam", default="1.0"), A("--n", type=int, default=16),
+             A("--seed", type=int, default=0), A("--out", default=None),
+             A("--allow-extrapolation", action="store_true"))
+
+
+def _bench_and_train_commands(sub) -> None:
+    ft = sub.add_parser("finetune", help="fine-tune an expert (KL-regularised RL)")
+    f = _command(ft.add_subparsers(dest="finetune_domain", required=True), "toy2d",
+                 cmd_finetune_toy2d, "on the exact testbed, against the analytic optimum")
+    _add_finetune_args(f)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    _command(bench, "toy2d", cmd_bench_toy2d, "time the exact-expert blend, 2 experts",
+             A("--n", type=int, default=20000), A("--steps", type=int, default=1000),
+             A("--no-reference", action="store_true", help="skip the numpy reference"))
+    _command(bench, "finetune-toy2d", cmd_bench_finetune_toy2d,
+             "estimators against the analytic optimum", A("--spec", default="bimodal-linear"),
+             A("--out", default="bench-finetune-toy2d"), OVERWRITE,
+             A("--dpok-seconds", type=float, default=180.0),
+             A("--quick", action="store_true", help="tiny sizes (a smoke test)"))
+    _command(bench, "digits", cmd_bench_digits, "digits sampling throughput",
+             A("--n", type=int, default=200))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dblend", description="Diffusion Blend: inference-time "
                                 "multi-preference alignment of diffusion models.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-
-    toy = sub.add_parser("toy2d", help="the exact Gaussian-mixture testbed").add_subparsers(
-        dest="toy2d_command", required=True)
-    s = toy.add_parser("sample", help="sample one method and compare with the exact target")
-    _add_toy2d_sample_args(s)
-    s.set_defaults(func=cmd_toy2d_sample)
-    g = toy.add_parser("gap", help="sweep w and measure the Jensen gap")
-    g.add_argument("--spec", default="bimodal")
-    g.add_argument("--n", type=int, default=10000)
-    g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--divisions", type=int, default=10)
-    g.add_argument("--out", default="dblend-gap")
-    g.add_argument("--overwrite", action="store_true")
-    g.add_argument("--threads", type=int, default=None)
-    g.add_argument("--json", action="store_true")
-    g.set_defaults(func=cmd_toy2d_gap)
-
-    ft = sub.add_parser("finetune", help="fine-tune an expert (KL-regularised RL)")
-    ft_sub = ft.add_subparsers(dest="finetune_domain", required=True)
-    f = ft_sub.add_parser("toy2d", help="on the exact testbed, against the analytic optimum")
-    _add_finetune_args(f)
-    f.set_defaults(func=cmd_finetune_toy2d)
-
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    b = bench.add_parser("toy2d", help="time the exact-expert blend, 2 experts")
-    b.add_argument("--n", type=int, default=20000)
-    b.add_argument("--steps", type=int, default=1000)
-    b.add_argument("--no-reference", action="store_true", help="skip the numpy reference")
-    b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--json", action="store_true")
-    b.set_defaults(func=cmd_bench_toy2d)
-
-    bf = bench.add_parser("finetune-toy2d", help="estimators against the analytic optimum")
-    bf.add_argument("--spec", default="bimodal-linear")
-    bf.add_argument("--out", default="bench-finetune-toy2d")
-    bf.add_argument("--overwrite", action="store_true")
-    bf.add_argument("--dpok-seconds", type=float, default=180.0)
-    bf.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    bf.add_argument("--threads", type=int, default=None)
-    bf.add_argument("--json", action="store_true")
-    bf.set_defaults(func=cmd_bench_finetune_toy2d)
-
-    bd = bench.add_parser("digits", help="digits sampling throughput")
-    bd.add_argument("--n", type=int, default=200)
-    bd.add_argument("--threads", type=int, default=None)
-    bd.add_argument("--json", action="store_true")
-    bd.set_defaults(func=cmd_bench_digits)
-
-    td = toy.add_parser("demo", help="the toy2d Jensen-gap report")
-    td.add_argument("--out", default="dblend-toy2d-demo")
-    td.add_argument("--overwrite", action="store_true")
-    td.add_argument("--threads", type=int, default=None)
-    td.set_defaults(func=cmd_toy2d_demo)
-
-    dg = sub.add_parser("digits", help="the digits domain recipes").add_subparsers(
-        dest="digits_command", required=True)
-    tb = dg.add_parser("train-base", help="train the base model and the classifiers")
-    tb.add_argument("--out", required=True)
-    tb.add_argument("--iterations", type=int, default=None)
-    tb.add_argument("--seed", type=int, default=0)
-    tb.add_argument("--overwrite", action="store_true")
-    tb.add_argument("--threads", type=int, default=None)
-    tb.add_argument("--json", action="store_true")
-    tb.set_defaults(func=cmd_digits_train_base)
-    te = dg.add_parser("train-experts", help="fine-tune the LoRA experts, MORL and DB-KLA runs")
-    te.add_argument("--weights", required=True, help="directory with base/classifier weights")
-    te.add_argument("--out", required=True)
-    te.add_argument("--alpha", type=float, default=0.5)
-    te.add_argument("--iterations", type=int, default=None)
-    te.add_argument("--only", default=None, help="comma-separated expert names")
-    te.add_argument("--threads", type=int, default=None)
-    te.add_argument("--json", action="store_true")
-    te.set_defaults(func=cmd_digits_train_experts)
-
-    smp = sub.add_parser("sample", help="one-off sampling").add_subparsers(dest="sample_domain",
-                                                                        required=True)
-    sd = smp.add_parser("digits", help="DB-MPA / DB-KLA with the shipped digits experts")
-    sd.add_argument("--class", dest="cls", default="0")
-    sd.add_argument("--experts", default="class,ink")
-    sd.add_argument("--w", default=None)
-    sd.add_argument("--lam", default="1.0")
-    sd.add_argument("--n", type=int, default=16)
-    sd.add_argument("--seed", type=int, default=0)
-    sd.add_argument("--out", default=None)
-    sd.add_argument("--allow-extrapolation", action="store_true")
-    sd.add_argument("--threads", type=int, default=None)
-    sd.add_argument("--json", action="store_true")
-    sd.set_defaults(func=cmd_sample_digits)
-
-    d = sub.add_parser("demo", help="the main demo: digits DB-MPA / DB-KLA grids and report")
-    d.add_argument("--out", default="dblend-demo")
-    d.add_argument("--overwrite", action="store_true")
-    d.add_argument("--threads", type=int, default=None)
-    d.set_defaults(func=cmd_demo)
+    _toy2d_commands(sub)
+    _digits_commands(sub)
+    _bench_and_train_commands(sub)
+    _command(sub, "demo", cmd_demo, "the main demo: digits DB-MPA / DB-KLA grids and report",
+             A("--out", default="dblend-demo"), OVERWRITE, json=False)
     return p
 
 
