@@ -11,8 +11,3 @@ def z_ok(estimate: float, truth: float, stderr: float, z: float = 4.0) -> bool:
     """Within ``z`` Monte-Carlo standard errors (z = 4: a false alarm about once in 16000)."""
     return abs(estimate - truth) <= z * stderr
 
-
-def shipped_digits_present() -> bool:
-    from diffusion_blend.domains.digits import WEIGHTS_DIR
-
-    return (WEIGHTS_DIR / "experts" / "rewards.json").is_file()

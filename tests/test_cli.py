@@ -1,7 +1,6 @@
 import json
 
 import pytest
-from conftest import shipped_digits_present
 
 from diffusion_blend.cli import main
 
@@ -134,15 +133,11 @@ def test_finetune_bad_input(capsys, tmp_path, args, match):
     assert not (tmp_path / "r").exists()
 
 
-PENDING = pytest.mark.skipif(not shipped_digits_present(), reason="TEMPORARY: weights pending")
-
-
-@PENDING
 @pytest.mark.parametrize("args, match", [
     (["--class", "10"], "0-9"),
     (["--class", "x"], "0-9"),
-    (["--experts", "class,beauty"], "beauty"),
-    (["--experts", "class,ink", "--w", "0.2,0.3,0.5"], "3 weights"),
+    (["--experts", "ink,beauty"], "beauty"),
+    (["--experts", "ink,symmetry", "--w", "0.2,0.3,0.5"], "3 weights"),
     (["--lam", "nan"], "NaN"),
     (["--out", "grid.jpg"], ".png"),
 ])
@@ -151,13 +146,12 @@ def test_sample_digits_bad_input(capsys, args, match):
     assert rc == 2 and match in err and err.count("\n") == 1 and out == ""
 
 
-@PENDING
 def test_sample_digits_json_and_png(capsys, tmp_path):
     rc, out, err = run(capsys, "sample", "digits", "--class", "3", "--w", "0.3,0.7", "--n", "4",
                        "--json", "--out", str(tmp_path / "g.png"))
     assert rc == 0, err
     res = json.loads(out)
-    assert res["nfe_per_sample"] == 20 and set(res["mean_rewards"]) >= {"class", "ink"}
+    assert res["nfe_per_sample"] == 20 and set(res["mean_rewards"]) >= {"class", "ink", "symmetry"}
     assert (tmp_path / "g.png").stat().st_size > 0
 
 

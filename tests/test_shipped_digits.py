@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-from conftest import shipped_digits_present
 
 from diffusion_blend.blend import Preference
 from diffusion_blend.domains import digits
 from diffusion_blend.evaluation.digits_demo import DigitsBench
 
-pytestmark = pytest.mark.skipif(not shipped_digits_present(), reason="TEMPORARY: weights pending")
 CLASSES = torch.arange(10).repeat(12)
 SEEDS = list(range(500, 500 + len(CLASSES)))
 AGREEMENT = 0.9  # the judge classifier must recognise the prompted digit this often
@@ -16,15 +14,15 @@ AGREEMENT = 0.9  # the judge classifier must recognise the prompted digit this o
 
 @pytest.fixture(scope="module")
 def bench():
-    return DigitsBench(["class", "ink", "symmetry"])
+    return DigitsBench(["ink", "symmetry", "crisp"])
 
 
 @pytest.fixture(scope="module")
 def samples(bench):
     out = {"base": bench.render(bench.base, CLASSES, SEEDS)[0]}
-    for name in ("class", "ink", "symmetry"):
+    for name in ("ink", "symmetry", "crisp"):
         out[name] = bench.render(bench.expert(name), CLASSES, SEEDS)[0]
-    out["mpa"] = bench.render(bench.blend(["class", "ink"], Preference((0.5, 0.5))), CLASSES,
+    out["mpa"] = bench.render(bench.blend(["ink", "symmetry"], Preference((0.5, 0.5))), CLASSES,
                               SEEDS)[0]
     return out
 
@@ -40,7 +38,7 @@ def test_base_generates_the_prompted_digit(samples):
     assert agree >= AGREEMENT
 
 
-@pytest.mark.parametrize("name", ["class", "ink", "symmetry"])
+@pytest.mark.parametrize("name", ["ink", "symmetry", "crisp"])
 def test_each_expert_raises_its_own_reward(bench, samples, name):
     r = _reward(bench, name)
     diff = (r(samples[name], y=CLASSES) - r(samples["base"], y=CLASSES)).double()
@@ -49,19 +47,23 @@ def test_each_expert_raises_its_own_reward(bench, samples, name):
 
 
 def test_interior_blend_lands_between_the_experts(bench, samples):
-    for name in ("class", "ink"):
+    for name in ("ink", "symmetry"):
         r = _reward(bench, name)
-        vals = {k: r(samples[k], y=CLASSES).double() for k in ("class", "ink", "mpa")}
+        vals = {k: r(samples[k], y=CLASSES).double() for k in ("ink", "symmetry", "mpa")}
         se = max(v.std() / len(v) ** 0.5 for v in vals.values())
-        lo = min(vals["class"].mean(), vals["ink"].mean()) - 2 * se
-        hi = max(vals["class"].mean(), vals["ink"].mean()) + 2 * se
+        lo = min(vals["ink"].mean(), vals["symmetry"].mean()) - 2 * se
+        hi = max(vals["ink"].mean(), vals["symmetry"].mean()) + 2 * se
         assert lo <= vals["mpa"].mean() <= hi
 
 
 def test_lam_zero_is_the_base_and_unit_w_is_the_expert_exactly(bench, samples):
     seeds, classes = SEEDS[:20], CLASSES[:20]
-    lam0 = bench.render(bench.blend(["class", "ink"], Preference((0.4, 0.6), 0.0)), classes,
+    lam0 = bench.render(bench.blend(["ink", "symmetry"], Preference((0.4, 0.6), 0.0)), classes,
                         seeds)[0]
-    assert torch.equal(lam0, samples["base"][:20])
-    e2 = bench.render(bench.blend(["class", "ink"], Preference((0.0, 1.0))), classes, seeds)[0]
-    assert torch.equal(e2, samples["ink"][:20])
+    assert torch.equal(lam0, bench.render(bench.base, classes, seeds)[0])
+    e2 = bench.render(bench.blend(["ink", "symmetry"], Preference((0.0, 1.0))), classes,
+                      seeds)[0]
+    assert torch.equal(e2, bench.render(bench.expert("symmetry"), classes, seeds)[0])
+    # the same seeds in a larger batch: the same noise; the network's float arithmetic may
+    # differ in the last bits with the batch size (BLAS blocking), nothing more
+    assert torch.allclose(e2, samples["symmetry"][:20], atol=1e-4)

@@ -310,7 +310,7 @@ def _digits_commands(sub) -> None:
     smp = sub.add_parser("sample", help="one-off sampling").add_subparsers(
         dest="sample_domain", required=True)
     _command(smp, "digits", cmd_sample_digits, "DB-MPA / DB-KLA with the shipped experts",
-             A("--class", dest="cls", default="0"), A("--experts", default="class,ink"),
+             A("--class", dest="cls", default="0"), A("--experts", default="ink,symmetry"),
              A("--w", default=None), A("--lam", default="1.0"), A("--n", type=int, default=16),
              A("--seed", type=int, default=0), A("--out", default=None),
              A("--allow-extrapolation", action="store_true"))

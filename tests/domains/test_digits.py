@@ -32,7 +32,7 @@ def tiny_recipe(tmp_path_factory):
     cfg = digits.BaseConfig(iterations=3)
     run_train_base(root / "w", cfg, progress=False, classifier_epochs=1, quality_per_class=2)
     run_train_experts(root / "w", root / "w" / "experts", iterations=1, progress=False,
-                      only=["class", "ink"])
+                      only=["ink", "symmetry"])
     return root
 
 
@@ -44,7 +44,7 @@ def test_shortened_recipe_is_deterministic_and_loadable(tiny_recipe, tmp_path):
         a = json.loads((tiny_recipe / "w" / f"{name}.json").read_text())["sha256"]
         b = json.loads((tmp_path / "again" / f"{name}.json").read_text())["sha256"]
         assert a == b, name  # same seed -> the same weights, bit for bit
-    base, experts, metas = load_experts(["class", "ink"], tiny_recipe / "w")
+    base, experts, metas = load_experts(["ink", "symmetry"], tiny_recipe / "w")
     x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 500)
     y = torch.arange(4)
     # lam = 0 is the base, w = e_i is expert i: exactly
@@ -63,9 +63,9 @@ def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_pa
                    progress=False, classifier_epochs=1, quality_per_class=1)
     shutil.copytree(tiny_recipe / "w" / "experts", other / "experts", dirs_exist_ok=True)
     with pytest.raises(UsageError, match="another base"):
-        load_experts(["class"], other)
+        load_experts(["ink"], other)
     with pytest.raises(UsageError, match="missing.*train-experts"):
-        load_experts(["symmetry"], tiny_recipe / "w")
+        load_experts(["crisp"], tiny_recipe / "w")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_recipe / "w", broken)
     p = broken / "base.safetensors"

@@ -27,15 +27,15 @@ def _throughput(den, classes, seeds, repeats: int = 2) -> tuple[float, float]:
 
 
 def bench_digits(n: int = 200) -> dict:
-    bench = DigitsBench(["class", "ink", "symmetry"])
+    bench = DigitsBench(["ink", "symmetry", "crisp"])
     classes = torch.arange(10).repeat(n // 10)
     seeds = list(range(len(classes)))
     T = digits.BaseConfig().schedule().T
     methods = {
         "base": bench.base,
-        "db-mpa-k2": bench.blend(["class", "ink"], Preference((0.5, 0.5))),
-        "db-mpa-k3": bench.blend(["class", "ink", "symmetry"], Preference((0.3, 0.3, 0.4))),
-        "db-mpa-ls-k2": StochasticBlend([bench.expert("class"), bench.expert("ink")],
+        "db-mpa-k2": bench.blend(["ink", "symmetry"], Preference((0.5, 0.5))),
+        "db-mpa-k3": bench.blend(["ink", "symmetry", "crisp"], Preference((0.3, 0.3, 0.4))),
+        "db-mpa-ls-k2": StochasticBlend([bench.expert("ink"), bench.expert("symmetry")],
                                         (0.5, 0.5), seeds, T),
     }
     out = {"n": len(seeds), "steps": DEFAULT_STEPS, "images_per_second": {}, "nfe_per_sample": {}}
@@ -46,7 +46,7 @@ def bench_digits(n: int = 200) -> dict:
     out["time_ratio_vs_base"] = {k: base_ips / v for k, v in out["images_per_second"].items()}
     meta = json.loads((digits.WEIGHTS_DIR / "base.json").read_text())
     out["recipe_seconds"] = {"train-base (diffusion model)": meta.get("train_seconds")}
-    for name in ("class", "ink", "symmetry"):
+    for name in ("ink", "symmetry", "crisp"):
         m = json.loads((digits.WEIGHTS_DIR / "experts" / f"{name}.json").read_text())
         out["recipe_seconds"][f"train-experts ({name})"] = m.get("train_seconds")
     return out

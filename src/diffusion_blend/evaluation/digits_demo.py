@@ -23,9 +23,11 @@ from diffusion_blend.finetune.digits import load_experts, normalised_rewards
 from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_text
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
 
-PAIR = ("class", "ink")
-MORL = {0.25: "morl_class_ink_w025", 0.5: "morl_class_ink_w050", 0.75: "morl_class_ink_w075"}
-KLA = {0.5: "kla_class_lam0p5", 2.0: "kla_class_lam2"}
+PAIR = ("ink", "symmetry")
+EXPERTS = ("ink", "symmetry", "crisp")
+MORL = {0.25: "morl_ink_symmetry_w025", 0.5: "morl_ink_symmetry_w050",
+        0.75: "morl_ink_symmetry_w075"}
+KLA = {0.5: "kla_ink_lam0p5", 2.0: "kla_ink_lam2"}
 
 
 class DigitsBench:
@@ -91,18 +93,17 @@ def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n_per_cla
     """Grids over w (DB-MPA) and lambda (DB-KLA), a Pareto plot and ``report.md``."""
     out = prepare_out_dir(out, overwrite)
     start = time.perf_counter()
-    names = ["class", "ink", "symmetry", *MORL.values(), *KLA.values()]
+    names = [*EXPERTS, *MORL.values(), *KLA.values()]
     bench = DigitsBench(names, weights_dir)
     classes = torch.arange(10).repeat(n_per_class)
     seeds = list(range(len(classes)))
     grid_w = [round(0.1 * i, 1) for i in range(11)]
     rows: dict[str, dict] = {}
-    jobs = [("pretrained", bench.base)] + [(f"expert:{n}", bench.expert(n)) for n in
-                                           ("class", "ink", "symmetry")]
+    jobs = [("pretrained", bench.base)] + [(f"expert:{n}", bench.expert(n)) for n in EXPERTS]
     jobs += [(f"db-mpa:{w}", bench.blend(list(PAIR), Preference((w, 1 - w)))) for w in grid_w]
     jobs += [(f"morl:{w}", bench.expert(m)) for w, m in MORL.items()]
     lams = [0.0, 0.5, 1.0, 1.5, 2.0]
-    jobs += [(f"db-kla:{lam}", bench.blend(["class"], Preference((1.0,), lam, True)))
+    jobs += [(f"db-kla:{lam}", bench.blend([PAIR[0]], Preference((1.0,), lam, True)))
              for lam in lams]
     jobs += [(f"kla-finetune:{lam}", bench.expert(n)) for lam, n in KLA.items()]
     images = {}
@@ -124,11 +125,11 @@ def _grids(out: Path, images: dict, grid_w: list[float], lams: list[float]) -> N
     digits_shown = list(range(10))
     mpa = [[images[f"db-mpa:{w}"][d] for w in grid_w] for d in digits_shown]
     save_figure(image_grid(mpa, [str(d) for d in digits_shown], [f"w={w}" for w in grid_w],
-                           "DB-MPA: w = weight on 'class' (1 - w on 'ink'), same seed per row"),
+                           f"DB-MPA: w on '{PAIR[0]}' (1 - w on '{PAIR[1]}'), same seed per row"),
                 out / "grid_mpa.png")
     kla = [[images[f"db-kla:{lam}"][d] for lam in lams] for d in digits_shown]
     save_figure(image_grid(kla, [str(d) for d in digits_shown], [f"lam={lam}" for lam in lams],
-                           "DB-KLA on the 'class' expert (lam > 1 extrapolates)"),
+                           f"DB-KLA on the '{PAIR[0]}' expert (lam > 1 extrapolates)"),
                 out / "grid_kla.png")
 
 
@@ -147,7 +148,7 @@ def pareto_figure(rows: dict):
 
     ax.plot(*pts("db-mpa:"), "o-", ms=3, label="DB-MPA (w grid)")
     ax.plot(*pts("morl:"), "s", label="MORL (one fine-tune per w)")
-    for k in ("expert:class", "expert:ink", "pretrained"):
+    for k in (f"expert:{PAIR[0]}", f"expert:{PAIR[1]}", "pretrained"):
         ax.plot(rows[k][a]["mean"], rows[k][b]["mean"], "*", ms=10, label=k)
     ax.set_xlabel(f"{a} (normalised)")
     ax.set_ylabel(f"{b} (normalised)")
@@ -158,7 +159,7 @@ def pareto_figure(rows: dict):
 
 def cross_rewards(rows: dict) -> dict:
     """Each expert scored on every reward, against the pretrained model."""
-    return {k: rows[k] for k in ("pretrained", "expert:class", "expert:ink", "expert:symmetry")}
+    return {k: rows[k] for k in ("pretrained", *(f"expert:{e}" for e in EXPERTS))}
 
 
 def _fmt(cell: dict) -> str:
@@ -174,7 +175,7 @@ def demo_report(rows: dict, cross: dict, seconds: float, n_per_class: int) -> st
     conflicts = [
         f"- expert `{e}` lowers `{r}` to {cross['expert:' + e][r]['mean']:+.2f} from the "
         f"pretrained {cross['pretrained'][r]['mean']:+.2f}"
-        for e in ("class", "ink", "symmetry") for r in DIGIT_REWARDS
+        for e in EXPERTS for r in DIGIT_REWARDS
         if r != e and cross["expert:" + e][r]["mean"] + cross["expert:" + e][r]["ci95"]
         < cross["pretrained"][r]["mean"] - cross["pretrained"][r]["ci95"]]
     return (

@@ -100,11 +100,11 @@ PRESETS: dict[str, dict] = {
                    "batch_size": 256, "lr": 3e-3, "timestep_fraction": 0.25},
     "toy2d-dpok-published": {"estimator": "dpok", "kl_mode": "published", "iterations": 45,
                              "batch_size": 256, "lr": 3e-3, "timestep_fraction": 0.25},
-    "digits-pathwise": {"estimator": "pathwise", "iterations": 80, "batch_size": 32,
+    "digits-pathwise": {"estimator": "pathwise", "iterations": 60, "batch_size": 32,
                         "sample_steps": 10, "lr": 2e-3, "alpha": 0.5, "freeze_last_step": True,
                         "checkpoint_every": 20, "eval_trajectories": 512},
-    "digits-dpok": {"estimator": "dpok", "iterations": 80, "batch_size": 32, "sample_steps": 10,
-                    "lr": 1e-3, "alpha": 0.5, "freeze_last_step": True, "advantage": "batch",
+    "digits-dpok": {"estimator": "dpok", "iterations": 60, "batch_size": 32, "sample_steps": 10,
+                    "lr": 3e-3, "alpha": 0.5, "freeze_last_step": True, "advantage": "batch",
                     "minibatches": 2, "checkpoint_every": 20, "eval_trajectories": 512},
 }
 

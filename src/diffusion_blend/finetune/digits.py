@@ -26,7 +26,7 @@ from diffusion_blend.finetune.run import train
 from diffusion_blend.rewards import WeightedSum, get_reward
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
 
 
 def classes_for(seeds) -> torch.Tensor:
@@ -103,14 +103,15 @@ def train_expert(weights_dir: Path, out: Path, spec: Expert, cfg: FinetuneConfig
         "lora": {"rank": cfg.lora_rank, "targets": list(LORA_TARGETS)}, "eval": ev})
 
 
-def expert_specs(alpha: float, pair=("class", "ink"), grid=(0.25, 0.5, 0.75),
+FINETUNED = {"ink": "digits-pathwise", "symmetry": "digits-pathwise", "crisp": "digits-dpok"}
+
+
+def expert_specs(alpha: float, pair=("ink", "symmetry"), grid=(0.25, 0.5, 0.75),
                  kla=(0.5, 2.0)) -> list[tuple[Expert, str, dict]]:
-    """Every adapter of the recipe: one expert per reward, MORL on a w grid of ``pair``, and
-    lambda-specific fine-tunes (alpha / lambda) of the first reward of ``pair``."""
-    out = []
-    for r in ("class", "ink", "symmetry"):
-        est = "digits-dpok" if r == "symmetry" else "digits-pathwise"
-        out.append((Expert(r, [r], [1.0], alpha, est.split("-")[1]), est, {}))
+    """Every adapter of the recipe: one expert per fine-tuned reward (``class`` is kept as the
+    "still a digit" check: its margin did not improve under fine-tuning here), MORL on a w
+    grid of ``pair``, and lambda-specific fine-tunes (alpha / lambda) of ``pair[0]``."""
+    out = [(Expert(r, [r], [1.0], alpha, p.split("-")[1]), p, {}) for r, p in FINETUNED.items()]
     for w1 in grid:
         name = f"morl_{pair[0]}_{pair[1]}_w{round(w1 * 100):03d}"  # adapter names take no "."
         out.append((Expert(name, list(pair), [w1, 1 - w1], alpha, "pathwise"), "digits-pathwise",
