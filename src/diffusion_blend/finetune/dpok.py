@@ -99,7 +99,8 @@ class ValueNet(nn.Module):
 
 
 def advantages(ro: Rollout, G: torch.Tensor, cfg: FinetuneConfig,
-               value: ValueNet | None, value_opt, gen: torch.Generator) -> torch.Tensor:
+               value: ValueNet | None, value_opt, gen: torch.Generator,
+               sync=lambda params: None) -> torch.Tensor:
     """``G - baseline`` per step and trajectory; the value net is fitted after it is used."""
     if cfg.advantage == "batch" or value is None:
         return G - G.mean(1, keepdim=True)
@@ -113,6 +114,7 @@ def advantages(ro: Rollout, G: torch.Tensor, cfg: FinetuneConfig,
             loss = (value(xs[idx], ts[idx]) - target[idx]).pow(2).mean()
             value_opt.zero_grad()
             loss.backward()
+            sync(value.parameters())
             value_opt.step()
     return A
 
@@ -147,6 +149,7 @@ def dpok_update(task: Task, cfg: FinetuneConfig, ro: Rollout, A: torch.Tensor, o
             loss, frac = _transition_loss(task, cfg, ro, flat, k_of, idx, B)
             optimizer.zero_grad()
             loss.backward()
+            task.sync_grads(clip_params)
             torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
             optimizer.step()
             clipped.append(frac)

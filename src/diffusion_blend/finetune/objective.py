@@ -37,6 +37,7 @@ class Task:
     cond: Callable[[Sequence[int]], dict] | None = None
     device: torch.device | str = "cpu"
     freeze_last: bool = False  # the last, noise-free step stays the pretrained map
+    sync_grads: Callable = lambda params: None  # averages gradients across processes
 
     def conditioning(self, seeds: Sequence[int]) -> dict:
         return self.cond(seeds) if self.cond is not None else {}

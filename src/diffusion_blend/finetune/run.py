@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune import dpok
 from diffusion_blend.finetune.config import FinetuneConfig
+from diffusion_blend.finetune.distributed import Dist
 from diffusion_blend.finetune.objective import Task, iteration_seeds
 from diffusion_blend.finetune.pathwise import pathwise_loss
 from diffusion_blend.io import atomic_write, write_json
@@ -184,9 +185,11 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
     identity. ``stop_after`` ends the loop early (as if killed) after that many iterations.
     """
     cfg.check()
-    out = Path(out)
+    out, dist = Path(out), Dist()
     run_config = cfg.to_dict() | {"task": meta}
-    prepare_run_dir(out, run_config, resume, overwrite)
+    if dist.main:
+        prepare_run_dir(out, run_config, resume, overwrite)
+    _place(task, dist)
     params = [p for p in task.policy.parameters() if p.requires_grad]
     if not params:
         raise UsageError("the policy has no trainable parameters")
@@ -201,41 +204,53 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
         value_opt = torch.optim.Adam(value.parameters(), lr=cfg.value_lr)
         modules["value"], optimizers["value_optimizer"] = value, value_opt
     start = load_checkpoint(out, modules, optimizers)["iteration"] if resume else 0
-    if not resume:
+    if dist.main and not resume:
         write_json(out / "config.json", run_config)
-    _truncate_metrics(out / "metrics.jsonl", start)
+    if dist.main:
+        _truncate_metrics(out / "metrics.jsonl", start)
     last: dict = {}
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
-               disable=not progress, desc=f"finetune ({cfg.estimator})")
+               disable=not (progress and dist.main), desc=f"finetune ({cfg.estimator})")
     for it in bar:
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, it)
-        stats = _iteration(task, cfg, it, opt, params, value, value_opt)
+        stats = _iteration(task, cfg, it, opt, params, value, value_opt, dist)
+        stats = {k: dist.mean(v) for k, v in stats.items()}
         last = {"iteration": it + 1, **stats, "lr": lr_at(cfg, it),
                 "seconds": time.perf_counter() - t0}
-        _append_jsonl(out / "metrics.jsonl", last)
         bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['path_kl']:.3f}")
         done = it + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            save_checkpoint(out, done, modules, optimizers, run_config)
+        if dist.main:
+            _append_jsonl(out / "metrics.jsonl", last)
+            if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+                save_checkpoint(out, done, modules, optimizers, run_config)
         if stop_after is not None and done - start >= stop_after:
             break
     return last
 
 
-def _iteration(task, cfg, it, opt, params, value, value_opt) -> dict:
-    seeds = iteration_seeds(cfg.seed, it, cfg.batch_size)
+def _place(task: Task, dist: Dist) -> None:
+    """Under a launcher, each process runs on its own device and averages its gradients."""
+    if dist.world > 1:
+        task.device = dist.device()
+        task.policy.to(task.device)
+        task.sync_grads = dist.sync_grads
+
+
+def _iteration(task, cfg, it, opt, params, value, value_opt, dist: Dist) -> dict:
+    seeds = dist.shard(iteration_seeds(cfg.seed, it, cfg.batch_size))
     if cfg.estimator == "pathwise":
         loss, stats = pathwise_loss(task, cfg, seeds)
         opt.zero_grad()
         loss.backward()
+        dist.sync_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         return stats
     gen = torch.Generator().manual_seed((cfg.seed << 32) + it)
     ro = dpok.rollout(task, cfg, seeds)
-    A = dpok.advantages(ro, dpok.returns(ro, cfg), cfg, value, value_opt, gen)
+    A = dpok.advantages(ro, dpok.returns(ro, cfg), cfg, value, value_opt, gen, dist.sync_grads)
     return dpok.dpok_stats(ro, cfg) | dpok.dpok_update(task, cfg, ro, A, opt, gen, params)
 
 
