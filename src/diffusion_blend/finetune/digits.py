@@ -19,7 +19,7 @@ from torch import nn
 from diffusion_blend.adapters import AdapterView, adapter_state, add_lora, load_adapter_state
 from diffusion_blend.domains import digits
 from diffusion_blend.errors import UsageError
-from diffusion_blend.evaluation.digits import DEFAULT_STEPS, sample_digits
+from diffusion_blend.evaluation.digits import sample_digits
 from diffusion_blend.finetune.config import FinetuneConfig, preset
 from diffusion_blend.finetune.objective import Task, evaluate, iteration_seeds
 from diffusion_blend.finetune.run import train
@@ -167,6 +167,3 @@ def load_experts(names: list[str], weights_dir: Path | None = None,
     base.requires_grad_(False)
     return AdapterView(base, None), views, metas
 
-
-def default_steps() -> int:
-    return DEFAULT_STEPS

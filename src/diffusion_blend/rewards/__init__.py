@@ -50,7 +50,7 @@ class WeightedSum:
                              "rewards")
         self.rewards, self.w = rewards, [float(v) for v in w]
         self.name = "+".join(f"{wi:g}*{r.name}" for wi, r in zip(self.w, rewards, strict=True))
-        self.differentiable = all(r.differentiable for r in rewards if True)
+        self.differentiable = all(r.differentiable for r in rewards)
 
     def __call__(self, x0: torch.Tensor, **cond) -> torch.Tensor:
         out = None
