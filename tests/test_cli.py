@@ -113,10 +113,18 @@ def test_finetune_then_blend_learned_experts(capsys, tmp_path):
                        "finetuned", "--experts", str(tmp_path / "e1"), "--n", "50", "--steps",
                        "30", "--json")
     assert rc == 0 and json.loads(out)["target_coefficients"] == [0.0, 1.0]
+    rc, _, err = run(capsys, "toy2d", "sample", "--spec", "bimodal-linear", "--method",
+                     "finetuned", "--experts", str(tmp_path / "e1"), "--lam", "0.5", "--n", "5")
+    assert rc == 2 and "lam=0.5" in err
     # an expert trained on another base is refused
     rc, _, err = run(capsys, "toy2d", "sample", "--spec", "gaussian", "--experts", experts,
                      "--n", "10", "--steps", "5")
     assert rc == 2 and "another base" in err
+    weights = tmp_path / "e0" / "expert.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3] + b"bad")
+    rc, _, err = run(capsys, "toy2d", "sample", "--spec", "bimodal-linear", "--experts",
+                     experts, "--n", "10", "--steps", "5")
+    assert rc == 2 and "corrupt" in err and "expert.safetensors" in err
 
 
 @pytest.mark.parametrize("args, match", [

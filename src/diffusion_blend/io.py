@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -56,3 +57,40 @@ def save_figure(fig, path: str | Path) -> Path:
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return Path(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_weights(path: str | Path, state: dict, meta: dict) -> dict:
+    """``NAME.safetensors`` plus ``NAME.json`` (``meta`` and the weights' sha256), both atomic."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda p: save_file(state, p))
+    meta = meta | {"sha256": sha256_file(path)}
+    write_json(path.with_suffix(".json"), meta)
+    return meta
+
+
+def load_weights(path: str | Path, recipe: str) -> tuple[dict, dict]:
+    """Load a weight file after checking it against its JSON's sha256; a missing or corrupt
+    file is a ``UsageError`` naming the file and the ``recipe`` command that makes it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path, meta_path = Path(path), Path(path).with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise UsageError(f"weight file {path} (or its .json) is missing; create it with "
+                         f"`{recipe}`")
+    meta = json.loads(meta_path.read_text())
+    if sha256_file(path) != meta.get("sha256"):
+        raise UsageError(f"weight file {path} is corrupt (sha256 differs from {meta_path.name});"
+                         f" recreate it with `{recipe}`")
+    try:
+        return load_file(path), meta
+    except SafetensorError as e:
+        raise UsageError(f"weight file {path} could not be read ({e}); recreate it with "
+                         f"`{recipe}`") from None

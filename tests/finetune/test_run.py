@@ -116,3 +116,26 @@ def test_evaluate_counts_kl_of_a_shifted_model():
         var = (1 - a_s) / (1 - a_t) * beta if a_s < 1 else beta
         want += ddpm_mean_eps_coef(a_t, a_s) ** 2 * float(delta @ delta) / (2 * var)
     assert abs(ev["path_kl"] - want) < 1e-4 * want
+
+
+def test_truncation_and_checkpointing_change_only_what_they_should():
+    """Checkpointing recomputes, so it gives the same gradient; truncating to the last step
+    keeps a gradient but a different one; truncating to every step is no truncation."""
+    from diffusion_blend.finetune.pathwise import pathwise_loss
+
+    problem = load_problem("bimodal")
+
+    def grads(**kw):
+        cfg = FinetuneConfig(estimator="pathwise", w=(1.0, 0.0), sample_steps=10, **kw)
+        task = make_task(problem, cfg)
+        with torch.no_grad():
+            task.policy.net[-1].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        loss, _ = pathwise_loss(task, cfg, list(range(16)))
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in task.policy.parameters() if p.requires_grad])
+
+    full = grads()
+    assert torch.allclose(grads(grad_checkpointing=True), full, atol=1e-6)
+    assert torch.allclose(grads(truncate_steps=10), full, atol=1e-6)
+    last = grads(truncate_steps=1)
+    assert last.abs().max() > 0 and not torch.allclose(last, full, atol=1e-4)

@@ -7,22 +7,18 @@ the shipped weights under ``diffusion_blend/weights/digits`` are what the recipe
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from diffusion_blend.errors import UsageError
-from diffusion_blend.io import atomic_write, write_json
+from diffusion_blend.io import load_weights as load_weight_file
 from diffusion_blend.sampling import Schedule
 
 log = logging.getLogger(__name__)
@@ -208,40 +204,13 @@ def train_classifier(cfg: ClassifierConfig, progress: bool = False) -> tuple[Cla
 # ---------------------------------------------------------------------------- weight files
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def save_weights(path: Path, state: dict[str, torch.Tensor], meta: dict) -> dict:
-    """``NAME.safetensors`` plus ``NAME.json`` (meta and the weights' sha256), both atomic."""
-    path = Path(path)
-    state = {k: v.detach().contiguous() for k, v in state.items()}
-    atomic_write(path, lambda p: save_file(state, p))
-    meta = meta | {"sha256": sha256_file(path)}
-    write_json(path.with_suffix(".json"), meta)
-    return meta
-
-
 RECIPES = {"base": "dblend digits train-base", "classifier": "dblend digits train-base",
            "judge": "dblend digits train-base", "expert": "dblend digits train-experts"}
 
 
 def load_weights(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load and verify a weight file and its JSON; a clear error names the file and recipe."""
-    path, meta_path = Path(path), Path(path).with_suffix(".json")
-    recipe = RECIPES.get(kind, "the digits recipes")
-    if not path.is_file() or not meta_path.is_file():
-        raise UsageError(f"weight file {path} (or its .json) is missing; create it with "
-                         f"`{recipe}`")
-    meta = json.loads(meta_path.read_text())
-    if sha256_file(path) != meta.get("sha256"):
-        raise UsageError(f"weight file {path} is corrupt (sha256 differs from {meta_path.name});"
-                         f" recreate it with `{recipe}`")
-    try:
-        return load_file(path), meta
-    except SafetensorError as e:
-        raise UsageError(f"weight file {path} could not be read ({e}); recreate it with "
-                         f"`{recipe}`") from None
+    """Load and verify a digits weight file; errors name the file and its recipe."""
+    return load_weight_file(path, RECIPES.get(kind, "the digits recipes"))
 
 
 def load_base(weights_dir: Path | None = None) -> tuple[UNetDenoiser, dict]:
@@ -258,6 +227,3 @@ def load_classifier(name: str = "classifier", weights_dir: Path | None = None) -
     model.load_state_dict(state)
     return model.eval().requires_grad_(False)
 
-
-def base_config_dict(cfg: BaseConfig) -> dict:
-    return asdict(cfg)

@@ -4,13 +4,14 @@ and the base recipe (``dblend digits train-base``)."""
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from diffusion_blend.blend import Denoiser, Guided
 from diffusion_blend.domains import digits
-from diffusion_blend.io import prepare_out_dir, write_json
+from diffusion_blend.io import prepare_out_dir, save_weights, write_json
 from diffusion_blend.sampling import sample
 
 DEFAULT_STEPS = 10
@@ -73,13 +74,13 @@ def run_train_base(out: str | Path, cfg: digits.BaseConfig | None = None,
             ("judge", digits.ClassifierConfig(seed=cfg.seed + 1, width=48,
                                               epochs=classifier_epochs))):
         model, stats = digits.train_classifier(ccfg)
-        metas[name] = digits.save_weights(out / f"{name}.safetensors", model.state_dict(), {
+        metas[name] = save_weights(out / f"{name}.safetensors", model.state_dict(), {
             "recipe": "dblend digits train-base", "config": vars(ccfg), "data": split, **stats})
     unet, stats = digits.train_base(cfg, progress)
     judge = digits.load_classifier("judge", out)
     q = quality(digits.UNetDenoiser(unet), judge, per_class=quality_per_class, seed=10_000)
-    meta = digits.save_weights(out / "base.safetensors", unet.state_dict(), {
-        "recipe": "dblend digits train-base", "config": digits.base_config_dict(cfg),
+    meta = save_weights(out / "base.safetensors", unet.state_dict(), {
+        "recipe": "dblend digits train-base", "config": asdict(cfg),
         "unet": {k: list(v) if isinstance(v, tuple) else v
                  for k, v in digits.UNET_CONFIG.items()},
         "data": split, **stats, "quality": q})

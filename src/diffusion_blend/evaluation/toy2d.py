@@ -65,10 +65,10 @@ class Toy2dSampleConfig:
 
 def build_denoiser(
     problem: Toy2dProblem, method: str, pref: Preference, seeds: list[int],
-    experts: list[Denoiser] | None = None, base: Denoiser | None = None,
+    experts: list[Denoiser] | None = None,
 ) -> Denoiser:
     """The denoiser a method samples with (exact experts unless learned ones are given)."""
-    base = base or problem.base_denoiser()
+    base = problem.base_denoiser()
     if method == "pretrained":
         return base
     experts = experts or [problem.expert_denoiser(i) for i in range(problem.k)]
@@ -94,6 +94,9 @@ def run_sample(
     problem = problem or load_problem(cfg.spec)
     problem, basis = _with_learned(problem, learned, cfg.method)
     pref = cfg.preference(basis.shape[0])
+    if cfg.method == "finetuned" and (pref.w != (1.0,) or pref.lam != 1.0):
+        raise UsageError(f"--method finetuned samples the model as trained; w={list(pref.w)}, "
+                         f"lam={pref.lam} are not allowed (use --method blend for DB-KLA)")
     c = (pref.lam * torch.tensor(pref.w, dtype=torch.float64) @ basis).tolist()
     target, log_z = problem.tilted(c)
     seeds = seed_range(cfg.seed, cfg.n)

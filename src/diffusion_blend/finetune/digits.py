@@ -8,7 +8,6 @@ in training and in sampling.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from diffusion_blend.evaluation.digits import sample_digits
 from diffusion_blend.finetune.config import FinetuneConfig, preset
 from diffusion_blend.finetune.objective import Task, evaluate, iteration_seeds
 from diffusion_blend.finetune.run import train
+from diffusion_blend.io import save_weights, write_json
 from diffusion_blend.rewards import WeightedSum, get_reward
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
 
@@ -97,7 +97,7 @@ def train_expert(weights_dir: Path, out: Path, spec: Expert, cfg: FinetuneConfig
     seconds = time.perf_counter() - start
     ev = evaluate(task, iteration_seeds(cfg.seed, 0, cfg.eval_trajectories, 1 << 39),
                   cfg.sample_steps, cfg.alpha)
-    return digits.save_weights(out / f"{spec.name}.safetensors", adapter_state(model, spec.name), {
+    return save_weights(out / f"{spec.name}.safetensors", adapter_state(model, spec.name), {
         "recipe": "dblend digits train-experts", **meta, "config": cfg.to_dict(),
         "reward_stats": {n: stats[n] for n in spec.rewards}, "train_seconds": seconds,
         "lora": {"rank": cfg.lora_rank, "targets": list(LORA_TARGETS)}, "eval": ev})
@@ -126,11 +126,11 @@ def expert_specs(alpha: float, pair=("ink", "symmetry"), grid=(0.25, 0.5, 0.75),
 def run_train_experts(weights_dir: Path, out: Path, alpha: float = 0.5, iterations=None,
                       progress: bool = True, only: list[str] | None = None) -> dict:
     """The experts recipe (``dblend digits train-experts``); writes adapters + ``rewards.json``."""
-    out.mkdir(parents=True, exist_ok=True)
-    base, _ = digits.load_base(weights_dir)
+    base, _ = digits.load_base(weights_dir)          # missing weights: error, nothing written
     classifier = digits.load_classifier("classifier", weights_dir)
+    out.mkdir(parents=True, exist_ok=True)
     stats = reward_stats(base, DIGIT_REWARDS, classifier)
-    (out / "rewards.json").write_text(json.dumps(stats, indent=2))
+    write_json(out / "rewards.json", stats)
     done = {}
     for spec, name, extra in expert_specs(alpha):
         if only and spec.name not in only:

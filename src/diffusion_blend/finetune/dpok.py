@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from diffusion_blend.finetune.config import FinetuneConfig
-from diffusion_blend.finetune.objective import Task, predictions, timestep_tensor
+from diffusion_blend.finetune.objective import Task, predictions, scaled_reward, timestep_tensor
 from diffusion_blend.sampling import ddpm_step, gaussian_kl, gaussian_logprob, step_from_eps
 from diffusion_blend.seeding import sample_normals
 
@@ -65,9 +65,7 @@ def rollout(task: Task, cfg: FinetuneConfig, seeds: list[int]) -> Rollout:
                        ("stochastic", out.var > 0)):
             rec[key].append(v)
         x = out.x
-    r = cfg.reward_scale * task.reward(x, **cond)
-    if cfg.reward_clip is not None:
-        r = r.clamp(-cfg.reward_clip, cfg.reward_clip)
+    r = scaled_reward(task, cfg, x, cond)
     ts = [p[0] for p in pairs]
     return Rollout(
         **{k: torch.stack(v) if k != "stochastic" else torch.tensor(v) for k, v in rec.items()},

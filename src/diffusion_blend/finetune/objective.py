@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diffusion_blend.blend import Denoiser
 from diffusion_blend.sampling import Schedule, ddpm_mean_eps_coef, step_from_eps
@@ -84,9 +85,7 @@ def evaluate(task: Task, seeds: Sequence[int], steps: int | None, alpha: float,
     """Per-trajectory reward, path KL and objective on fresh trajectories (means, stderrs)."""
     rewards, kls, bases = [], [], []
     for i in range(0, len(seeds), chunk):
-        part = list(seeds[i:i + chunk])
-        x0, kl = rollout_kl(task, part, steps)
-        cond = task.conditioning(part)
+        x0, kl, cond = run_chain(task, list(seeds[i:i + chunk]), steps)
         rewards.append(task.reward(x0, **cond).double())
         kls.append(kl.double())
         if basis is not None:
@@ -103,15 +102,35 @@ def evaluate(task: Task, seeds: Sequence[int], steps: int | None, alpha: float,
     return out
 
 
-def rollout_kl(task: Task, seeds: Sequence[int], steps: int | None):
-    """Sample with the policy; final states and each trajectory's summed KL to the reference."""
+def run_chain(task: Task, seeds: Sequence[int], steps: int | None, tracked_from: int = 0,
+              grad_checkpointing: bool = False):
+    """Sample with the policy: final states, each trajectory's summed KL to the reference, and
+    the conditioning. Steps before ``tracked_from`` run without gradient (truncated backprop);
+    with ``grad_checkpointing`` each tracked step is recomputed in the backward pass."""
     pairs = task.schedule.pairs(steps)
     noise = sample_normals(seeds, (len(pairs) + 1, *task.shape)).to(task.device)
     cond = task.conditioning(seeds)
     x, total = noise[:, 0], torch.zeros(len(seeds), device=task.device)
+    grad = torch.is_grad_enabled()
     for k, (t, a_t, a_s) in enumerate(pairs):
-        tt = timestep_tensor(t, len(seeds), task.device)
-        frozen = task.freeze_last and k == len(pairs) - 1
-        out, kl = kl_step(*predictions(task, x, tt, cond, frozen), x, a_t, a_s, noise[:, k + 1])
-        x, total = out.x, total + kl
-    return x, total
+        tracked = grad and k >= tracked_from
+        args = (x, noise[:, k + 1], t, a_t, a_s, cond, task.freeze_last and k == len(pairs) - 1)
+        with torch.set_grad_enabled(tracked):
+            if tracked and grad_checkpointing:
+                x, kl = checkpoint(_chain_step, task, *args, use_reentrant=False)
+            else:
+                x, kl = _chain_step(task, *args)
+        total = total + kl
+    return x, total, cond
+
+
+def _chain_step(task: Task, x, noise, t, a_t, a_s, cond, frozen):
+    tt = timestep_tensor(t, x.shape[0], x.device)
+    out, kl = kl_step(*predictions(task, x, tt, cond, frozen), x, a_t, a_s, noise)
+    return out.x, kl
+
+
+def scaled_reward(task: Task, cfg, x0: torch.Tensor, cond: dict) -> torch.Tensor:
+    """``reward_scale * r(x0)``, clipped to ``[-reward_clip, reward_clip]`` when set."""
+    r = cfg.reward_scale * task.reward(x0, **cond)
+    return r if cfg.reward_clip is None else r.clamp(-cfg.reward_clip, cfg.reward_clip)

@@ -9,7 +9,6 @@ resumed run reaches bit-identical weights to an uninterrupted one. A run directo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,14 +28,10 @@ from diffusion_blend.finetune.config import FinetuneConfig
 from diffusion_blend.finetune.distributed import Dist
 from diffusion_blend.finetune.objective import Task, iteration_seeds
 from diffusion_blend.finetune.pathwise import pathwise_loss
-from diffusion_blend.io import atomic_write, write_json
+from diffusion_blend.io import atomic_write, save_weights, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 RESUME_MAY_DIFFER = {"iterations", "checkpoint_every", "eval_trajectories"}
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -100,7 +95,7 @@ def save_checkpoint(out: Path, iteration: int, modules: dict, optimizers: dict,
     for name, o in optimizers.items():
         tensors, opt_meta[name] = _optimizer_tensors(o)
         save_file(tensors, tmp / f"{name}.safetensors")
-    files = {p.name: sha256(p) for p in tmp.iterdir()}
+    files = {p.name: sha256_file(p) for p in tmp.iterdir()}
     write_json(tmp / "state.json", {"iteration": iteration, "config": config, "files": files,
                                     "optimizers": opt_meta})
     shutil.rmtree(final, ignore_errors=True)
@@ -124,7 +119,7 @@ def load_checkpoint(out: Path, modules: dict, optimizers: dict) -> dict:
         raise UsageError(f"checkpoint in {out / 'checkpoints'} is corrupt ({e}); "
                          "not loaded") from None
     for fname, digest in state["files"].items():
-        if not (ck / fname).is_file() or sha256(ck / fname) != digest:
+        if not (ck / fname).is_file() or sha256_file(ck / fname) != digest:
             raise UsageError(f"checkpoint file {ck / fname} is corrupt (sha256 mismatch or "
                              "missing); not loaded")
     try:
@@ -244,13 +239,13 @@ def _iteration(task, cfg, it, opt, params, value, value_opt, dist: Dist) -> dict
         loss, stats = pathwise_loss(task, cfg, seeds)
         opt.zero_grad()
         loss.backward()
-        dist.sync_grads(params)
+        task.sync_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         return stats
     gen = torch.Generator().manual_seed((cfg.seed << 32) + it)
     ro = dpok.rollout(task, cfg, seeds)
-    A = dpok.advantages(ro, dpok.returns(ro, cfg), cfg, value, value_opt, gen, dist.sync_grads)
+    A = dpok.advantages(ro, dpok.returns(ro, cfg), cfg, value, value_opt, gen, task.sync_grads)
     return dpok.dpok_stats(ro, cfg) | dpok.dpok_update(task, cfg, ro, A, opt, gen, params)
 
 
@@ -269,9 +264,6 @@ def _truncate_metrics(path: Path, upto: int) -> None:
     atomic_write(path, lambda p: p.write_text("".join(r + "\n" for r in kept)))
 
 
-def save_expert(out: Path, policy: torch.nn.Module, meta: dict) -> Path:
+def save_expert(out: Path, policy: torch.nn.Module, meta: dict) -> dict:
     """The trained weights as ``expert.safetensors`` and their description as ``expert.json``."""
-    path = out / "expert.safetensors"
-    atomic_write(path, lambda p: save_file(trainable_state(policy), p))
-    write_json(out / "expert.json", meta | {"weights_sha256": sha256(path)})
-    return path
+    return save_weights(out / "expert.safetensors", trainable_state(policy), meta)

@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from diffusion_blend.domains.toy2d import MixtureDenoiser, Toy2dProblem
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.config import FinetuneConfig
 from diffusion_blend.finetune.objective import Task, evaluate, iteration_seeds
-from diffusion_blend.finetune.run import load_trainable, save_expert, sha256, train
-from diffusion_blend.io import write_json
+from diffusion_blend.finetune.run import load_trainable, save_expert, train
+from diffusion_blend.io import load_weights, write_json
 
 EVAL_OFFSET = 1 << 39  # evaluation trajectories never reuse training seeds
 
@@ -167,19 +166,13 @@ class LearnedExpert:
 def load_expert(path: str | Path, problem: Toy2dProblem) -> LearnedExpert:
     """Load ``expert.safetensors`` from a run directory; refuse one trained on another base."""
     path = Path(path)
-    meta_path, weights = path / "expert.json", path / "expert.safetensors"
-    if not meta_path.is_file() or not weights.is_file():
-        raise UsageError(f"expert {path}: no expert.json / expert.safetensors; train one with "
-                         "`dblend finetune toy2d --out DIR`")
-    meta = json.loads(meta_path.read_text())
+    state, meta = load_weights(path / "expert.safetensors", "dblend finetune toy2d --out DIR")
     if meta.get("base_sha256") != base_hash(problem):
         raise UsageError(f"expert {path} was trained on another base (base_sha256 "
                          f"{str(meta.get('base_sha256'))[:12]}... != {base_hash(problem)[:12]}...)")
-    if sha256(weights) != meta.get("weights_sha256"):
-        raise UsageError(f"expert {weights} is corrupt (sha256 mismatch); retrain it")
     cfg = FinetuneConfig.from_dict(meta["config"])
     model = CorrectionMLP(problem.base_denoiser(), problem.mixture.dim, problem.schedule.T,
                           cfg.hidden)
-    load_trainable(model, load_file(weights))
+    load_trainable(model, state)
     model.eval().requires_grad_(False)
     return LearnedExpert(model, list(meta["w"]), float(meta["alpha"]), path)
