@@ -5,7 +5,8 @@ import torch
 
 from diffusion_blend.blend import Preference
 from diffusion_blend.domains import digits
-from diffusion_blend.evaluation.digits_demo import DigitsBench
+from diffusion_blend.evaluation.digits_demo import EXPERTS, DigitsBench, cross_rewards
+from diffusion_blend.rewards.digits import DIGIT_REWARDS
 
 CLASSES = torch.arange(10).repeat(12)
 SEEDS = list(range(500, 500 + len(CLASSES)))
@@ -14,13 +15,13 @@ AGREEMENT = 0.9  # the judge classifier must recognise the prompted digit this o
 
 @pytest.fixture(scope="module")
 def bench():
-    return DigitsBench(["ink", "symmetry", "crisp"])
+    return DigitsBench(list(EXPERTS))
 
 
 @pytest.fixture(scope="module")
 def samples(bench):
     out = {"base": bench.render(bench.base, CLASSES, SEEDS)[0]}
-    for name in ("ink", "symmetry", "crisp"):
+    for name in EXPERTS:
         out[name] = bench.render(bench.expert(name), CLASSES, SEEDS)[0]
     out["mpa"] = bench.render(bench.blend(["ink", "symmetry"], Preference((0.5, 0.5))), CLASSES,
                               SEEDS)[0]
@@ -38,7 +39,7 @@ def test_base_generates_the_prompted_digit(samples):
     assert agree >= AGREEMENT
 
 
-@pytest.mark.parametrize("name", ["ink", "symmetry", "crisp"])
+@pytest.mark.parametrize("name", EXPERTS)
 def test_each_expert_raises_its_own_reward(bench, samples, name):
     r = _reward(bench, name)
     diff = (r(samples[name], y=CLASSES) - r(samples["base"], y=CLASSES)).double()
@@ -67,3 +68,18 @@ def test_lam_zero_is_the_base_and_unit_w_is_the_expert_exactly(bench, samples):
     # the same seeds in a larger batch: the same noise; the network's float arithmetic may
     # differ in the last bits with the batch size (BLAS blocking), nothing more
     assert torch.allclose(e2, samples["symmetry"][:20], atol=1e-4)
+
+
+def test_two_reward_pairs_conflict(bench, samples):
+    """The experts' cross-rewards: at least two (expert, other reward) pairs where the expert
+    lowers the other reward below the base's, beyond a paired 95% CI."""
+    vals = {"pretrained": bench.values(samples["base"], CLASSES)}
+    vals |= {f"expert:{n}": bench.values(samples[n], CLASSES) for n in EXPERTS}
+    cross = cross_rewards(vals)
+    pairs = {(c["expert"], c["lowers"]) for c in cross["conflicts"]}
+    assert len(pairs) >= 2, cross["delta"]
+    assert ("ink", "smooth") in pairs and ("smooth", "ink") in pairs  # a two-way trade-off
+    for c in cross["conflicts"]:  # each is a real drop, recomputed here
+        col = DIGIT_REWARDS.index(c["lowers"])
+        diff = (vals[f"expert:{c['expert']}"] - vals["pretrained"])[:, col]
+        assert diff.double().mean() + 1.96 * diff.double().std() / len(diff) ** 0.5 < 0

@@ -52,27 +52,44 @@ def adapter_names(model: nn.Module) -> list[str]:
     return names
 
 
-@contextmanager
+def _requires_grad(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _restore_requires_grad(model: nn.Module, grads: dict[str, bool]) -> None:
+    """``set_adapter`` flips ``requires_grad``; training code relies on it staying as set."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(grads[n])
+
+
 def use_adapter(model: nn.Module, name: str | None):
     """Run ``model`` with only adapter ``name`` active (``None``: the base model alone)."""
+    return soup_adapters(model, [] if name is None else [(name, 1.0)])
+
+
+@contextmanager
+def soup_adapters(model: nn.Module, terms: Sequence[tuple[str, float]]):
+    """Run ``model`` with the adapters of ``terms`` active at once, adapter ``name`` scaled by
+    ``c``: every LoRA layer computes ``W0 x + sum c * scaling * B A x`` (PEFT's multi-adapter
+    forward). No terms: the base model alone."""
     layers = lora_layers(model)
-    saved = [(layer, layer.active_adapters, layer.disable_adapters) for layer in layers]
+    saved = [(layer, layer.active_adapters, layer.disable_adapters, dict(layer.scaling))
+             for layer in layers]
+    grads = _requires_grad(model)
     try:
         for layer in layers:
-            if name is None:
-                layer.enable_adapters(False)
-            else:
-                layer.enable_adapters(True)
-                layer.set_adapter(name)
+            layer.enable_adapters(bool(terms))
+            if terms:
+                layer.set_adapter([n for n, _ in terms])
+                for n, c in terms:
+                    layer.scaling[n] = layer.scaling[n] * c
         yield model
     finally:
-        for layer, active, disabled in saved:
+        for layer, active, disabled, scaling in saved:
+            layer.scaling.update(scaling)
             layer.enable_adapters(not disabled)
             layer.set_adapter(active)
-
-
-def _requires_grad_snapshot(model: nn.Module) -> dict:
-    return {n: p.requires_grad for n, p in model.named_parameters()}
+        _restore_requires_grad(model, grads)
 
 
 class AdapterView(nn.Module):
@@ -83,12 +100,8 @@ class AdapterView(nn.Module):
         self.model, self.name = model, name
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        grads = _requires_grad_snapshot(self.model)
         with use_adapter(self.model, self.name):
-            out = self.model(x, t, **cond)
-        for n, p in self.model.named_parameters():   # set_adapter may flip requires_grad
-            p.requires_grad_(grads[n])
-        return out
+            return self.model(x, t, **cond)
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

@@ -258,6 +258,65 @@ def cmd_sample_digits(a: argparse.Namespace) -> None:
     _emit(summary, a.json)
 
 
+# ---------------------------------------------------------------------------- sweeps
+
+
+def sweep_config(a: argparse.Namespace):
+    """The ``SweepConfig`` of ``dblend sweep``'s flags."""
+    from diffusion_blend.evaluation.methods import MethodConfig
+    from diffusion_blend.evaluation.sweep import SweepConfig
+
+    lams = parse_floats(a.lam_grid, "--lam-grid")
+    return SweepConfig(
+        domain=a.domain, spec=a.spec, pair=tuple(a.pair.split(",")) if a.pair else None,
+        methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()), w_grid=a.w_grid,
+        lam_grid=lams, seeds=a.seeds, seed=a.seed, steps=a.steps, match=not a.no_match,
+        train_morl=a.train_morl, baselines=MethodConfig(
+            code_n=a.code_n, code_block=a.code_block,
+            rgg_gamma=parse_finite(a.rgg_gamma, "--rgg-gamma"), rgg_normalise=a.rgg_normalise))
+
+
+def cmd_sweep(a: argparse.Namespace) -> None:
+    from diffusion_blend.evaluation.report import write_report
+    from diffusion_blend.evaluation.sweep import run_sweep
+
+    _threads(a.threads)
+    out = run_sweep(sweep_config(a), a.out, a.overwrite, progress=not a.json)
+    summary = write_report(out, _reference(a))
+    _emit(summary | {"out": str(out)}, a.json)
+
+
+def _reference(a: argparse.Namespace):
+    return parse_floats(a.reference_point, "--reference-point") if a.reference_point else None
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from diffusion_blend.evaluation.report import write_report
+
+    summary = write_report(a.dir, _reference(a))
+    _emit(summary | {"report": str(Path(a.dir) / "report.md")}, a.json)
+
+
+def _sweep_commands(sub) -> None:
+    from diffusion_blend.evaluation.sweep import DEFAULT_METHODS
+
+    _command(sub, "sweep", cmd_sweep, "every method over a w grid: results.jsonl + report",
+             A("--domain", default="toy2d", help="toy2d | digits"),
+             A("--spec", default="bimodal", help="toy2d problem"),
+             A("--pair", default=None, help="digits rewards, e.g. ink,smooth"),
+             A("--methods", default=",".join(DEFAULT_METHODS)),
+             A("--w-grid", default="0:1:0.1", help="start:stop:step or a comma list"),
+             A("--lam-grid", default="0.5,1.5,2", help="DB-KLA and KL matching"),
+             A("--seeds", type=int, default=64), A("--seed", type=int, default=100_000_000),
+             A("--steps", type=int, default=None), A("--no-match", action="store_true"),
+             A("--train-morl", action="store_true", help="fine-tune missing MORL adapters"),
+             A("--code-n", type=int, default=4), A("--code-block", type=int, default=None),
+             A("--rgg-gamma", default="1.0"), A("--rgg-normalise", action="store_true"),
+             A("--reference-point", default=None), OUT, OVERWRITE)
+    _command(sub, "report", cmd_report, "figures and report.md of a sweep directory",
+             A("dir"), A("--reference-point", default=None))
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -310,7 +369,7 @@ def _digits_commands(sub) -> None:
     smp = sub.add_parser("sample", help="one-off sampling").add_subparsers(
         dest="sample_domain", required=True)
     _command(smp, "digits", cmd_sample_digits, "DB-MPA / DB-KLA with the shipped experts",
-             A("--class", dest="cls", default="0"), A("--experts", default="ink,symmetry"),
+             A("--class", dest="cls", default="0"), A("--experts", default="ink,smooth"),
              A("--w", default=None), A("--lam", default="1.0"), A("--n", type=int, default=16),
              A("--seed", type=int, default=0), A("--out", default=None),
              A("--allow-extrapolation", action="store_true"))
@@ -342,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     _toy2d_commands(sub)
     _digits_commands(sub)
     _bench_and_train_commands(sub)
+    _sweep_commands(sub)
     _command(sub, "demo", cmd_demo, "the main demo: digits DB-MPA / DB-KLA grids and report",
              A("--out", default="dblend-demo"), OVERWRITE, json=False)
     return p

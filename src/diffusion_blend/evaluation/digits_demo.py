@@ -19,14 +19,18 @@ from diffusion_blend.domains import digits
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.digits import DEFAULT_STEPS, sample_digits
 from diffusion_blend.evaluation.metrics import mean_and_stderr
-from diffusion_blend.finetune.digits import load_experts, normalised_rewards
+from diffusion_blend.finetune.digits import (
+    MORL_GRID,
+    PAIR,
+    load_experts,
+    morl_name,
+    normalised_rewards,
+)
 from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_text
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
 
-PAIR = ("ink", "symmetry")
-EXPERTS = ("ink", "symmetry", "crisp")
-MORL = {0.25: "morl_ink_symmetry_w025", 0.5: "morl_ink_symmetry_w050",
-        0.75: "morl_ink_symmetry_w075"}
+EXPERTS = ("ink", "symmetry", "crisp", "smooth")
+MORL = {w: morl_name(w) for w in MORL_GRID}
 KLA = {0.5: "kla_ink_lam0p5", 2.0: "kla_ink_lam2"}
 
 
@@ -50,10 +54,13 @@ class DigitsBench:
     def render(self, denoiser, classes: torch.Tensor, seeds: list[int]):
         return sample_digits(denoiser, classes, seeds, DEFAULT_STEPS)
 
+    def values(self, x0: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Every normalised reward of every image, ``[n, len(DIGIT_REWARDS)]``."""
+        return torch.stack([r(x0, y=classes) for r in self.rewards], 1)
+
     def score(self, x0: torch.Tensor, classes: torch.Tensor) -> dict:
         """Mean and 95% CI half-width of every normalised reward."""
-        vals = torch.stack([r(x0, y=classes) for r in self.rewards], 1)
-        means, errs = mean_and_stderr(vals)
+        means, errs = mean_and_stderr(self.values(x0, classes))
         return {r.name: {"mean": m, "ci95": 1.96 * e}
                 for r, m, e in zip(self.rewards, means, errs, strict=True)}
 
@@ -77,7 +84,7 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: list
     for i in range(nr):
         for j in range(nc):
             ax = axes[i][j]
-            ax.imshow(((rows[i][j][0] + 1) / 2).clamp(0, 1), cmap="gray_r", vmin=0, vmax=1)
+            ax.imshow(((rows[i][j][0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -113,9 +120,10 @@ def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n_per_cla
         images[label] = x0
     _grids(out, images, grid_w, lams)
     save_figure(pareto_figure(rows), out / "pareto.png")
-    cross = cross_rewards(rows)
+    cross = cross_rewards({k: bench.values(images[k], classes)
+                           for k in ("pretrained", *(f"expert:{e}" for e in EXPERTS))})
     seconds = time.perf_counter() - start
-    write_json(out / "results.json", {"rows": rows, "seconds": seconds,
+    write_json(out / "results.json", {"rows": rows, "cross_rewards": cross, "seconds": seconds,
                                       "n_per_class": n_per_class, "steps": DEFAULT_STEPS})
     write_text(out / "report.md", demo_report(rows, cross, seconds, n_per_class))
     return out
@@ -157,36 +165,50 @@ def pareto_figure(rows: dict):
     return fig
 
 
-def cross_rewards(rows: dict) -> dict:
-    """Each expert scored on every reward, against the pretrained model."""
-    return {k: rows[k] for k in ("pretrained", *(f"expert:{e}" for e in EXPERTS))}
+def cross_rewards(values: dict[str, torch.Tensor]) -> dict:
+    """Each expert's change of every reward from the pretrained model, paired on the same
+    seeds and classes (mean and 95% CI), and the conflicts: changes below zero beyond the CI."""
+    base = values["pretrained"]
+    out: dict = {"delta": {}, "conflicts": []}
+    for key, vals in values.items():
+        if key == "pretrained":
+            continue
+        means, errs = mean_and_stderr(vals - base)
+        out["delta"][key] = {r: {"mean": m, "ci95": 1.96 * e}
+                             for r, m, e in zip(DIGIT_REWARDS, means, errs, strict=True)}
+        expert = key.split(":", 1)[1]
+        out["conflicts"] += [{"expert": expert, "lowers": r, **out["delta"][key][r]}
+                             for r, m, e in zip(DIGIT_REWARDS, means, errs, strict=True)
+                             if r != expert and m + 1.96 * e < 0]
+    return out
 
 
 def _fmt(cell: dict) -> str:
     return f"{cell['mean']:+.2f} ± {cell['ci95']:.2f}"
 
 
+def _table(first: str, rows: dict, extra=None) -> list[str]:
+    head = f"| {first} | " + " | ".join(DIGIT_REWARDS) + (" | NFE |" if extra else " |")
+    sep = "|---|" + "---|" * (len(DIGIT_REWARDS) + bool(extra))
+    return [head, sep] + [f"| {k} | " + " | ".join(_fmt(v[r]) for r in DIGIT_REWARDS)
+                          + (f" | {v[extra]:g} |" if extra else " |") for k, v in rows.items()]
+
+
 def demo_report(rows: dict, cross: dict, seconds: float, n_per_class: int) -> str:
-    head = "| model | " + " | ".join(DIGIT_REWARDS) + " | NFE |"
-    sep = "|---|" + "---|" * (len(DIGIT_REWARDS) + 1)
-    table = [head, sep] + [
-        f"| {k} | " + " | ".join(_fmt(v[r]) for r in DIGIT_REWARDS)
-        + f" | {v['nfe_per_sample']:g} |" for k, v in rows.items()]
-    conflicts = [
-        f"- expert `{e}` lowers `{r}` to {cross['expert:' + e][r]['mean']:+.2f} from the "
-        f"pretrained {cross['pretrained'][r]['mean']:+.2f}"
-        for e in EXPERTS for r in DIGIT_REWARDS
-        if r != e and cross["expert:" + e][r]["mean"] + cross["expert:" + e][r]["ci95"]
-        < cross["pretrained"][r]["mean"] - cross["pretrained"][r]["ci95"]]
+    conflicts = [f"- expert `{c['expert']}` lowers `{c['lowers']}` by {-c['mean']:.3f} "
+                 f"(95% CI ± {c['ci95']:.3f})" for c in cross["conflicts"]]
     return (
         "# diffusion-blend digits demo\n\n"
         f"Shipped base and LoRA experts; DDPM with {DEFAULT_STEPS} steps; {n_per_class} seeds "
         "per digit (the same seeds for every row). Rewards are normalised by the pretrained "
         "model (0 = its mean, 1 = its standard deviation); ± is a 95% confidence interval.\n\n"
         "![DB-MPA](grid_mpa.png)\n\n![DB-KLA](grid_kla.png)\n\n![Pareto](pareto.png)\n\n"
-        + "\n".join(table) + "\n\n## Conflicts (expert lowers another reward below the "
-        "pretrained model, beyond both CIs)\n\n" + ("\n".join(conflicts) or "none") +
-        f"\n\nWall time: {seconds:.1f} s.\n")
+        + "\n".join(_table("model", rows, "nfe_per_sample"))
+        + "\n\n## Cross-rewards: each expert's change from the pretrained model\n\n"
+        "Paired on the same seeds and classes, so the interval is that of the change itself.\n\n"
+        + "\n".join(_table("expert", cross["delta"]))
+        + "\n\n## Conflicts (an expert lowers another reward, beyond the 95% CI)\n\n"
+        + ("\n".join(conflicts) or "none") + f"\n\nWall time: {seconds:.1f} s.\n")
 
 
 def run_sample(cls: int, w, lam: float, n: int, seed: int, experts: list[str],

@@ -103,17 +103,27 @@ def train_expert(weights_dir: Path, out: Path, spec: Expert, cfg: FinetuneConfig
         "lora": {"rank": cfg.lora_rank, "targets": list(LORA_TARGETS)}, "eval": ev})
 
 
-FINETUNED = {"ink": "digits-pathwise", "symmetry": "digits-pathwise", "crisp": "digits-dpok"}
+FINETUNED = {"ink": "digits-pathwise", "symmetry": "digits-pathwise", "crisp": "digits-dpok",
+             "smooth": "digits-pathwise"}
 
 
-def expert_specs(alpha: float, pair=("ink", "symmetry"), grid=(0.25, 0.5, 0.75),
+PAIR = ("ink", "smooth")  # the pair with a two-way conflict: MORL and the demo use it
+MORL_GRID = (0.25, 0.5, 0.75)
+
+
+def morl_name(w1: float, pair=PAIR) -> str:
+    """The MORL adapter of ``w = (w1, 1 - w1)`` on ``pair`` (adapter names take no ".")."""
+    return f"morl_{pair[0]}_{pair[1]}_w{round(w1 * 100):03d}"
+
+
+def expert_specs(alpha: float, pair=PAIR, grid=MORL_GRID,
                  kla=(0.5, 2.0)) -> list[tuple[Expert, str, dict]]:
     """Every adapter of the recipe: one expert per fine-tuned reward (``class`` is kept as the
     "still a digit" check: its margin did not improve under fine-tuning here), MORL on a w
     grid of ``pair``, and lambda-specific fine-tunes (alpha / lambda) of ``pair[0]``."""
     out = [(Expert(r, [r], [1.0], alpha, p.split("-")[1]), p, {}) for r, p in FINETUNED.items()]
     for w1 in grid:
-        name = f"morl_{pair[0]}_{pair[1]}_w{round(w1 * 100):03d}"  # adapter names take no "."
+        name = morl_name(w1, pair)
         out.append((Expert(name, list(pair), [w1, 1 - w1], alpha, "pathwise"), "digits-pathwise",
                     {}))
     for lam in kla:
@@ -152,18 +162,21 @@ def load_experts(names: list[str], weights_dir: Path | None = None,
     weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
     experts_dir = Path(experts_dir or weights_dir / "experts")
     base, base_meta = digits.load_base(weights_dir)
-    views, metas = [], []
-    for name in names:
-        state, meta = digits.load_weights(experts_dir / f"{name}.safetensors", "expert")
-        if meta.get("base_sha256") != base_meta["sha256"]:
-            raise UsageError(f"expert {name!r} was trained on another base (base_sha256 "
-                             f"{str(meta.get('base_sha256'))[:12]}... != "
-                             f"{base_meta['sha256'][:12]}...); retrain it with "
-                             "`dblend digits train-experts`")
-        add_lora(base, name, meta["lora"]["rank"], meta["lora"]["targets"])
-        load_adapter_state(base, name, state)
-        views.append(LastStepBase(AdapterView(base, name), AdapterView(base, None)))
-        metas.append(meta)
+    loaded = [attach_expert(base, base_meta, experts_dir / f"{n}.safetensors") for n in names]
     base.requires_grad_(False)
-    return AdapterView(base, None), views, metas
+    return AdapterView(base, None), [v for v, _ in loaded], [m for _, m in loaded]
 
+
+def attach_expert(base: nn.Module, base_meta: dict, path: Path) -> tuple[nn.Module, dict]:
+    """Load the adapter file ``path`` onto ``base`` (named after the file) as a denoiser."""
+    name = Path(path).stem
+    state, meta = digits.load_weights(Path(path), "expert")
+    if meta.get("base_sha256") != base_meta["sha256"]:
+        raise UsageError(f"expert {name!r} was trained on another base (base_sha256 "
+                         f"{str(meta.get('base_sha256'))[:12]}... != "
+                         f"{base_meta['sha256'][:12]}...); retrain it with "
+                         "`dblend digits train-experts`")
+    add_lora(base, name, meta["lora"]["rank"], meta["lora"]["targets"])
+    load_adapter_state(base, name, state)
+    base.requires_grad_(False)
+    return LastStepBase(AdapterView(base, name), AdapterView(base, None)), meta

@@ -9,6 +9,8 @@ similar distance.
 - ``ink``: mean intensity, in [0, 1] (bold strokes).
 - ``crisp``: mean ``|2p - 1|``, in [0, 1] (pixels close to 0 or 1).
 - ``symmetry``: ``-mean |p - mirror(p)|`` left-right, in [-1, 0].
+- ``smooth``: ``-mean |p_i - p_j|`` over horizontally and vertically adjacent pixels, in
+  [-1, 0] (soft, blurred strokes; conflicts with ``ink`` and ``crisp``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ def symmetry(x0: torch.Tensor, **_) -> torch.Tensor:
     return -(p - p.flip(-1)).abs().flatten(1).mean(1)
 
 
+def smooth(x0: torch.Tensor, **_) -> torch.Tensor:
+    p = (x0.clamp(-1.5, 1.5) + 1.0) / 2.0
+    dy = (p[..., 1:, :] - p[..., :-1, :]).abs().flatten(1).mean(1)
+    dx = (p[..., :, 1:] - p[..., :, :-1]).abs().flatten(1).mean(1)
+    return -(dx + dy) / 2
+
+
 def class_margin(classifier):
     def fn(x0: torch.Tensor, y=None, **_) -> torch.Tensor:
         if y is None:
@@ -80,6 +89,11 @@ def make_symmetry(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
     return DigitReward("symmetry", symmetry, scale, shift)
 
 
+@register("smooth")
+def make_smooth(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
+    return DigitReward("smooth", smooth, scale, shift)
+
+
 @register("class")
 def make_class(classifier=None, scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
     if classifier is None:
@@ -89,4 +103,4 @@ def make_class(classifier=None, scale: float = 1.0, shift: float = 0.0, **_) -> 
     return DigitReward("class", class_margin(classifier), scale, shift)
 
 
-DIGIT_REWARDS = ("class", "ink", "crisp", "symmetry")
+DIGIT_REWARDS = ("class", "ink", "crisp", "symmetry", "smooth")

@@ -1,0 +1,139 @@
+"""The baselines Diffusion Blend is compared with, as small pieces over any denoiser.
+
+- rewarded soup (RS): one network whose weights interpolate the experts' (``LoraSoup`` for LoRA
+  experts, ``mixture_soup`` for the exact toy2d experts, whose parameters are the mixture's);
+- reward-gradient guidance (RGG, DPS-style): ``RewardGuided`` adds ``gamma * grad r_w(x0_hat)``
+  to the score, so ``eps' = eps - sqrt(1 - abar_t) * gamma * grad``;
+- CoDe: ``code_sample``, blockwise best-of-N over the predicted clean sample's reward.
+
+Each takes the reward as a plain function ``r_w(x0, **cond) -> [B]``: it does not know who calls it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from diffusion_blend.adapters import soup_adapters
+from diffusion_blend.blend import Denoiser, nfe_of
+from diffusion_blend.errors import UsageError
+from diffusion_blend.sampling import SampleResult, Schedule, predict_x0, step
+from diffusion_blend.seeding import sample_normals
+
+RewardFn = Callable[..., torch.Tensor]
+
+
+class LoraSoup(nn.Module):
+    """Rewarded soup of LoRA experts on one base: ``W = W0 + sum_i c_i dW_i`` in every layer.
+
+    It runs PEFT's multi-adapter forward with adapter ``i`` scaled by ``c_i`` (no weight is
+    copied); zero coefficients drop their adapter, so ``c = e_i`` is exactly expert ``i``.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], coefs: Sequence[float]):
+        super().__init__()
+        if len(names) != len(coefs):
+            raise UsageError(f"soup: {len(coefs)} coefficients for {len(names)} adapters")
+        self.model = model
+        self.terms = [(n, float(c)) for n, c in zip(names, coefs, strict=True) if c != 0.0]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        with soup_adapters(self.model, self.terms):
+            return self.model(x, t, **cond)
+
+
+def mixture_soup(base, experts: Sequence, coefs: Sequence[float]):
+    """Soup of exact toy2d experts (``GaussianMixture``): ``theta_0 + sum_i c_i (theta_i -
+    theta_0)`` over log-weights (renormalised), means and covariances."""
+    from diffusion_blend.domains.toy2d import GaussianMixture
+
+    def mix(get):
+        out = get(base)
+        return out + sum(c * (get(e) - get(base)) for c, e in zip(coefs, experts, strict=True))
+
+    covs = mix(lambda m: m.covs)
+    if bool((torch.linalg.eigvalsh(covs) <= 0).any()):
+        raise UsageError(f"soup coefficients {list(coefs)} give a covariance that is not "
+                         "positive definite; use smaller lam")
+    return GaussianMixture(torch.softmax(mix(lambda m: m.weights.log()), 0),
+                           mix(lambda m: m.means), covs)
+
+
+class RewardGuided:
+    """RGG: the denoiser's score plus ``gamma * grad_x r(x0_hat(x_t))`` (DPS: the gradient flows
+    through the network). ``normalise``: the gradient is rescaled per sample to norm
+    ``sqrt(d)``, so ``gamma`` is a step per dimension. ``gamma = 0`` is the plain denoiser."""
+
+    def __init__(self, denoiser: Denoiser, reward: RewardFn, schedule: Schedule, gamma: float,
+                 normalise: bool = False):
+        if not math.isfinite(gamma):
+            raise UsageError(f"rgg gamma={gamma} must be a finite number")
+        self.denoiser, self.reward, self.gamma, self.normalise = denoiser, reward, gamma, normalise
+        self.abar = schedule.abar
+
+    @property
+    def nfe(self) -> float:
+        return nfe_of(self.denoiser)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        if self.gamma == 0.0:
+            return self.denoiser(x, t, **cond)
+        abar = self.abar.to(x.device)[t.long().reshape(-1)].to(x.dtype)
+        abar = abar.expand(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            eps = self.denoiser(xg, t, **cond)
+            r = self.reward(predict_x0(eps, xg, abar), **cond)
+            (grad,) = torch.autograd.grad(r.sum(), xg)
+        if self.normalise:
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+            grad = grad * (x[0].numel() ** 0.5 / norm).reshape(-1, *([1] * (x.ndim - 1)))
+        return (eps - (1.0 - abar).sqrt() * self.gamma * grad).detach()
+
+
+def _repeat(v, n: int, b: int):
+    if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == b:
+        return v.repeat(n, *([1] * (v.ndim - 1)))
+    return v
+
+
+@torch.no_grad()
+def code_sample(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int],
+                shape: tuple[int, ...], steps: int | None, reward: RewardFn, n: int, block: int,
+                cond: dict | None = None) -> tuple[SampleResult, float]:
+    """CoDe: every ``block`` steps draw ``n`` continuations of each sample, score each by the
+    reward of its predicted clean sample, keep the best. Continuation 0 uses the plain sampler's
+    noise, so ``n = 1`` is plain DDPM sampling. Returns the result and reward evals per sample."""
+    if n < 1 or block < 1:
+        raise UsageError(f"code: n={n} and block={block} must both be >= 1")
+    pairs, b, cond = schedule.pairs(steps), len(seeds), cond or {}
+    streams = ["noise"] + [f"code-{j}" for j in range(1, n)]
+    noise = torch.cat([sample_normals(seeds, (len(pairs) + 1, *shape), s) for s in streams])
+    cond_n = {k: _repeat(v, n, b) for k, v in cond.items()}
+    x, nfe, evals = noise[:b, 0], 0.0, 0.0
+    for k0 in range(0, len(pairs), block):
+        xs = x.repeat(n, *([1] * len(shape)))
+        for k in range(k0, min(k0 + block, len(pairs))):
+            t, abar_t, abar_s = pairs[k]
+            xs = step(denoiser, xs, t, abar_t, abar_s, noise[:, k + 1], cond=cond_n).x
+            nfe += n * nfe_of(denoiser)
+        if n == 1:
+            x = xs
+            continue
+        x0_hat, extra = _predicted_x0(denoiser, xs, pairs, k0 + block, cond_n)
+        nfe, evals = nfe + n * extra, evals + n
+        best = reward(x0_hat, **cond_n).reshape(n, b).argmax(0)
+        x = xs.reshape(n, b, *shape)[best, torch.arange(b)]
+    return SampleResult(x0=x, nfe_per_sample=nfe), evals
+
+
+def _predicted_x0(denoiser, xs, pairs, k_next: int, cond) -> tuple[torch.Tensor, float]:
+    """``x0_hat`` of states about to take step ``k_next`` (the states themselves at the end)."""
+    if k_next >= len(pairs):
+        return xs, 0.0
+    t, abar_t, _ = pairs[k_next]
+    eps = denoiser(xs, torch.full((xs.shape[0],), t, dtype=torch.long), **cond)
+    return predict_x0(eps, xs, abar_t), nfe_of(denoiser)

@@ -1,0 +1,165 @@
+"""Every method of a sweep behind one interface: a preference, seeds and the domain's
+conditioning in; samples and a cost record out (``run_method``).
+
+A domain plugs in through ``SweepDomain``: its base and expert denoisers, its rewards, a soup of
+its experts and, where it has one, the MORL oracle for a preference.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from diffusion_blend.baselines import RewardGuided, code_sample
+from diffusion_blend.blend import BlendedDenoiser, Denoiser, Preference, StochasticBlend
+from diffusion_blend.errors import UsageError
+from diffusion_blend.sampling import Schedule, sample
+
+METHODS = ("pretrained", "db-mpa", "db-mpa-ls", "db-kla", "soup", "code", "rgg", "morl")
+
+
+class SweepDomain(Protocol):
+    """What a domain gives the sweep (``toy2d``, ``digits``, ``sd``)."""
+
+    name: str
+    reward_names: list[str]
+    schedule: Schedule
+    shape: tuple[int, ...]
+    steps: int
+    base: Denoiser
+    experts: list[Denoiser]
+
+    def cond(self, seeds: list[int]) -> dict: ...
+
+    def rewards(self, x0: torch.Tensor, **cond) -> torch.Tensor: ...   # [B, K], differentiable
+
+    def soup(self, coefs: list[float]) -> Denoiser: ...
+
+    def morl(self, pref: Preference) -> Denoiser | None: ...
+
+    def params(self, parts: list[str]) -> int: ...
+
+
+@dataclass
+class MethodConfig:
+    """Knobs of the baselines (CoDe's N and block length B, RGG's gamma)."""
+
+    code_n: int = 4
+    code_block: int | None = None     # steps per block; None: a fifth of the chain
+    rgg_gamma: float = 1.0
+    rgg_normalise: bool = False
+
+
+@dataclass
+class Output:
+    """Samples and what they cost; ``chain`` is the Markov denoiser sampled (for path KLs)."""
+
+    x0: torch.Tensor
+    nfe_per_sample: float
+    reward_evals_per_sample: float
+    seconds: float
+    peak_memory_mb: float | None      # the process's peak while sampling (GPU: allocator)
+    added_memory_mb: float | None     # that peak minus what was resident before the call
+    params: int
+    chain: Denoiser | None
+
+
+def reward_w(domain: SweepDomain, c: list[float]) -> Callable[..., torch.Tensor]:
+    """``r_c(x0) = sum_i c_i r_i(x0)`` as a plain function of samples (for CoDe and RGG)."""
+    coef = torch.tensor(c, dtype=torch.float64)
+    return lambda x0, **cond: domain.rewards(x0, **cond).double() @ coef
+
+
+def chain_for(method: str, domain: SweepDomain, pref: Preference, seeds: list[int],
+              mcfg: MethodConfig) -> tuple[Denoiser | None, list[str]]:
+    """The denoiser a Markov method samples with, and the parts it holds in memory."""
+    c_pre, c = pref.coefficients()
+    experts = [f"expert{i}" for i, v in enumerate(c) if v]
+    parts = (["base"] if pref.needs_base() else []) + experts
+    if method == "pretrained":
+        return domain.base, ["base"]
+    if method in ("db-mpa", "db-kla"):
+        return BlendedDenoiser(domain.base, domain.experts, pref), parts
+    if method == "db-mpa-ls":
+        return StochasticBlend([domain.base, *domain.experts], [max(c_pre, 0.0), *c], seeds,
+                               domain.schedule.T), parts
+    if method == "soup":
+        return domain.soup(c), ["soup", "base"] + experts
+    if method == "rgg":
+        return RewardGuided(domain.base, reward_w(domain, c), domain.schedule, mcfg.rgg_gamma,
+                            mcfg.rgg_normalise), ["base"]
+    if method == "morl":
+        return domain.morl(pref), ["morl"]
+    raise UsageError(f"method {method!r} is not known; use one of {METHODS}")
+
+
+def run_method(method: str, domain: SweepDomain, pref: Preference, seeds: list[int],
+               mcfg: MethodConfig) -> Output | None:
+    """Sample ``seeds`` with ``method`` at ``pref`` and measure it; None if it is unavailable
+    (no MORL oracle for this preference)."""
+    cond = domain.cond(seeds)
+    if method == "code":
+        block = mcfg.code_block or max(1, domain.steps // 5)
+        r = reward_w(domain, pref.coefficients()[1])
+        (res, evals), *cost = measure(lambda: code_sample(
+            domain.base, domain.schedule, seeds, domain.shape, domain.steps, r, mcfg.code_n,
+            block, cond))
+        return Output(res.x0, res.nfe_per_sample, evals, *cost, domain.params(["base"]), None)
+    chain, parts = chain_for(method, domain, pref, seeds, mcfg)
+    if chain is None:
+        return None
+    res, *cost = measure(lambda: sample(chain, domain.schedule, seeds, domain.shape,
+                                        domain.steps, cond=cond))
+    evals = domain.steps if method == "rgg" and mcfg.rgg_gamma else 0.0
+    return Output(res.x0, res.nfe_per_sample, evals, *cost, domain.params(parts), chain)
+
+
+def path_kl(domain: SweepDomain, chain: Denoiser, seeds: list[int]) -> torch.Tensor:
+    """Per-sample KL of the sampled chain's path to the pretrained chain's (sum of step KLs)."""
+    res = sample(chain, domain.schedule, seeds, domain.shape, domain.steps,
+                 cond=domain.cond(seeds), reference=domain.base)
+    return res.kls.sum(0)
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def measure(fn: Callable) -> tuple:
+    """``(fn(), seconds, peak MB, peak MB above the start)``: the CUDA allocator's peak on a
+    GPU, else the process's peak resident set size, reset before the call (Linux
+    ``clear_refs``)."""
+    before = _reset_peak()
+    start = time.perf_counter()
+    out = fn()
+    seconds, peak = time.perf_counter() - start, _memory_mb("peak")
+    added = None if peak is None or before is None else max(peak - before, 0.0)
+    return out, seconds, peak, added
+
+
+def _reset_peak() -> float | None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return None
+    return _memory_mb("now")
+
+
+def _memory_mb(which: str) -> float | None:
+    if torch.cuda.is_available():
+        fn = torch.cuda.max_memory_allocated if which == "peak" else torch.cuda.memory_allocated
+        return fn() / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(rf"{'VmHWM' if which == 'peak' else 'VmRSS'}:\s+(\d+) kB", status)
+    return int(m.group(1)) / 1024 if m else None

@@ -1,0 +1,307 @@
+"""``dblend sweep``: every method over a w grid (and a lambda grid for DB-KLA) on one domain,
+with the same held-out seeds for all, one JSON row per (method, w, lambda) in
+``results.jsonl``. Finished rows are skipped when the sweep is run again (resume).
+
+Comparisons are made twice: at ``lam = 1`` and at matched distance from the base: for each
+interior ``w`` with a MORL row, DB-MPA and the soup are also run at the ``lam`` whose path KL to
+the pretrained chain equals MORL's (interpolated over the lambda grid in ``sqrt(KL)``, which
+grows about linearly with ``lam``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion_blend.blend import Preference
+from diffusion_blend.errors import UsageError
+from diffusion_blend.evaluation.methods import METHODS, MethodConfig, path_kl, run_method
+from diffusion_blend.evaluation.metrics import energy_distance, mean_and_stderr
+from diffusion_blend.io import atomic_write, prepare_out_dir, write_json
+from diffusion_blend.seeding import seed_range
+
+DOMAINS = ("toy2d", "digits", "sd")
+DEFAULT_METHODS = ("pretrained", "db-mpa", "db-mpa-ls", "db-kla", "soup", "code", "rgg", "morl")
+MATCHED = ("db-mpa", "soup")
+REFERENCE_SEED = 2_000_000_000    # toy2d: exact target samples, disjoint from the sweep's
+
+
+@dataclass
+class SweepConfig:
+    """One sweep; saved as ``sweep.json`` beside the results (a resume must match it)."""
+
+    domain: str = "toy2d"
+    spec: str = "bimodal"                   # toy2d problem
+    pair: tuple[str, ...] | None = None     # digits rewards (default: the shipped pair)
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    w_grid: str = "0:1:0.1"
+    lam_grid: tuple[float, ...] = (0.5, 1.5, 2.0)
+    seeds: int = 64
+    seed: int = 100_000_000                 # held out: fine-tuning used other seeds
+    steps: int | None = None
+    match: bool = True
+    train_morl: bool = False
+    n_show: int = 8
+    baselines: MethodConfig = field(default_factory=MethodConfig)
+
+    def check(self) -> None:
+        if self.domain not in DOMAINS:
+            raise UsageError(f"--domain {self.domain!r} is not known; use one of {DOMAINS}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise UsageError(f"--methods {','.join(bad) or '(none)'} not known; use some of "
+                             f"{','.join(METHODS)}")
+        if self.seeds < 2:
+            raise UsageError(f"--seeds {self.seeds} is not allowed; use >= 2 (for the CIs)")
+        if any(not 0 <= lam <= 10 for lam in self.lam_grid):
+            raise UsageError(f"--lam-grid {list(self.lam_grid)}: each lambda must be in [0, 10]")
+        parse_grid(self.w_grid)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SweepConfig:
+        d = dict(d)
+        d["baselines"] = MethodConfig(**d.get("baselines", {}))
+        for k in ("methods", "lam_grid", "pair"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def parse_grid(text: str) -> list[float]:
+    """``start:stop:step`` (inclusive) or a comma list of weights in [0, 1]."""
+    try:
+        if ":" in text:
+            a, b, s = (float(v) for v in text.split(":"))
+            if s <= 0 or b < a:
+                raise ValueError
+            vals = [round(a + i * s, 10) for i in range(int(round((b - a) / s)) + 1)]
+        else:
+            vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--w-grid {text!r} is not a grid; use start:stop:step (e.g. 0:1:0.1) "
+                         "or a comma list") from None
+    if not vals or any(not 0 <= v <= 1 for v in vals):
+        raise UsageError(f"--w-grid {text!r}: weights must lie in [0, 1]")
+    return vals
+
+
+def w_points(text: str, k: int) -> list[tuple[float, ...]]:
+    """The preferences of the grid: ``(v, 1 - v)`` for two rewards, a simplex grid for more."""
+    vals = parse_grid(text)
+    if k == 2:
+        return [(v, round(1 - v, 10)) for v in vals]
+    from diffusion_blend.evaluation.toy2d import simplex_grid
+
+    step = min(b - a for a, b in zip(vals, vals[1:], strict=False)) if len(vals) > 1 else 1.0
+    return simplex_grid(k, max(1, int(round(1 / step))))
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    method: str
+    w: tuple[float, ...]
+    lam: float
+    tag: str  # "main" (lam = 1), "kla" (DB-KLA lambda grid), "grid", "matched"
+
+    @property
+    def key(self) -> str:
+        w = ",".join(f"{v:g}" for v in self.w)
+        lam = "" if self.tag == "matched" else f"|lam={self.lam:g}"
+        return f"{self.tag}|{self.method}|w={w}{lam}"
+
+
+def make_domain(cfg: SweepConfig, out: Path):
+    """The domain object of ``cfg`` (see ``evaluation.sweep_domains``)."""
+    from diffusion_blend.evaluation import sweep_domains
+
+    if cfg.domain == "toy2d":
+        return sweep_domains.Toy2dSweep(cfg.spec, cfg.steps)
+    if cfg.domain == "digits":
+        return sweep_domains.DigitsSweep(cfg.pair, cfg.steps, morl_dir=out / "morl",
+                                         train_morl=cfg.train_morl)
+    raise UsageError("--domain sd needs a pipeline and experts: use the Python API "
+                     "(`diffusion_blend.evaluation.sweep.run_sweep(cfg, domain=...)`)")
+
+
+def measure_row(spec: RowSpec, domain, cfg: SweepConfig, seeds: list[int], out: Path) -> dict:
+    """Run one row and summarise it (rewards with 95% CIs, r_w, path KL, costs)."""
+    pref = Preference(spec.w, spec.lam, allow_extrapolation=True)
+    row = {"key": spec.key, "method": spec.method, "w": list(spec.w), "lam": spec.lam,
+           "tag": spec.tag}
+    res = run_method(spec.method, domain, pref, seeds, cfg.baselines)
+    if res is None:
+        return row | {"available": False}
+    with torch.no_grad():
+        r = domain.rewards(res.x0, **domain.cond(seeds)).double()
+    row |= {"available": True, **_stats("rewards", r), **_stats("r_w", r @ torch.tensor(spec.w,
+                                                                   dtype=torch.float64))}
+    if res.chain is not None:
+        row |= _stats("path_kl", path_kl(domain, res.chain, seeds).double())
+    row["cost"] = {"nfe_per_sample": res.nfe_per_sample, "seconds": res.seconds,
+                   "seconds_per_sample": res.seconds / len(seeds),
+                   "reward_evals_per_sample": res.reward_evals_per_sample,
+                   "peak_memory_mb": res.peak_memory_mb, "added_memory_mb": res.added_memory_mb,
+                   "params": res.params}
+    if hasattr(domain, "problem"):
+        row["target"] = _toy2d_target(domain, pref, res.x0, cfg)
+    _save_samples(out, spec, res.x0[:cfg.n_show])
+    return row
+
+
+def _stats(name: str, v: torch.Tensor) -> dict:
+    means, errs = mean_and_stderr(v.reshape(len(v), -1))
+    ci = [1.96 * e for e in errs]
+    if v.ndim == 1:
+        return {name: means[0], f"{name}_ci95": ci[0]}
+    return {name: means, f"{name}_ci95": ci}
+
+
+def _toy2d_target(domain, pref: Preference, x0: torch.Tensor, cfg: SweepConfig) -> dict:
+    """Distance to the exact target of ``(w, lam)``: its expected rewards, energy distance."""
+    target, log_z = domain.problem.target(pref)
+    ref = target.sample(seed_range(REFERENCE_SEED + cfg.seed, min(4000, max(len(x0), 500))))
+    return {"mean_rewards": domain.problem.expected_rewards(target), "log_z": log_z,
+            "energy_distance": energy_distance(x0, ref)}
+
+
+def sample_path(out: Path, key: str) -> Path:
+    """Where the first ``n_show`` samples of row ``key`` are kept (for image grids)."""
+    return out / "samples" / (key.replace("|", "_").replace("=", "").replace(",", "-")
+                              + ".safetensors")
+
+
+def _save_samples(out: Path, spec: RowSpec, x0: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    (out / "samples").mkdir(exist_ok=True)
+    atomic_write(sample_path(out, spec.key),
+                 lambda p: save_file({"x0": x0.detach().float().contiguous()}, str(p)))
+
+
+# ---------------------------------------------------------------------------- the sweep
+
+
+class Results:
+    """``results.jsonl``: one JSON row per line, appended and flushed as each row finishes;
+    a torn last line (the run was killed mid-write) is dropped on reading."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.rows[row["key"]] = row
+            atomic_write(path, lambda p: p.write_text(
+                "".join(json.dumps(r) + "\n" for r in self.rows.values())))
+
+    def add(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows[row["key"]] = row
+
+
+def open_sweep(cfg: SweepConfig, out: str | Path, overwrite: bool) -> Path:
+    """The output directory: new, or a previous sweep with the same config (resume)."""
+    out = Path(out)
+    saved = out / "sweep.json"
+    if saved.exists() and not overwrite:
+        old = json.loads(saved.read_text())
+        if old != cfg.to_dict():
+            diff = sorted(k for k in old.keys() | cfg.to_dict().keys()
+                          if old.get(k) != cfg.to_dict().get(k))
+            raise UsageError(f"--out {out} holds a sweep with another config (differs in "
+                             f"{', '.join(diff)}); use another --out or pass --overwrite")
+        return out
+    out = prepare_out_dir(out, overwrite)
+    for stale in (out / "results.jsonl", out / "summary.json"):
+        stale.unlink(missing_ok=True)
+    write_json(saved, cfg.to_dict())
+    return out
+
+
+def run_sweep(cfg: SweepConfig, out: str | Path, overwrite: bool = False,
+              progress: bool = True, domain=None) -> Path:
+    """Run (or resume) the sweep; returns the output directory with ``results.jsonl``."""
+    cfg.check()
+    out = open_sweep(cfg, out, overwrite)
+    domain = domain or make_domain(cfg, out)
+    results = Results(out / "results.jsonl")
+    seeds = seed_range(cfg.seed, cfg.seeds)
+
+    def run(specs: list[RowSpec]) -> None:
+        for spec in tqdm(specs, disable=not progress, desc="sweep"):
+            if spec.key not in results.rows:
+                results.add(measure_row(spec, domain, cfg, seeds, out))
+
+    run(main_rows(cfg, len(domain.reward_names)))
+    if cfg.match:
+        run(grid_rows(cfg, results.rows))
+        run(matched_rows(cfg, results.rows))
+    return out
+
+
+def main_rows(cfg: SweepConfig, k: int) -> list[RowSpec]:
+    """Every method at ``lam = 1`` over the w grid; DB-KLA and the lambda-specific MORL over
+    the lambda grid on the first reward."""
+    rows = [RowSpec(m, w, 1.0, "main") for w in w_points(cfg.w_grid, k)
+            for m in cfg.methods if m != "db-kla"]
+    if "db-kla" in cfg.methods:
+        e0 = tuple(1.0 if i == 0 else 0.0 for i in range(k))
+        for lam in sorted({0.0, 1.0, *cfg.lam_grid}):
+            rows.append(RowSpec("db-kla", e0, lam, "kla"))
+            if "morl" in cfg.methods and lam not in (0.0, 1.0):
+                rows.append(RowSpec("morl", e0, lam, "kla"))
+    return rows
+
+
+def _interior_with_morl(rows: dict) -> list[tuple[float, ...]]:
+    return [tuple(r["w"]) for r in rows.values() if r["tag"] == "main" and r["method"] == "morl"
+            and r.get("available") and "path_kl" in r and 0 < max(r["w"]) < 1]
+
+
+def grid_rows(cfg: SweepConfig, rows: dict) -> list[RowSpec]:
+    """DB-MPA and the soup over the lambda grid where MORL exists (to find matched lambdas)."""
+    return [RowSpec(m, w, lam, "grid") for w in _interior_with_morl(rows)
+            for m in MATCHED if m in cfg.methods for lam in cfg.lam_grid if lam != 1.0]
+
+
+def matched_rows(cfg: SweepConfig, rows: dict) -> list[RowSpec]:
+    """DB-MPA and the soup at the lambda whose path KL equals MORL's at the same w."""
+    out = []
+    for w in _interior_with_morl(rows):
+        target = rows[RowSpec("morl", w, 1.0, "main").key]["path_kl"]
+        for m in (m for m in MATCHED if m in cfg.methods):
+            pts = [(lam, rows[RowSpec(m, w, lam, tag).key]["path_kl"])
+                   for lam, tag in [(1.0, "main")] + [(v, "grid") for v in cfg.lam_grid
+                                                       if v != 1.0]]
+            out.append(RowSpec(m, w, matched_lam(pts, target, max(cfg.lam_grid) * 2), "matched"))
+    return out
+
+
+def matched_lam(points: list[tuple[float, float]], target_kl: float, lam_max: float) -> float:
+    """The ``lam`` where ``sqrt(path KL)`` reaches ``sqrt(target_kl)``: linear interpolation
+    between the bracketing grid points (extrapolation from the nearest two, in [0, lam_max])."""
+    pts = sorted((lam, max(kl, 0.0) ** 0.5) for lam, kl in points)
+    pts = [(0.0, 0.0)] + [p for p in pts if p[0] > 0]
+    goal = max(target_kl, 0.0) ** 0.5
+    i = next((j for j in range(1, len(pts)) if pts[j][1] >= goal), len(pts) - 1)
+    (l0, s0), (l1, s1) = pts[i - 1], pts[i]
+    lam = l1 if s1 == s0 else l0 + (goal - s0) * (l1 - l0) / (s1 - s0)
+    return round(min(max(lam, 0.0), lam_max), 4)

@@ -1,0 +1,145 @@
+"""The domains a sweep runs on (``evaluation.methods.SweepDomain``): toy2d with its exact
+experts and exact MORL oracle, digits with the shipped LoRA experts and MORL adapters."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from diffusion_blend.adapters import AdapterView
+from diffusion_blend.baselines import LoraSoup, mixture_soup
+from diffusion_blend.blend import Denoiser, Preference
+from diffusion_blend.domains import digits
+from diffusion_blend.domains.toy2d import Toy2dProblem, load_problem
+from diffusion_blend.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+class Toy2dSweep:
+    """toy2d: exact experts; MORL is the exact denoiser of the tilted target (the oracle a
+    fine-tune converges to); the soup interpolates the experts' mixture parameters."""
+
+    name = "toy2d"
+
+    def __init__(self, spec: str | dict = "bimodal", steps: int | None = None):
+        self.problem: Toy2dProblem = load_problem(spec)
+        self.schedule, self.steps = self.problem.schedule, steps or self.problem.schedule.T
+        self.shape = (self.problem.mixture.dim,)
+        self.base = self.problem.base_denoiser()
+        eye = torch.eye(self.problem.k, dtype=torch.float64).tolist()
+        self.tilted = [self.problem.tilted(e)[0] for e in eye]
+        self.experts = [self.problem.denoiser(m) for m in self.tilted]
+        self.reward_names = [f"r{i + 1}" for i in range(self.problem.k)]
+
+    def cond(self, seeds: list[int]) -> dict:
+        return {}
+
+    def rewards(self, x0: torch.Tensor, **_) -> torch.Tensor:
+        return self.problem.rewards_of(x0)
+
+    def soup(self, coefs: list[float]) -> Denoiser:
+        return self.problem.denoiser(mixture_soup(self.problem.mixture, self.tilted, coefs))
+
+    def morl(self, pref: Preference) -> Denoiser:
+        return self.problem.denoiser(self.problem.target(pref)[0])
+
+    def params(self, parts: list[str]) -> int:
+        """Mixture parameters (weights, means, covariances) of each distinct model held."""
+        k, d = len(self.problem.mixture.weights), self.problem.mixture.dim
+        held = 1 if "soup" in parts else len(parts)
+        return held * (k + k * d + k * d * d)
+
+
+class DigitsSweep:
+    """digits: the shipped base and the LoRA experts of ``pair``; MORL from the shipped
+    adapters (w on the MORL grid, or lambda-specific fine-tunes of ``pair[0]``), or trained
+    into ``morl_dir`` by the fine-tuning engine when ``train_morl``."""
+
+    name = "digits"
+
+    def __init__(self, pair=None, steps: int | None = None, weights_dir: Path | None = None,
+                 morl_dir: Path | None = None, train_morl: bool = False):
+        from diffusion_blend.evaluation.digits import DEFAULT_STEPS
+        from diffusion_blend.finetune.digits import PAIR, attach_expert, normalised_rewards
+
+        self.pair = tuple(pair or PAIR)
+        self.weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
+        self.experts_dir = self.weights_dir / "experts"
+        self.morl_dir, self.train_morl = morl_dir, train_morl
+        self.model, self.base_meta = digits.load_base(self.weights_dir)
+        self.base = AdapterView(self.model, None)   # adapters get injected: keep them off
+        self._attach = attach_expert
+        self.experts = [self._load(n) for n in self.pair]
+        stats = json.loads((self.experts_dir / "rewards.json").read_text())
+        classifier = digits.load_classifier("classifier", self.weights_dir)
+        self.reward_fns = normalised_rewards(self.pair, stats, classifier)
+        self.stats = stats
+        self.reward_names = list(self.pair)
+        self.schedule, self.steps = digits.BaseConfig().schedule(), steps or DEFAULT_STEPS
+        self.shape = digits.SHAPE
+
+    def _load(self, name: str, directory: Path | None = None) -> Denoiser:
+        path = (directory or self.experts_dir) / f"{name}.safetensors"
+        if not path.exists():
+            raise UsageError(f"no expert {name!r} at {path}; train it with "
+                             "`dblend digits train-experts`")
+        return self._attach(self.model, self.base_meta, path)[0]
+
+    def cond(self, seeds: list[int]) -> dict:
+        from diffusion_blend.finetune.digits import classes_for
+
+        return {"y": classes_for(seeds)}
+
+    def rewards(self, x0: torch.Tensor, y=None, **_) -> torch.Tensor:
+        return torch.stack([r(x0, y=y) for r in self.reward_fns], 1)
+
+    def soup(self, coefs: list[float]) -> Denoiser:
+        from diffusion_blend.finetune.digits import LastStepBase
+
+        return LastStepBase(LoraSoup(self.model, list(self.pair), coefs), self.base)
+
+    def morl(self, pref: Preference) -> Denoiser | None:
+        name = self._morl_name(pref)
+        if name is None:
+            return None
+        for directory in (self.experts_dir, self.morl_dir):
+            if directory is not None and (directory / f"{name}.safetensors").exists():
+                return self._load(name, directory)
+        if not self.train_morl or pref.lam != 1.0 or self.morl_dir is None:
+            return None
+        return self._train_morl(name, pref)
+
+    def _morl_name(self, pref: Preference) -> str | None:
+        from diffusion_blend.finetune.digits import morl_name
+
+        w1 = pref.w[0]
+        if pref.lam == 1.0 and w1 in (0.0, 1.0):
+            return self.pair[0 if w1 == 1.0 else 1]
+        if w1 == 1.0:
+            return f"kla_{self.pair[0]}_lam{pref.lam:g}".replace(".", "p")
+        return morl_name(w1, self.pair) if pref.lam == 1.0 else None
+
+    def _train_morl(self, name: str, pref: Preference) -> Denoiser:
+        from diffusion_blend.finetune.config import preset
+        from diffusion_blend.finetune.digits import Expert, train_expert
+
+        meta = json.loads((self.experts_dir / f"{self.pair[0]}.json").read_text())
+        spec = Expert(name, list(self.pair), list(pref.w), meta["alpha"], "pathwise")
+        log.info("training the MORL adapter %s (about 2 minutes)", name)
+        train_expert(self.weights_dir, self.morl_dir, spec,
+                     preset("digits-pathwise", alpha=meta["alpha"]), self.stats)
+        return self._load(name, self.morl_dir)
+
+    def params(self, parts: list[str]) -> int:
+        """Base weights once, plus the LoRA weights of each adapter used."""
+        names = {"expert0": self.pair[0], "expert1": self.pair[1]}
+        total = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" not in n)
+        for part in parts:
+            if part in names:
+                total += sum(p.numel() for n, p in self.model.named_parameters()
+                             if f".{names[part]}." in n)
+        return total

@@ -1,0 +1,104 @@
+"""The sweep harness on toy2d (exact experts, a short chain): rows, resume, matching, report."""
+
+import json
+import shutil
+
+import pytest
+
+from diffusion_blend.errors import UsageError
+from diffusion_blend.evaluation import sweep as sweep_mod
+from diffusion_blend.evaluation.report import load_sweep, summarise, write_report
+from diffusion_blend.evaluation.sweep import SweepConfig, matched_lam, run_sweep, w_points
+
+CFG = dict(domain="toy2d", spec="bimodal", w_grid="0:1:0.5", seeds=64, steps=20,
+           lam_grid=(0.5, 2.0))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    run_sweep(SweepConfig(**CFG), out, progress=False)
+    return out
+
+
+def _rows(out):
+    return {r["key"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+def test_rows_cover_every_method_and_vertices_agree(swept):
+    rows = _rows(swept)
+    for m in ("pretrained", "db-mpa", "db-mpa-ls", "soup", "code", "rgg", "morl"):
+        assert f"main|{m}|w=0.5,0.5|lam=1" in rows
+    vertex = [rows[f"main|{m}|w=1,0|lam=1"] for m in ("db-mpa", "soup", "morl")]
+    assert all(v["rewards"] == vertex[0]["rewards"] for v in vertex)  # all are expert 1 there
+    assert rows["kla|db-kla|w=1,0|lam=0"]["rewards"] == rows["main|pretrained|w=1,0|lam=1"][
+        "rewards"]
+    assert {"matched|db-mpa|w=0.5,0.5", "matched|soup|w=0.5,0.5"} <= rows.keys()
+    row = rows["main|code|w=0.5,0.5|lam=1"]
+    assert row["cost"]["nfe_per_sample"] == 4 * 20 + 4 * 4 and "path_kl" not in row
+    assert rows["main|db-mpa|w=0.5,0.5|lam=1"]["cost"]["params"] == 2 * 14  # two mixtures
+
+
+def test_the_blend_tracks_the_exact_target_better_than_the_pretrained_model(swept):
+    rows = _rows(swept)
+    blend, pre = rows["main|db-mpa|w=0.5,0.5|lam=1"], rows["main|pretrained|w=0.5,0.5|lam=1"]
+    assert blend["target"]["energy_distance"] < pre["target"]["energy_distance"]
+
+
+def test_matched_lambda_reaches_morls_path_kl(swept):
+    rows = _rows(swept)
+    morl = rows["main|morl|w=0.5,0.5|lam=1"]
+    m = rows["matched|db-mpa|w=0.5,0.5"]
+    assert m["path_kl"] == pytest.approx(morl["path_kl"], rel=0.15)
+
+
+def test_resume_skips_finished_rows_and_drops_a_torn_line(swept, monkeypatch):
+    before = (swept / "results.jsonl").read_text()
+    with (swept / "results.jsonl").open("a") as f:
+        f.write('{"key": "torn')
+    calls = []
+    monkeypatch.setattr(sweep_mod, "measure_row", lambda *a, **k: calls.append(a) or {})
+    run_sweep(SweepConfig(**CFG), swept, progress=False)
+    assert calls == [] and (swept / "results.jsonl").read_text() == before
+    with pytest.raises(UsageError, match="differs in seeds"):
+        run_sweep(SweepConfig(**(CFG | {"seeds": 65})), swept, progress=False)
+
+
+def test_a_removed_row_is_recomputed_identically(swept, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(swept, out)
+    rows = _rows(out)
+    key = "main|soup|w=0.5,0.5|lam=1"
+    kept = [json.dumps(r) for k, r in rows.items() if k != key]
+    (out / "results.jsonl").write_text("\n".join(kept) + "\n")
+    run_sweep(SweepConfig(**CFG), out, progress=False)
+    again = _rows(out)[key]
+    assert again["rewards"] == rows[key]["rewards"] and again["path_kl"] == rows[key]["path_kl"]
+
+
+def test_report_and_summary(swept):
+    summary = write_report(swept)
+    for k in ("hypervolume", "reference_point", "r_w_ratio_to_morl", "mean_cost"):
+        assert k in summary
+    assert summary["r_w_ratio_to_morl"]["morl"] == pytest.approx(1.0)
+    assert summary["hypervolume"]["pretrained"] == 0.0   # the reference point is its rewards
+    for f in ("report.md", "pareto.png", "rw_ratio.png", "kla.png", "summary.json"):
+        assert (swept / f).stat().st_size > 0
+    cfg, rows = load_sweep(swept)
+    assert summarise(cfg, rows, [-100.0, -100.0])["hypervolume"]["db-mpa"] > 0
+
+
+def test_matched_lam_inverts_a_quadratic_kl():
+    pts = [(lam, 0.3 * lam**2) for lam in (0.5, 1.0, 2.0)]
+    assert matched_lam(pts, 0.3 * 1.3**2, 4.0) == pytest.approx(1.3)
+    assert matched_lam(pts, 0.3 * 3.0**2, 4.0) == pytest.approx(3.0)   # extrapolated
+    assert matched_lam(pts, 0.3 * 9.0**2, 4.0) == 4.0                  # clamped
+
+
+def test_bad_config_is_refused_before_anything_is_written(tmp_path):
+    for bad, msg in (({"methods": ("nope",)}, "not known"), ({"w_grid": "0:2:1"}, "in \\[0, 1\\]"),
+                     ({"domain": "mnist"}, "--domain"), ({"seeds": 1}, "--seeds")):
+        with pytest.raises(UsageError, match=msg):
+            run_sweep(SweepConfig(**(CFG | bad)), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+    assert w_points("0,1", 3)[0] == (1.0, 0.0, 0.0)

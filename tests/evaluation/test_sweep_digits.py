@@ -1,0 +1,34 @@
+"""The sweep on the shipped digits experts: every method runs, the vertices are the experts."""
+
+import json
+
+import pytest
+
+from diffusion_blend.evaluation.report import write_report
+from diffusion_blend.evaluation.sweep import SweepConfig, run_sweep
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "run"
+    cfg = SweepConfig(domain="digits", w_grid="0:1:0.5", seeds=10, lam_grid=(2.0,))
+    run_sweep(cfg, out, progress=False)
+    summary = write_report(out)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    rows = {r["key"]: r for r in map(json.loads, lines)}
+    return rows, summary, out
+
+
+def test_every_method_runs_and_vertices_are_the_experts(rows):
+    rows, summary, out = rows
+    for m in ("db-mpa", "soup", "morl", "pretrained", "code", "rgg", "db-mpa-ls"):
+        assert rows[f"main|{m}|w=0.5,0.5|lam=1"]["available"]
+    for w in ("1,0", "0,1"):
+        same = [rows[f"main|{m}|w={w}|lam=1"]["rewards"] for m in ("db-mpa", "soup", "morl")]
+        assert same[0] == same[1] == same[2]
+    assert rows["kla|morl|w=1,0|lam=2"]["available"]          # the lambda-specific fine-tune
+    assert rows["kla|db-kla|w=1,0|lam=0"]["rewards"] == rows["main|pretrained|w=1,0|lam=1"][
+        "rewards"]
+    p = {m: rows[f"main|{m}|w=0.5,0.5|lam=1"]["cost"]["params"] for m in ("pretrained", "db-mpa")}
+    assert p["pretrained"] < p["db-mpa"] < 1.2 * p["pretrained"]   # LoRA: ~one model's weights
+    assert (out / "grids.png").exists() and "hypervolume" in summary
