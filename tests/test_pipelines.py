@@ -1,0 +1,146 @@
+"""The blend as a drop-in denoiser for tiny offline diffusers pipelines (SD and flow-matching)."""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from diffusion_blend.adapters import use_adapter
+from diffusion_blend.blend import Preference
+from diffusion_blend.errors import UsageError
+from diffusion_blend.pipelines import BlendedModel, blend_pipeline, unblend_pipeline
+from tests.tiny_sd import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_unet
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
+
+
+def add_experts(model, names, targets, seed=0):
+    """LoRA adapters with random (non-zero) B, so each expert differs from the base."""
+    g = torch.Generator().manual_seed(seed)
+    for name in names:
+        model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets), adapter_name=name)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if f"lora_B.{name}." in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    pipe = tiny_sd_pipeline(tmp_path_factory.mktemp("tok"))
+    add_experts(pipe.unet, ["a", "b"], UNET_TARGETS)
+    return pipe
+
+
+def run(pipe, seed=0, guidance=7.5, prompt=("a red apple", "a blue pear")):
+    g = [torch.Generator().manual_seed(seed + i) for i in range(len(prompt))]
+    return pipe(list(prompt), num_inference_steps=3, guidance_scale=guidance, generator=g,
+                output_type="pt", height=16, width=16).images
+
+
+def _single(unet, name):
+    """The pipeline output with only adapter ``name`` (None: the base) active."""
+    return lambda pipe: _with(unet, name, lambda: run(pipe))
+
+
+def _with(unet, name, fn):
+    with use_adapter(unet, name):
+        return fn()
+
+
+def test_lam_zero_is_the_base_and_unit_w_is_the_expert_exactly(sd):
+    base_img = _with(sd.unet, None, lambda: run(sd))
+    expert_b = _with(sd.unet, "b", lambda: run(sd))
+    model = blend_pipeline(sd, ["a", "b"], Preference((0.3, 0.7), 0.0))
+    try:
+        assert torch.equal(run(sd), base_img)
+        model.preference = Preference((0.0, 1.0))   # change without reloading anything
+        assert torch.equal(run(sd), expert_b)
+        model.preference = Preference((0.5, 0.5))
+        mid = run(sd)
+        assert not torch.equal(mid, expert_b) and not torch.equal(mid, base_img)
+    finally:
+        unblend_pipeline(sd)
+    assert sd.unet is model.base
+
+
+def test_batched_multi_adapter_forward_equals_separate_forwards(sd):
+    unet = sd.unet
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor(500)
+    ehs = torch.randn(3, 5, 32)
+    pref = Preference((0.25, 0.75), 1.6, allow_extrapolation=True)
+    c_pre, c = pref.coefficients()
+    preds = {n: _with(unet, n, lambda: unet(x, t, encoder_hidden_states=ehs).sample)
+             for n in (None, "a", "b")}
+    expected = c_pre * preds[None] + c[0] * preds["a"] + c[1] * preds["b"]
+    blended = BlendedModel(unet, ["a", "b"], pref)(x, t, encoder_hidden_states=ehs)
+    assert torch.allclose(blended.sample, expected, atol=1e-5)
+    assert blended.__class__ is preds[None].__class__ or hasattr(blended, "sample")
+    as_tuple = BlendedModel(unet, ["a", "b"], pref)(x, t, encoder_hidden_states=ehs,
+                                                     return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.allclose(as_tuple[0], expected, atol=1e-5)
+
+
+def test_blending_commutes_with_classifier_free_guidance(sd):
+    unet, s = sd.unet, 7.5
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor(300)
+    cond, uncond = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    pref = Preference((0.4, 0.6), 1.3, allow_extrapolation=True)
+    model = BlendedModel(unet, ["a", "b"], pref)
+    both = model(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    guided_blend = both[:2] + s * (both[2:] - both[:2])
+    c_pre, c = pref.coefficients()
+    blend_guided = 0
+    for coef, name in ((c_pre, None), (c[0], "a"), (c[1], "b")):
+        u = _with(unet, name, lambda: unet(x, t, encoder_hidden_states=uncond).sample)
+        v = _with(unet, name, lambda: unet(x, t, encoder_hidden_states=cond).sample)
+        blend_guided = blend_guided + coef * (u + s * (v - u))
+    assert torch.allclose(guided_blend, blend_guided, atol=1e-4)
+
+
+def test_full_fine_tuned_modules_as_experts(tmp_path):
+    pipe = tiny_sd_pipeline(tmp_path, prediction_type="v_prediction")
+    experts = [tiny_unet(seed=1), tiny_unet(seed=2)]
+    base = pipe.unet
+    pipe.unet = experts[1]
+    expert_img = run(pipe, guidance=3.0)
+    pipe.unet = base
+    base_img = run(pipe, guidance=3.0)
+    model = blend_pipeline(pipe, experts, Preference((0.0, 1.0)))
+    assert torch.equal(run(pipe, guidance=3.0), expert_img)
+    model.preference = Preference((0.5, 0.5), 0.0)
+    assert torch.equal(run(pipe, guidance=3.0), base_img)
+    with pytest.raises(UsageError, match="2 experts"):
+        model.preference = Preference((0.2, 0.3, 0.5))
+
+
+def test_flow_matching_transformer_blend():
+    pipe = tiny_sd3_pipeline()
+    add_experts(pipe.transformer, ["a", "b"], ["to_q", "to_k", "to_v", "add_q_proj"], seed=3)
+    pe, pp = torch.randn(1, 5, 32), torch.randn(1, 16)
+
+    def go():
+        return pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=pe * 0,
+                    negative_pooled_prompt_embeds=pp * 0, num_inference_steps=3,
+                    guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                    output_type="pt", height=16, width=16).images
+
+    base_img = _with(pipe.transformer, None, go)
+    expert_a = _with(pipe.transformer, "a", go)
+    model = blend_pipeline(pipe, ["a", "b"], Preference((1.0, 0.0)))
+    assert torch.equal(go(), expert_a)
+    model.preference = Preference((0.5, 0.5), 0.0)
+    assert torch.equal(go(), base_img)
+    x = torch.randn(2, 4, 8, 8)
+    kw = dict(encoder_hidden_states=torch.randn(2, 5, 32), pooled_projections=torch.randn(2, 16),
+              timestep=torch.tensor([500.0, 500.0]))
+    model.preference = Preference((0.3, 0.7))
+    tr = pipe.transformer.base
+    sep = [_with(tr, n, lambda: tr(x, **kw).sample) for n in ("a", "b")]
+    assert torch.allclose(model(x, **kw).sample, 0.3 * sep[0] + 0.7 * sep[1], atol=1e-5)
+
+
+def test_unknown_adapter_is_refused(sd):
+    with pytest.raises(UsageError, match="not loaded"):
+        BlendedModel(sd.unet, ["a", "nope"], Preference((0.5, 0.5)))
