@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import replace, is_dataclass
+from dataclasses import is_dataclass, replace
 
 import torch
 from torch import nn
