@@ -297,6 +297,12 @@ def cmd_report(a: argparse.Namespace) -> None:
     _emit(summary | {"report": str(Path(a.dir) / "report.md")}, a.json)
 
 
+def cmd_convert_lora(a: argparse.Namespace) -> None:
+    from diffusion_blend.convert import convert_lora
+
+    _emit(convert_lora(a.old_dir, a.new_dir, a.overwrite), a.json)
+
+
 def _sweep_commands(sub) -> None:
     from diffusion_blend.evaluation.sweep import DEFAULT_METHODS
 
@@ -313,6 +319,9 @@ def _sweep_commands(sub) -> None:
              A("--code-n", type=int, default=4), A("--code-block", type=int, default=None),
              A("--rgg-gamma", default="1.0"), A("--rgg-normalise", action="store_true"),
              A("--reference-point", default=None), OUT, OVERWRITE)
+    _command(sub, "convert-lora", cmd_convert_lora,
+             "legacy Diffusion Blend / DPOK LoRA (diffusers 0.14) -> PEFT safetensors",
+             A("old_dir"), A("new_dir"), OVERWRITE)
     _command(sub, "report", cmd_report, "figures and report.md of a sweep directory",
              A("dir"), A("--reference-point", default=None))
 
