@@ -34,8 +34,15 @@ def register(name: str):
     return deco
 
 
+BUILTIN = ("diffusion_blend.rewards.digits", "diffusion_blend.rewards.images")
+
+
 def get_reward(name: str, **kwargs) -> Reward:
     """Build the reward registered as ``name``; unknown names list the known ones."""
+    import importlib
+
+    for module in BUILTIN:   # registering is cheap: heavy models load only when built
+        importlib.import_module(module)
     if name not in REGISTRY:
         raise UsageError(f"reward {name!r} is not known; known rewards: {sorted(REGISTRY)}")
     return REGISTRY[name](**kwargs)
