@@ -273,7 +273,7 @@ def sweep_config(a: argparse.Namespace):
         lam_grid=lams, seeds=a.seeds, seed=a.seed, steps=a.steps, match=not a.no_match,
         train_morl=a.train_morl, baselines=MethodConfig(
             code_n=a.code_n, code_block=a.code_block,
-            rgg_gamma=parse_finite(a.rgg_gamma, "--rgg-gamma"), rgg_normalise=a.rgg_normalise))
+            rgg_gamma=parse_finite(a.rgg_gamma, "--rgg-gamma"), rgg_normalise=not a.rgg_raw))
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
@@ -317,7 +317,8 @@ def _sweep_commands(sub) -> None:
              A("--steps", type=int, default=None), A("--no-match", action="store_true"),
              A("--train-morl", action="store_true", help="fine-tune missing MORL adapters"),
              A("--code-n", type=int, default=4), A("--code-block", type=int, default=None),
-             A("--rgg-gamma", default="1.0"), A("--rgg-normalise", action="store_true"),
+             A("--rgg-gamma", default="0.3"),
+             A("--rgg-raw", action="store_true", help="RGG without gradient normalisation"),
              A("--reference-point", default=None), OUT, OVERWRITE)
     _command(sub, "convert-lora", cmd_convert_lora,
              "legacy Diffusion Blend / DPOK LoRA (diffusers 0.14) -> PEFT safetensors",

@@ -139,3 +139,44 @@ def test_truncation_and_checkpointing_change_only_what_they_should():
     assert torch.allclose(grads(truncate_steps=10), full, atol=1e-6)
     last = grads(truncate_steps=1)
     assert last.abs().max() > 0 and not torch.allclose(last, full, atol=1e-4)
+
+
+def _one_step(cfg):
+    from diffusion_blend.finetune.run import GuardedStep, _pathwise_iteration
+
+    problem = load_problem("bimodal")
+    task = make_task(problem, cfg)
+    params = [p for p in task.policy.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    stats = _pathwise_iteration(task, cfg, iteration_seeds(cfg.seed, 0, cfg.batch_size),
+                                GuardedStep(opt, params, cfg, task))
+    return [p.detach().clone() for p in params], stats
+
+
+def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch():
+    whole, s1 = _one_step(cfg_for("pathwise", batch_size=12))
+    acc, s3 = _one_step(cfg_for("pathwise", batch_size=12, grad_accumulation=3))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, acc, strict=True))
+    assert s1["reward"] == pytest.approx(s3["reward"], abs=1e-6)
+    with pytest.raises(UsageError, match="grad_accumulation=5"):
+        cfg_for("pathwise", batch_size=12, grad_accumulation=5).check()
+
+
+def test_mixed_precision_runs_and_a_non_finite_step_is_skipped(monkeypatch):
+    from diffusion_blend.finetune import run as run_mod
+
+    before, _ = _one_step(cfg_for("pathwise", batch_size=8, mixed_precision="bf16"))
+    assert all(torch.isfinite(p).all() for p in before)
+    real = run_mod.pathwise_loss
+
+    def nan_loss(task, cfg, seeds):
+        loss, stats = real(task, cfg, seeds)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(run_mod, "pathwise_loss", nan_loss)
+    cfg = cfg_for("pathwise", batch_size=8)
+    init = [p.detach().clone() for p in make_task(load_problem("bimodal"), cfg).policy.parameters()
+            if p.requires_grad]
+    after, stats = _one_step(cfg)
+    assert stats["skipped_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(init, after, strict=True))

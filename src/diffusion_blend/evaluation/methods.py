@@ -52,8 +52,8 @@ class MethodConfig:
 
     code_n: int = 4
     code_block: int | None = None     # steps per block; None: a fifth of the chain
-    rgg_gamma: float = 1.0
-    rgg_normalise: bool = False
+    rgg_gamma: float = 0.3
+    rgg_normalise: bool = True        # DPS-style: a step of fixed size per dimension
 
 
 @dataclass

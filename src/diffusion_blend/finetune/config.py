@@ -15,6 +15,7 @@ ESTIMATORS = ("pathwise", "dpok")
 KL_MODES = ("to-go", "published")
 ADVANTAGES = ("value", "batch")
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -36,6 +37,8 @@ class FinetuneConfig:
     reward_scale: float = 1.0      # the reward is multiplied by this, alpha too (same optimum)
     reward_clip: float | None = None
     freeze_last_step: bool = False  # the last (noise-free) step stays the pretrained map
+    grad_accumulation: int = 1     # pathwise: the batch runs in this many micro-batches
+    mixed_precision: str = "no"    # "bf16" / "fp16" autocast; a non-finite step is skipped
     # pathwise
     truncate_steps: int | None = None  # backpropagate through the last K steps only
     grad_checkpointing: bool = False
@@ -60,6 +63,10 @@ class FinetuneConfig:
         _choice("kl_mode", self.kl_mode, KL_MODES)
         _choice("advantage", self.advantage, ADVANTAGES)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.grad_accumulation < 1 or self.batch_size % self.grad_accumulation:
+            raise UsageError(f"grad_accumulation={self.grad_accumulation} must be >= 1 and "
+                             f"divide batch_size={self.batch_size}")
         if not self.alpha > 0:
             raise UsageError(f"alpha={self.alpha} is not allowed; alpha must be > 0")
         for name in ("iterations", "batch_size", "checkpoint_every", "ppo_epochs", "minibatches",

@@ -134,7 +134,7 @@ def update_batches(ro: Rollout, cfg: FinetuneConfig, gen: torch.Generator) -> li
 
 
 def dpok_update(task: Task, cfg: FinetuneConfig, ro: Rollout, A: torch.Tensor, optimizer,
-                gen: torch.Generator, clip_params) -> dict:
+                gen: torch.Generator, step) -> dict:
     """PPO epochs over the rollout; returns the mean clipped fraction and last loss."""
     S, B = ro.kl.shape
     flat = {"x": ro.states.flatten(0, 1), "a": ro.actions.flatten(0, 1),
@@ -147,9 +147,7 @@ def dpok_update(task: Task, cfg: FinetuneConfig, ro: Rollout, A: torch.Tensor, o
             loss, frac = _transition_loss(task, cfg, ro, flat, k_of, idx, B)
             optimizer.zero_grad()
             loss.backward()
-            task.sync_grads(clip_params)
-            torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
-            optimizer.step()
+            step()   # sync, clip, step (skipped when the gradient is not finite)
             clipped.append(frac)
             loss_val = float(loss.detach())
     return {"clip_fraction": sum(clipped) / max(len(clipped), 1), "loss": loss_val}

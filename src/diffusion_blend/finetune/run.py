@@ -235,18 +235,58 @@ def _place(task: Task, dist: Dist) -> None:
 
 def _iteration(task, cfg, it, opt, params, value, value_opt, dist: Dist) -> dict:
     seeds = dist.shard(iteration_seeds(cfg.seed, it, cfg.batch_size))
+    step = GuardedStep(opt, params, cfg, task)
     if cfg.estimator == "pathwise":
-        loss, stats = pathwise_loss(task, cfg, seeds)
-        opt.zero_grad()
-        loss.backward()
-        task.sync_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        return stats
+        return _pathwise_iteration(task, cfg, seeds, step)
     gen = torch.Generator().manual_seed((cfg.seed << 32) + it)
-    ro = dpok.rollout(task, cfg, seeds)
+    with autocast(task, cfg):
+        ro = dpok.rollout(task, cfg, seeds)
     A = dpok.advantages(ro, dpok.returns(ro, cfg), cfg, value, value_opt, gen, task.sync_grads)
-    return dpok.dpok_stats(ro, cfg) | dpok.dpok_update(task, cfg, ro, A, opt, gen, params)
+    with autocast(task, cfg):
+        update = dpok.dpok_update(task, cfg, ro, A, opt, gen, step)
+    return dpok.dpok_stats(ro, cfg) | update | {"skipped_steps": step.skipped}
+
+
+def _pathwise_iteration(task, cfg, seeds: list[int], step) -> dict:
+    """One optimizer step over ``grad_accumulation`` micro-batches (gradients summed with
+    weights ``len(micro) / len(batch)``, so the step equals the whole batch's)."""
+    step.opt.zero_grad()
+    n, parts = len(seeds), max(1, min(cfg.grad_accumulation, len(seeds)))
+    totals: dict[str, float] = {}
+    for i in range(parts):
+        micro = seeds[i * n // parts:(i + 1) * n // parts]
+        with autocast(task, cfg):
+            loss, stats = pathwise_loss(task, cfg, micro)
+        (loss * (len(micro) / n)).backward()
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v * len(micro) / n
+    step()
+    return totals | {"skipped_steps": step.skipped}
+
+
+def autocast(task, cfg):
+    """Mixed-precision autocast on the task's device (a no-op for ``mixed_precision="no"``)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    return torch.autocast(torch.device(task.device).type, dtype=dtype,
+                          enabled=dtype is not None)
+
+
+class GuardedStep:
+    """Average gradients across processes, clip, step; a non-finite gradient (fp16 overflow,
+    a bad batch) skips the step instead of writing NaNs into the weights."""
+
+    def __init__(self, opt, params, cfg, task):
+        self.opt, self.params, self.cfg, self.task, self.skipped = opt, params, cfg, task, 0
+
+    def __call__(self) -> None:
+        self.task.sync_grads(self.params)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        if not torch.isfinite(norm):
+            self.skipped += 1
+            log.warning("non-finite gradient norm %s: optimizer step skipped", float(norm))
+            self.opt.zero_grad()
+            return
+        self.opt.step()
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
