@@ -258,6 +258,80 @@ def cmd_sample_digits(a: argparse.Namespace) -> None:
     _emit(summary, a.json)
 
 
+# ---------------------------------------------------------------------------- sd
+
+
+def cmd_sample_sd(a: argparse.Namespace) -> None:
+    from diffusion_blend.blend import Preference
+    from diffusion_blend.domains.sd import read_prompts, sample_sd
+
+    experts = [e for e in (a.experts or "").split(",") if e]
+    if not experts:
+        raise UsageError("--experts: give one or more LoRA directories, comma-separated")
+    prompts = read_prompts(a.prompts) if a.prompts else [a.prompt]
+    w = parse_floats(a.w, "--w") if a.w else (1.0 / len(experts),) * len(experts)
+    pref = Preference(w, parse_finite(a.lam, "--lam"), a.allow_extrapolation)
+    if Path(a.out).suffix.lower() != ".png":
+        raise UsageError(f"--out {a.out}: give a .png path")
+    images, summary = sample_sd(a.model, experts, pref, prompts, a.steps,
+                                parse_finite(a.guidance, "--guidance"), a.seed, a.n, a.height,
+                                a.width)
+    save_image_grid(images, a.out)
+    _emit(summary | {"out": a.out}, a.json)
+
+
+def save_image_grid(images, path: str) -> None:
+    """Images ``[N, 3, H, W]`` in [0, 1] side by side in one PNG (written atomically)."""
+    from PIL import Image
+
+    from diffusion_blend.io import atomic_write
+
+    row = (images.clamp(0, 1) * 255).round().byte().permute(2, 0, 3, 1).flatten(1, 2)
+    atomic_write(path, lambda p: Image.fromarray(row.cpu().numpy()).save(p, format="PNG"))
+
+
+def cmd_finetune_sd(a: argparse.Namespace) -> None:
+    from diffusion_blend.finetune.config import preset
+    from diffusion_blend.finetune.sd import finetune_sd
+
+    cfg = preset(a.preset or f"sd-{a.estimator}", iterations=a.iterations,
+                 batch_size=a.batch_size, sample_steps=a.sample_steps, lr=a.lr,
+                 alpha=parse_finite(a.alpha, "--alpha") if a.alpha else None, seed=a.seed,
+                 mixed_precision=a.mixed_precision, grad_accumulation=a.grad_accumulation,
+                 checkpoint_every=a.checkpoint_every)
+    kwargs = {"model": a.reward_model} if a.reward_model else {}
+    result = finetune_sd(a.model, a.prompts, a.reward, cfg, a.out, kwargs,
+                         parse_finite(a.guidance, "--guidance"), a.height, a.width, a.resume,
+                         a.overwrite, progress=not a.json)
+    _emit(result, a.json)
+
+
+def _sd_commands(sub, sample_sub, finetune_sub) -> None:
+    size = (A("--height", type=int, default=None), A("--width", type=int, default=None))
+    _command(sample_sub, "sd", cmd_sample_sd, "DB-MPA / DB-KLA on a local diffusers pipeline",
+             A("--model", required=True, help="local pipeline dir or cached hub id"),
+             A("--experts", required=True, help="LoRA dirs, comma-separated"),
+             A("--w", default=None), A("--lam", default="1.0"),
+             A("--prompt", default="a photo of an apple"), A("--prompts", default=None),
+             A("--steps", type=int, default=50), A("--guidance", default="7.5"),
+             A("--seed", type=int, default=0), A("--n", type=int, default=1), *size,
+             A("--allow-extrapolation", action="store_true"), A("--out", default="sd.png"))
+    _command(finetune_sub, "sd", cmd_finetune_sd, "a LoRA expert for a diffusers pipeline",
+             A("--model", required=True), A("--prompts", required=True),
+             A("--reward", required=True, help="e.g. imagereward, pickscore, aesthetic"),
+             A("--reward-model", default=None, help="local weights of the reward model"),
+             A("--estimator", default="dpok", help="dpok | pathwise"),
+             A("--preset", default=None), A("--iterations", type=int, default=None),
+             A("--batch-size", type=int, default=None), A("--sample-steps", type=int,
+                                                          default=None),
+             A("--lr", type=float, default=None), A("--alpha", default=None),
+             A("--guidance", default="7.5"), *size,
+             A("--mixed-precision", default=None, help="no | bf16 | fp16"),
+             A("--grad-accumulation", type=int, default=None),
+             A("--checkpoint-every", type=int, default=None), A("--seed", type=int, default=0),
+             OUT, A("--resume", action="store_true"), OVERWRITE)
+
+
 # ---------------------------------------------------------------------------- sweeps
 
 
@@ -365,7 +439,7 @@ def _toy2d_commands(sub) -> None:
              A("--out", default="dblend-toy2d-demo"), OVERWRITE, json=False)
 
 
-def _digits_commands(sub) -> None:
+def _digits_commands(sub):
     dg = sub.add_parser("digits", help="the digits domain recipes").add_subparsers(
         dest="digits_command", required=True)
     _command(dg, "train-base", cmd_digits_train_base, "train the base model and classifiers",
@@ -383,12 +457,14 @@ def _digits_commands(sub) -> None:
              A("--w", default=None), A("--lam", default="1.0"), A("--n", type=int, default=16),
              A("--seed", type=int, default=0), A("--out", default=None),
              A("--allow-extrapolation", action="store_true"))
+    return smp
 
 
-def _bench_and_train_commands(sub) -> None:
+def _bench_and_train_commands(sub):
     ft = sub.add_parser("finetune", help="fine-tune an expert (KL-regularised RL)")
-    f = _command(ft.add_subparsers(dest="finetune_domain", required=True), "toy2d",
-                 cmd_finetune_toy2d, "on the exact testbed, against the analytic optimum")
+    ftsub = ft.add_subparsers(dest="finetune_domain", required=True)
+    f = _command(ftsub, "toy2d", cmd_finetune_toy2d,
+                 "on the exact testbed, against the analytic optimum")
     _add_finetune_args(f)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     _command(bench, "toy2d", cmd_bench_toy2d, "time the exact-expert blend, 2 experts",
@@ -401,6 +477,7 @@ def _bench_and_train_commands(sub) -> None:
              A("--quick", action="store_true", help="tiny sizes (a smoke test)"))
     _command(bench, "digits", cmd_bench_digits, "digits sampling throughput",
              A("--n", type=int, default=200))
+    return ftsub
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     _toy2d_commands(sub)
-    _digits_commands(sub)
-    _bench_and_train_commands(sub)
+    smp = _digits_commands(sub)
+    ftsub = _bench_and_train_commands(sub)
+    _sd_commands(sub, smp, ftsub)
     _sweep_commands(sub)
     _command(sub, "demo", cmd_demo, "the main demo: digits DB-MPA / DB-KLA grids and report",
              A("--out", default="dblend-demo"), OVERWRITE, json=False)

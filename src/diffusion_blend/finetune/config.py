@@ -115,6 +115,13 @@ PRESETS: dict[str, dict] = {
     "digits-dpok": {"estimator": "dpok", "iterations": 60, "batch_size": 32, "sample_steps": 10,
                     "lr": 3e-3, "alpha": 0.5, "freeze_last_step": True, "advantage": "batch",
                     "minibatches": 2, "checkpoint_every": 20, "eval_trajectories": 512},
+    # Stable Diffusion (starting points after DPOK / DRaFT; not tuned here: no GPU in CI)
+    "sd-dpok": {"estimator": "dpok", "iterations": 1000, "batch_size": 8, "sample_steps": 50,
+                "lr": 1e-4, "alpha": 0.01, "advantage": "batch", "minibatches": 2,
+                "timestep_fraction": 0.2, "checkpoint_every": 50, "eval_trajectories": 64},
+    "sd-pathwise": {"estimator": "pathwise", "iterations": 500, "batch_size": 4,
+                    "sample_steps": 50, "lr": 1e-4, "alpha": 0.01, "truncate_steps": 1,
+                    "grad_checkpointing": True, "checkpoint_every": 50, "eval_trajectories": 64},
 }
 
 

@@ -1,0 +1,212 @@
+"""The ``sd`` domain: any local diffusers text-to-image pipeline (Stable Diffusion 1.5, SDXL, ...)
+with LoRA experts, plugged into the project's sampler and fine-tuning engine.
+
+Nothing is downloaded: a pipeline loads from a local directory or the local hub cache, and a
+missing one is a ``UsageError`` that says how to provide it. Fine-tuning works on the latent
+DDPM chain of eps- or v-prediction UNets (the engine's Gaussian steps); the decoded image is
+scored by an image reward with the prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffusion_blend.blend import Guided
+from diffusion_blend.errors import UsageError
+from diffusion_blend.sampling import Schedule, to_eps
+
+log = logging.getLogger(__name__)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # DPOK's / the paper's attention LoRA
+ADAPTER = "expert"
+
+
+def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu"):
+    """A diffusers pipeline from a local directory or the local hub cache (never the network)."""
+    from diffusers import DiffusionPipeline
+
+    if str(model).startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise UsageError(f"--model {model}: no such directory (a pipeline saved with "
+                         "`pipe.save_pretrained(DIR)`, or a hub id in the local cache)")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(Path(model).expanduser()) if Path(
+            model).expanduser().is_dir() else str(model), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {str(model)!r}: no local diffusers pipeline there ({_first(e)})"
+                         f". Download it where there is internet (`huggingface-cli download "
+                         f"{model}`) and copy the cache here, or give a local directory made "
+                         "with `pipe.save_pretrained(DIR)`") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _first(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-empty line of ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--prompts {path}: no such file (one prompt per line)")
+    prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts {path} holds no prompt (one prompt per line)")
+    return prompts
+
+
+class UNetEps(nn.Module):
+    """``denoiser(x, t, encoder_hidden_states) -> eps`` over a diffusers UNet (v converted to
+    eps; a batch-1 conditioning is expanded to the batch). Extra conditioning keys are ignored."""
+
+    def __init__(self, unet: nn.Module, schedule: Schedule, prediction_type: str = "epsilon"):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise UsageError(f"prediction type {prediction_type!r}: the latent DDPM chain "
+                             "needs 'epsilon' or 'v_prediction'")
+        self.unet, self.kind = unet, "eps" if prediction_type == "epsilon" else "v"
+        self.abar = schedule.abar
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states=None, **_):
+        ehs = encoder_hidden_states
+        if ehs.shape[0] == 1 and x.shape[0] > 1:
+            ehs = ehs.expand(x.shape[0], *ehs.shape[1:])
+        pred = self.unet(x, t, encoder_hidden_states=ehs.to(x.dtype)).sample
+        return to_eps(pred, x, float(self.abar[int(t.reshape(-1)[0])]), self.kind)
+
+
+class PromptBank:
+    """The prompts' text embeddings, computed once; sample ``s`` gets prompt ``s % P``."""
+
+    def __init__(self, pipe, prompts: Sequence[str]):
+        self.prompts = list(prompts)
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt(self.prompts, pipe.device, 1, True)
+        self.cond, self.uncond = cond.detach(), uncond[:1].detach()
+
+    def index(self, seeds: Sequence[int]) -> torch.Tensor:
+        return torch.tensor([int(s) % len(self.prompts) for s in seeds], dtype=torch.long)
+
+    def __call__(self, seeds: Sequence[int]) -> dict:
+        idx = self.index(seeds)
+        return {"encoder_hidden_states": self.cond[idx.to(self.cond.device)], "prompt_idx": idx}
+
+
+class LatentReward:
+    """An image reward of the decoded latents, with each sample's prompt."""
+
+    def __init__(self, vae: nn.Module, reward, prompts: Sequence[str]):
+        self.vae, self.reward, self.prompts = vae.requires_grad_(False), reward, list(prompts)
+        self.name = getattr(reward, "name", "reward")
+        self.differentiable = getattr(reward, "differentiable", False)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        img = self.vae.decode(z.to(self.vae.dtype)).sample
+        return ((img.float() + 1) / 2).clamp(0, 1)
+
+    def __call__(self, latents: torch.Tensor, prompt_idx=None, **_) -> torch.Tensor:
+        prompts = [self.prompts[int(i)] for i in prompt_idx]
+        return self.reward(self.decode(latents), prompt=prompts)
+
+
+def latent_shape(pipe, height: int | None = None, width: int | None = None) -> tuple:
+    scale = pipe.vae_scale_factor
+    size = pipe.unet.config.sample_size * scale
+    return (pipe.unet.config.in_channels, (height or size) // scale, (width or size) // scale)
+
+
+def schedule_of(pipe) -> Schedule:
+    return Schedule(pipe.scheduler.betas.double().clone())
+
+
+def make_sd_task(pipe, prompts: Sequence[str], reward, cfg, guidance: float = 7.5,
+                 height: int | None = None, width: int | None = None):
+    """A fine-tuning ``Task`` on ``pipe``: a LoRA adapter on its UNet is the policy, the UNet
+    without it the reference, both with classifier-free guidance ``guidance``."""
+    from diffusion_blend.adapters import AdapterView, add_lora
+    from diffusion_blend.finetune.objective import Task
+
+    unet, schedule = pipe.unet, schedule_of(pipe)
+    unet.requires_grad_(False)
+    add_lora(unet, ADAPTER, cfg.lora_rank, LORA_TARGETS, seed=cfg.seed)
+    bank = PromptBank(pipe, prompts)
+    kind = pipe.scheduler.config.prediction_type
+
+    def guided(name):
+        den = UNetEps(AdapterView(unet, name), schedule, kind)
+        return den if guidance == 1.0 else Guided(den, guidance,
+                                                  {"encoder_hidden_states": bank.uncond})
+
+    policy = _TrainableView(guided(ADAPTER), unet)
+    latent_reward = LatentReward(pipe.vae, reward, prompts)
+    return Task(policy, guided(None), latent_reward, schedule, latent_shape(pipe, height, width),
+                differentiable=latent_reward.differentiable, cond=bank, device=pipe.device)
+
+
+class _TrainableView(nn.Module):
+    """The guided policy as a module whose parameters are the UNet's (the LoRA ones train)."""
+
+    def __init__(self, denoiser, unet: nn.Module):
+        super().__init__()
+        self.denoiser, self.unet = denoiser, unet
+
+    def forward(self, x, t, **cond):
+        return self.denoiser(x, t, **cond)
+
+
+def save_sd_expert(unet: nn.Module, out: str | Path, adapter: str = ADAPTER) -> Path:
+    """The adapter in diffusers' LoRA format: ``pipe.load_lora_weights(out, adapter_name=...)``."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter)
+    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=state)
+    return Path(out) / "pytorch_lora_weights.safetensors"
+
+
+def load_experts(pipe, experts: Sequence[str | Path]) -> list[str]:
+    """Load each LoRA directory onto the pipeline as adapter ``e0, e1, ...``."""
+    names = []
+    for i, path in enumerate(experts):
+        if not Path(path).exists():
+            raise UsageError(f"--experts: {path} does not exist (a LoRA directory or "
+                             ".safetensors file, e.g. from `dblend finetune sd`)")
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=f"e{i}")
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"--experts: {path} is not a LoRA diffusers can load "
+                             f"({_first(e)}); legacy files: `dblend convert-lora`") from None
+        names.append(f"e{i}")
+    return names
+
+
+def sample_sd(model, experts: Sequence[str], pref, prompts: Sequence[str], steps: int = 50,
+              guidance: float = 7.5, seed: int = 0, n: int = 1, height: int | None = None,
+              width: int | None = None) -> tuple[torch.Tensor, dict]:
+    """``n`` images per prompt with the blended pipeline; sample ``i`` uses seed ``seed + i``
+    (its own generator), so it does not depend on the batch it is in."""
+    import time
+
+    from diffusion_blend.pipelines import blend_pipeline
+
+    pipe = load_pipeline(model)
+    names = load_experts(pipe, experts)
+    pref.check_k(len(names))
+    model_ = blend_pipeline(pipe, names, pref)
+    batch = [p for p in prompts for _ in range(n)]
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(batch))]
+    start = time.perf_counter()
+    images = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                  height=height, width=width, output_type="pt").images
+    summary = {"model": str(model), "experts": [str(e) for e in experts], "w": list(pref.w),
+               "lam": pref.lam, "prompts": list(prompts), "n": len(batch), "seed": seed,
+               "steps": steps, "guidance": guidance, "nfe_per_step": model_.nfe,
+               "seconds": time.perf_counter() - start}
+    return images, summary
