@@ -347,7 +347,27 @@ def sweep_config(a: argparse.Namespace):
         lam_grid=lams, seeds=a.seeds, seed=a.seed, steps=a.steps, match=not a.no_match,
         train_morl=a.train_morl, baselines=MethodConfig(
             code_n=a.code_n, code_block=a.code_block,
-            rgg_gamma=parse_finite(a.rgg_gamma, "--rgg-gamma"), rgg_normalise=not a.rgg_raw))
+            rgg_gamma=parse_finite(a.rgg_gamma, "--rgg-gamma"), rgg_normalise=not a.rgg_raw),
+        sd=_sd_sweep(a) if a.domain == "sd" else None)
+
+
+def _sd_sweep(a: argparse.Namespace) -> dict:
+    """The sd part of a sweep config: the pipeline, the experts and their rewards."""
+    from diffusion_blend.domains.sd import read_prompts
+
+    if not (a.model and a.experts and a.rewards and a.prompts):
+        raise UsageError("--domain sd needs --model, --experts, --rewards and --prompts")
+    rewards = a.rewards.split(",")
+    models = a.reward_models.split(",") if a.reward_models else [""] * len(rewards)
+    if len(models) != len(rewards):
+        raise UsageError(f"--reward-models has {len(models)} entries for {len(rewards)} rewards")
+    morl = {}
+    for item in filter(None, (a.morl or "").split(",")):
+        w1, _, path = item.partition("=")
+        morl[str(parse_finite(w1, "--morl"))] = path
+    return {"model": a.model, "experts": a.experts.split(","), "rewards": rewards,
+            "prompts": read_prompts(a.prompts), "guidance": parse_finite(a.guidance, "--guidance"),
+            "reward_kwargs": [{"model": m} if m else {} for m in models], "morl": morl}
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
@@ -393,7 +413,15 @@ def _sweep_commands(sub) -> None:
              A("--code-n", type=int, default=4), A("--code-block", type=int, default=None),
              A("--rgg-gamma", default="0.3"),
              A("--rgg-raw", action="store_true", help="RGG without gradient normalisation"),
-             A("--reference-point", default=None), OUT, OVERWRITE)
+             A("--reference-point", default=None),
+             A("--model", default=None, help="sd: local pipeline"),
+             A("--experts", default=None, help="sd: LoRA dirs, one per reward"),
+             A("--rewards", default=None, help="sd: reward names, e.g. imagereward,aesthetic"),
+             A("--reward-models", default=None, help="sd: local weights per reward"),
+             A("--prompts", default=None, help="sd: prompt file (held-out prompts)"),
+             A("--guidance", default="7.5"), A("--morl", default=None,
+                                               help="sd: W1=LORA_DIR,... MORL adapters"),
+             OUT, OVERWRITE)
     _command(sub, "convert-lora", cmd_convert_lora,
              "legacy Diffusion Blend / DPOK LoRA (diffusers 0.14) -> PEFT safetensors",
              A("old_dir"), A("new_dir"), OVERWRITE)

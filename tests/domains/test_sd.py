@@ -95,3 +95,23 @@ def test_sample_sd_cli_and_lam_zero_is_the_base(model_dir, expert, capsys):
     assert torch.allclose(imgs, base, atol=1e-6)
     assert main(["sample", "sd", "--model", str(model_dir / "pipe"), "--experts", lora,
                  "--w", "0.5,0.5", "--out", str(model_dir / "x.png")]) == 2
+
+
+def test_sd_sweep_with_lora_experts(model_dir, expert, tmp_path):
+    from diffusion_blend.evaluation.report import write_report
+    from diffusion_blend.evaluation.sweep import SweepConfig, run_sweep
+
+    lora = str(expert / "lora")
+    sd_cfg = {"model": str(model_dir / "pipe"), "experts": [lora, lora],
+              "rewards": ["jpeg-compressibility", "jpeg-incompressibility"],
+              "prompts": ["a red apple", "a blue pear"], "guidance": 3.0}
+    cfg = SweepConfig(domain="sd", w_grid="0,1", seeds=2, steps=2, lam_grid=(2.0,),
+                      methods=("pretrained", "db-mpa", "soup", "code", "rgg", "morl"), sd=sd_cfg)
+    out = run_sweep(cfg, tmp_path / "sweep", progress=False)
+    rows = {r["key"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert rows["main|rgg|w=1,0|lam=1"]["available"] is False   # JPEG has no gradient
+    for w in ("1,0", "0,1"):
+        same = [rows[f"main|{m}|w={w}|lam=1"]["rewards"] for m in ("db-mpa", "soup", "morl")]
+        assert same[0] == same[1] == same[2]
+    write_report(out)
+    assert (out / "grids.png").exists() and (out / "report.md").exists()

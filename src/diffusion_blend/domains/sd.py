@@ -25,9 +25,21 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # DPOK's / the paper's att
 ADAPTER = "expert"
 
 
+def default_device() -> torch.device:
+    """The machine's accelerator when it has one (CUDA, MPS, XPU, ...), else the CPU; under
+    ``accelerate launch`` each process's own device."""
+    from diffusion_blend.finetune.distributed import Dist
+
+    dist = Dist()
+    if dist.world > 1:
+        return dist.device()
+    return torch.accelerator.current_accelerator() or torch.device("cpu")
+
+
 def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu"):
-    """A diffusers pipeline from a local directory or the local hub cache (never the network)."""
+                  device: str | torch.device | None = None):
+    """A diffusers pipeline from a local directory or the local hub cache (never the network),
+    on ``device`` (default: ``default_device()``)."""
     from diffusers import DiffusionPipeline
 
     if str(model).startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
@@ -42,7 +54,7 @@ def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32,
                          f"{model}`) and copy the cache here, or give a local directory made "
                          "with `pipe.save_pretrained(DIR)`") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device or default_device())
 
 
 def _first(e: Exception) -> str:

@@ -73,7 +73,7 @@ def parse_class(c) -> int:
 
 
 def image_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: list[str], title: str):
-    """A matplotlib figure: ``rows[i][j]`` is one 1x8x8 image."""
+    """A matplotlib figure: ``rows[i][j]`` is one image (1xHxW digits or 3xHxW RGB)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +84,11 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: list
     for i in range(nr):
         for j in range(nc):
             ax = axes[i][j]
-            ax.imshow(((rows[i][j][0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
+            img = rows[i][j]
+            if img.shape[0] == 3:   # RGB in [0, 1] (decoded sd latents)
+                ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+            else:                   # digits in [-1, 1]
+                ax.imshow(((img[0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

@@ -92,6 +92,8 @@ def chain_for(method: str, domain: SweepDomain, pref: Preference, seeds: list[in
     if method == "soup":
         return domain.soup(c), ["soup", "base"] + experts
     if method == "rgg":
+        if not getattr(domain, "differentiable", True):
+            return None, []   # RGG needs the reward's gradient
         return RewardGuided(domain.base, reward_w(domain, c), domain.schedule, mcfg.rgg_gamma,
                             mcfg.rgg_normalise), ["base"]
     if method == "morl":
@@ -102,7 +104,7 @@ def chain_for(method: str, domain: SweepDomain, pref: Preference, seeds: list[in
 def run_method(method: str, domain: SweepDomain, pref: Preference, seeds: list[int],
                mcfg: MethodConfig) -> Output | None:
     """Sample ``seeds`` with ``method`` at ``pref`` and measure it; None if it is unavailable
-    (no MORL oracle for this preference)."""
+    (no MORL oracle for this preference, or RGG with a non-differentiable reward)."""
     cond = domain.cond(seeds)
     if method == "code":
         block = mcfg.code_block or max(1, domain.steps // 5)

@@ -48,6 +48,7 @@ class SweepConfig:
     train_morl: bool = False
     n_show: int = 8
     baselines: MethodConfig = field(default_factory=MethodConfig)
+    sd: dict | None = None   # model, experts, rewards, prompts, guidance, reward_kwargs, morl
 
     def check(self) -> None:
         if self.domain not in DOMAINS:
@@ -130,8 +131,9 @@ def make_domain(cfg: SweepConfig, out: Path):
     if cfg.domain == "digits":
         return sweep_domains.DigitsSweep(cfg.pair, cfg.steps, morl_dir=out / "morl",
                                          train_morl=cfg.train_morl)
-    raise UsageError("--domain sd needs a pipeline and experts: use the Python API "
-                     "(`diffusion_blend.evaluation.sweep.run_sweep(cfg, domain=...)`)")
+    if not cfg.sd:
+        raise UsageError("--domain sd needs --model, --experts, --rewards and --prompts")
+    return sweep_domains.SdSweep(**cfg.sd, steps=cfg.steps)
 
 
 def measure_row(spec: RowSpec, domain, cfg: SweepConfig, seeds: list[int], out: Path) -> dict:
@@ -155,7 +157,8 @@ def measure_row(spec: RowSpec, domain, cfg: SweepConfig, seeds: list[int], out: 
                    "params": res.params}
     if hasattr(domain, "problem"):
         row["target"] = _toy2d_target(domain, pref, res.x0, cfg)
-    _save_samples(out, spec, res.x0[:cfg.n_show])
+    shown = res.x0[:cfg.n_show]
+    _save_samples(out, spec, domain.images(shown) if hasattr(domain, "images") else shown)
     return row
 
 

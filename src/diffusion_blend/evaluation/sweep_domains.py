@@ -143,3 +143,81 @@ class DigitsSweep:
                 total += sum(p.numel() for n, p in self.model.named_parameters()
                              if f".{names[part]}." in n)
         return total
+
+
+class SdSweep:
+    """sd: a local diffusers pipeline with one LoRA expert per reward, image rewards of the
+    decoded latents with each sample's prompt (sample ``s`` gets prompt ``s % P``), classifier-
+    free guidance on every model. MORL adapters are given as ``{w[0]: LoRA dir}``."""
+
+    name = "sd"
+
+    def __init__(self, model, experts, rewards, prompts, steps: int | None = None,
+                 guidance: float = 7.5, reward_kwargs: list[dict] | None = None,
+                 morl: dict[float, str] | None = None, height=None, width=None):
+        from diffusion_blend.domains import sd
+        from diffusion_blend.rewards import get_reward
+
+        if len(experts) != len(rewards):
+            raise UsageError(f"--experts ({len(experts)}) and --rewards ({len(rewards)}) must "
+                             "pair up: one expert per reward")
+        pipe = sd.load_pipeline(model)
+        self.pipe, self.unet, self.guidance = pipe, pipe.unet, guidance
+        self.names = sd.load_experts(pipe, experts)
+        self.bank = sd.PromptBank(pipe, prompts)
+        self.schedule, self.steps = sd.schedule_of(pipe), steps or 50
+        self.shape = sd.latent_shape(pipe, height, width)
+        kwargs = reward_kwargs or [{} for _ in rewards]
+        self.reward_fns = [sd.LatentReward(pipe.vae, get_reward(r, **kw), prompts)
+                           for r, kw in zip(rewards, kwargs, strict=True)]
+        self.reward_names, self.differentiable = list(rewards), all(
+            r.differentiable for r in self.reward_fns)
+        self.base = self._guided(AdapterView(self.unet, None))
+        self.experts = [self._guided(AdapterView(self.unet, n)) for n in self.names]
+        self.morl_dirs = {float(k): v for k, v in (morl or {}).items()}
+
+    def _guided(self, module) -> Denoiser:
+        from diffusion_blend.blend import Guided
+        from diffusion_blend.domains.sd import UNetEps
+
+        den = UNetEps(module, self.schedule, self.pipe.scheduler.config.prediction_type)
+        return Guided(den, self.guidance, {"encoder_hidden_states": self.bank.uncond})
+
+    def cond(self, seeds: list[int]) -> dict:
+        return self.bank(seeds)
+
+    def rewards(self, x0: torch.Tensor, prompt_idx=None, **_) -> torch.Tensor:
+        return torch.stack([r(x0, prompt_idx=prompt_idx) for r in self.reward_fns], 1)
+
+    def images(self, x0: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.reward_fns[0].decode(x0)
+
+    def soup(self, coefs: list[float]) -> Denoiser:
+        return self._guided(LoraSoup(self.unet, self.names, coefs))
+
+    def morl(self, pref: Preference) -> Denoiser | None:
+        if pref.lam == 1.0 and max(pref.w) == 1.0:
+            return self.experts[pref.w.index(1.0)]
+        path = self.morl_dirs.get(pref.w[0]) if pref.lam == 1.0 else None
+        if path is None:
+            return None
+        name = f"morl{len(self.morl_dirs)}_{round(pref.w[0] * 100):03d}"
+        if name not in {n for layer in _lora_layers(self.unet) for n in layer.lora_A}:
+            self.pipe.load_lora_weights(str(path), adapter_name=name)
+        return self._guided(AdapterView(self.unet, name))
+
+    def params(self, parts: list[str]) -> int:
+        total = sum(p.numel() for n, p in self.unet.named_parameters() if "lora_" not in n)
+        for part in parts:
+            if part.startswith("expert"):
+                name = self.names[int(part[len("expert"):])]
+                total += sum(p.numel() for n, p in self.unet.named_parameters()
+                             if f".{name}." in n)
+        return total
+
+
+def _lora_layers(model):
+    from diffusion_blend.adapters import lora_layers
+
+    return lora_layers(model)
