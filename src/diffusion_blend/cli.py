@@ -189,6 +189,16 @@ def cmd_bench_digits(a: argparse.Namespace) -> None:
     _emit(bench_digits(a.n), a.json)
 
 
+def cmd_bench_sd_memory(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.sd_memory import CONFIGS, bench_sd_memory
+
+    if a.config not in CONFIGS:
+        raise UsageError(f"--config {a.config!r} is not known; use one of {sorted(CONFIGS)}")
+    if min(a.experts, a.batch, a.rank, a.repeats) < 1:
+        raise UsageError("--experts, --batch, --rank and --repeats must be >= 1")
+    _emit(bench_sd_memory(a.config, a.experts, a.batch, a.rank, a.repeats), a.json)
+
+
 def cmd_toy2d_demo(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.toy2d import run_demo
 
@@ -505,6 +515,11 @@ def _bench_and_train_commands(sub):
              A("--quick", action="store_true", help="tiny sizes (a smoke test)"))
     _command(bench, "digits", cmd_bench_digits, "digits sampling throughput",
              A("--n", type=int, default=200))
+    _command(bench, "sd-memory", cmd_bench_sd_memory,
+             "K LoRA experts in one forward vs K full models: peak memory and time",
+             A("--config", default="small", help="small | sd15 (random weights)"),
+             A("--experts", type=int, default=3), A("--batch", type=int, default=2),
+             A("--rank", type=int, default=4), A("--repeats", type=int, default=3))
     return ftsub
 
 
