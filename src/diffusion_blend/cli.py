@@ -54,7 +54,10 @@ def _threads(n: int | None) -> None:
 
 def _add_toy2d_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", default="bimodal", help="preset name or JSON spec path")
-    p.add_argument("--method", default="blend", help="pretrained | blend | blend-ls | exact")
+    p.add_argument("--method", default="blend",
+                   help="pretrained | blend | blend-ls | exact | finetuned | smc")
+    p.add_argument("--particles", type=int, default=64, help="smc: particles per run")
+    p.add_argument("--ess-threshold", type=float, default=0.5, help="smc: resample below")
     p.add_argument("--w", default=None, help="weights, e.g. 0.3,0.7 (default uniform)")
     p.add_argument("--lam", default="1.0", help="KL-strength modifier lambda >= 0")
     p.add_argument("--n", type=int, default=20000)
@@ -78,7 +81,8 @@ def cmd_toy2d_sample(a: argparse.Namespace) -> None:
         spec=a.spec, method=a.method, w=parse_floats(a.w, "--w") if a.w else None,
         lam=parse_finite(a.lam, "--lam"), n=a.n, steps=a.steps, sampler=a.sampler, eta=a.eta,
         seed=a.seed, allow_extrapolation=a.allow_extrapolation,
-        experts=tuple(a.experts.split(",")) if a.experts else (),
+        experts=tuple(a.experts.split(",")) if a.experts else (), particles=a.particles,
+        ess_threshold=a.ess_threshold,
     )
     cfg.check()
     problem = load_problem(cfg.spec)
@@ -197,6 +201,15 @@ def cmd_bench_sd_memory(a: argparse.Namespace) -> None:
     if min(a.experts, a.batch, a.rank, a.repeats) < 1:
         raise UsageError("--experts, --batch, --rank and --repeats must be >= 1")
     _emit(bench_sd_memory(a.config, a.experts, a.batch, a.rank, a.repeats), a.json)
+
+
+def cmd_bench_smc(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.smc import bench_smc
+
+    _threads(a.threads)
+    ps = tuple(int(v) for v in parse_floats(a.particles, "--particles"))
+    w = parse_floats(a.w, "--w")
+    _emit(bench_smc(a.spec, w, a.n, ps, a.steps, a.seed, a.out, a.overwrite), a.json)
 
 
 def cmd_toy2d_demo(a: argparse.Namespace) -> None:
@@ -515,6 +528,11 @@ def _bench_and_train_commands(sub):
              A("--quick", action="store_true", help="tiny sizes (a smoke test)"))
     _command(bench, "digits", cmd_bench_digits, "digits sampling throughput",
              A("--n", type=int, default=200))
+    _command(bench, "smc", cmd_bench_smc, "SMC-corrected blend: error against the target vs P",
+             A("--spec", default="bimodal-linear"), A("--w", default="0.25,0.75"),
+             A("--n", type=int, default=65536), A("--particles", default="16,64,256,1024"),
+             A("--steps", type=int, default=1000), A("--seed", type=int, default=0),
+             A("--out", default="bench-smc"), OVERWRITE)
     _command(bench, "sd-memory", cmd_bench_sd_memory,
              "K LoRA experts in one forward vs K full models: peak memory and time",
              A("--config", default="small", help="small | sd15 (random weights)"),

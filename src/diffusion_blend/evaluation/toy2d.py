@@ -21,9 +21,9 @@ from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.metrics import energy_distance, mean_and_stderr
 from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_text
 from diffusion_blend.sampling import SAMPLERS, sample
-from diffusion_blend.seeding import seed_range
+from diffusion_blend.seeding import sample_uniforms, seed_range
 
-METHODS = ("pretrained", "blend", "blend-ls", "exact", "finetuned")
+METHODS = ("pretrained", "blend", "blend-ls", "exact", "finetuned", "smc")
 REFERENCE_SEED_OFFSET = 1_000_000_000  # exact reference samples use seeds disjoint from runs
 
 
@@ -42,6 +42,8 @@ class Toy2dSampleConfig:
     seed: int = 0
     allow_extrapolation: bool = False
     experts: tuple[str, ...] = ()
+    particles: int = 64            # smc: particles per run (n // particles runs)
+    ess_threshold: float = 0.5     # smc: resample when ESS < threshold * particles
 
     def preference(self, k: int) -> Preference:
         w = self.w if self.w is not None else (1.0 / k,) * k
@@ -61,6 +63,10 @@ class Toy2dSampleConfig:
             raise UsageError(f"--seed {self.seed} is not allowed; use >= 0")
         if not 0.0 <= self.eta <= 1.0:
             raise UsageError(f"--eta {self.eta} is not allowed; use 0 <= eta <= 1")
+        if self.method == "smc" and (self.particles < 1 or self.n % self.particles
+                                     or self.sampler != "ddpm"):
+            raise UsageError(f"--method smc: --particles {self.particles} must be >= 1 and "
+                             f"divide --n {self.n}, with --sampler ddpm")
 
 
 def build_denoiser(
@@ -100,17 +106,21 @@ def run_sample(
     c = (pref.lam * torch.tensor(pref.w, dtype=torch.float64) @ basis).tolist()
     target, log_z = problem.tilted(c)
     seeds = seed_range(cfg.seed, cfg.n)
-    start = time.perf_counter()
+    start, extra = time.perf_counter(), {}
+    experts = [e.denoiser for e in learned] if learned else None
     if cfg.method == "exact":
         x0, nfe = target.sample(seeds).float(), 0.0
+    elif cfg.method == "smc":
+        x0, nfe, extra = run_smc(problem, pref, c, seeds, cfg, experts)
     else:
-        experts = [e.denoiser for e in learned] if learned else None
         den = build_denoiser(problem, cfg.method, pref, seeds, experts)
         res = sample(den, problem.schedule, seeds, (problem.mixture.dim,), cfg.steps,
                      cfg.sampler, cfg.eta, progress=progress)
         x0, nfe = res.x0, res.nfe_per_sample
     seconds = time.perf_counter() - start
     means, errs = mean_and_stderr(problem.rewards_of(x0.double()))
+    if extra:   # smc: the weighted estimate of each run, then its spread over the runs
+        means, errs = extra.pop("mean_rewards"), extra.pop("stderr_rewards")
     reference = target.sample(seed_range(REFERENCE_SEED_OFFSET + cfg.seed, min(cfg.n, 4000)))
     summary = {
         "method": cfg.method, "w": list(pref.w), "lam": pref.lam, "n": cfg.n,
@@ -118,11 +128,37 @@ def run_sample(
         "nfe_per_sample": nfe, "mean_rewards": means, "stderr_rewards": errs,
         "target_mean_rewards": problem.expected_rewards(target), "target_log_z": log_z,
         "target_coefficients": c, "energy_distance": energy_distance(x0, reference),
-        "seconds": seconds,
+        "seconds": seconds, **extra,
     }
     if learned:
         summary["experts"] = [str(e.path) for e in learned]
     return summary, x0
+
+
+def run_smc(problem: Toy2dProblem, pref: Preference, c: list[float], seeds: list[int],
+            cfg: Toy2dSampleConfig, experts: list | None) -> tuple[torch.Tensor, float, dict]:
+    """SMC with the blend as proposal towards the base tilted by ``c . r / alpha``: equally
+    weighted samples (each run resampled by its final weights), NFE per particle, and the
+    weighted estimates with their diagnostics."""
+    from diffusion_blend.smc import smc_sample, systematic
+
+    coef = torch.tensor(c, dtype=torch.float64) / problem.alpha
+
+    def potential(x0, **_):
+        return problem.rewards_of(x0.double()) @ coef
+
+    res = smc_sample(build_denoiser(problem, "blend", pref, seeds, experts),
+                     problem.base_denoiser(), potential, problem.schedule, seeds,
+                     (problem.mixture.dim,), cfg.steps, cfg.particles, cfg.ess_threshold)
+    means, errs = mean_and_stderr(res.weighted_mean(problem.rewards_of(res.x0.double())))
+    r, p = res.log_weights.shape
+    u = sample_uniforms(seeds[::p], (), stream="smc-output")
+    flat = (systematic(res.log_weights, u) + p * torch.arange(r)[:, None]).reshape(-1)
+    return res.x0[flat], res.nfe_per_particle, {
+        "mean_rewards": means, "stderr_rewards": errs, "particles": p, "runs": r,
+        "ess_min": res.ess_min, "resampling_count": res.resampling_count,
+        "log_z_estimate": res.log_z_estimate(),
+        "log_z_stderr": float(res.log_z.exp().std() / res.log_z.exp().mean() / r**0.5)}
 
 
 def _with_learned(problem: Toy2dProblem, learned: list | None, method: str):

@@ -1,0 +1,138 @@
+"""SMC-corrected blend: sequential Monte Carlo with the blended chain as the proposal, whose
+final target is exactly ``p_pre(x0) exp(lam * r_w(x0) / alpha) / Z``.
+
+Targets along the chain: ``gamma_k(x_T..x_t) = p_pre(path) exp(psi(x_t))`` with the potential
+``psi(x_t) = lam * r_w(x0_hat(x_t)) / alpha`` (``x0_hat`` from the pretrained prediction). Both
+chains' steps are Gaussians with the same variance, so a particle moved by the proposal ``q``
+gets the incremental weight ``p_pre(x_s | x_t) / q(x_s | x_t) * exp(psi(x_s) - psi(x_t))``.
+
+The last DDPM step is a deterministic map in both chains (no density ratio), so the SMC runs to
+the state before it, ``x_1``, and every particle finishes with the *pretrained* model's last map
+``x0 = x0_hat_pre(x_1)``: there ``psi(x_1) = lam * r_w(x0) / alpha`` exactly, the final weights
+are exact, and the product of the mean incremental weights estimates ``Z = E_pre[exp(lam r_w /
+alpha)]`` without bias. Resampling (systematic, keyed by the run's seed) happens when the
+effective sample size drops below ``ess_threshold * P``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from diffusion_blend.blend import Denoiser, nfe_of
+from diffusion_blend.errors import UsageError
+from diffusion_blend.sampling import Schedule, ddpm_step, gaussian_logprob, predict_x0
+from diffusion_blend.seeding import sample_normals, sample_uniforms
+
+
+@dataclass
+class SmcResult:
+    """``R`` independent runs of ``P`` particles: final particles ``[R * P, ...]``, their
+    normalised log-weights ``[R, P]``, each run's ``log Z`` estimate, and diagnostics."""
+
+    x0: torch.Tensor
+    log_weights: torch.Tensor
+    log_z: torch.Tensor
+    ess_min: float
+    resampling_count: float       # mean number of resampling events per run
+    nfe_per_particle: float
+    paths: list[torch.Tensor] | None = None
+
+    def weighted_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-run weighted means of per-particle ``values`` (``[R * P, ...]`` -> ``[R, ...]``)."""
+        r, p = self.log_weights.shape
+        w = self.log_weights.exp().to(values.dtype)
+        v = values.reshape(r, p, -1)
+        return (w[:, :, None] * v).sum(1).reshape(r, *values.shape[1:])
+
+    def log_z_estimate(self) -> float:
+        """``log`` of the mean of the runs' unbiased ``Z`` estimates."""
+        return float(torch.logsumexp(self.log_z, 0) - math.log(len(self.log_z)))
+
+
+def _reweight(logw: torch.Tensor, logz: torch.Tensor, inc: torch.Tensor):
+    """Multiply the weights by ``exp(inc)``; accumulate ``log sum_i W_i exp(inc_i)``."""
+    new = logw + inc
+    step = torch.logsumexp(new, 1) - torch.logsumexp(logw, 1)
+    return new - torch.logsumexp(new, 1, keepdim=True), logz + step
+
+
+def ess(logw: torch.Tensor) -> torch.Tensor:
+    """Effective sample size of each run's normalised log-weights ``[R, P]``."""
+    return 1.0 / (2 * logw).exp().sum(1)
+
+
+def systematic(logw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Systematic resampling: ancestor indices ``[R, P]`` from one uniform per run."""
+    r, p = logw.shape
+    cum = logw.exp().cumsum(1)
+    cum[:, -1] = 1.0
+    pos = (u[:, None] + torch.arange(p, dtype=cum.dtype)) / p
+    return torch.searchsorted(cum, pos.to(cum.dtype)).clamp(max=p - 1)
+
+
+def _gather(v, flat_idx: torch.Tensor, n: int):
+    if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n:
+        return v[flat_idx.to(v.device)]
+    return v
+
+
+@torch.no_grad()
+def smc_sample(proposal: Denoiser, base: Denoiser, potential: Callable[..., torch.Tensor],
+               schedule: Schedule, seeds: Sequence[int], shape: tuple[int, ...],
+               steps: int | None, particles: int, ess_threshold: float = 0.5,
+               cond: dict | None = None, record: bool = False) -> SmcResult:
+    """Run ``len(seeds) // particles`` independent SMC runs (consecutive seeds form a run).
+
+    ``potential(x0, **cond) -> [N]`` is ``lam * r_w(x0) / alpha``. ``record`` keeps the paths
+    (states before each step, then the final particles), for checking the weights.
+    """
+    n, p = len(seeds), int(particles)
+    if p < 1 or n % p or not 0 <= ess_threshold <= 1:
+        raise UsageError(f"smc: {n} seeds, particles={particles}, ess_threshold={ess_threshold}:"
+                         " need particles >= 1 dividing the seeds and 0 <= threshold <= 1")
+    r, pairs, cond = n // p, schedule.pairs(steps), dict(cond or {})
+    if pairs[-1][2] != 1.0:
+        raise UsageError("smc needs the chain to end with the noise-free step")
+    noise = sample_normals(seeds, (len(pairs) + 1, *shape))
+    u = sample_uniforms(list(seeds[::p]), (len(pairs),), stream="smc-resample")
+    x, logw, logz = noise[:, 0], torch.full((r, p), -math.log(p), dtype=torch.float64), \
+        torch.zeros(r, dtype=torch.float64)
+    psi_prev = ratio = None
+    ess_min, resamples, paths = float(p), torch.zeros(r), [] if record else None
+    for k, (t, a_t, a_s) in enumerate(pairs):
+        if record:
+            paths.append(x)
+        tt = torch.full((n,), t, dtype=torch.long)
+        eps_p = base(x, tt, **cond)
+        psi = potential(predict_x0(eps_p, x, a_t), **cond).double()
+        inc = psi if k == 0 else ratio + psi - psi_prev
+        logw, logz = _reweight(logw, logz, inc.reshape(r, p))
+        if k == len(pairs) - 1:                      # x0 by the pretrained last map
+            x = ddpm_step(eps_p, x, a_t, a_s)[0]
+            break
+        e = ess(logw)
+        ess_min = min(ess_min, float(e.min()))
+        redo = e < ess_threshold * p
+        if bool(redo.any()):
+            anc = systematic(logw, u[:, k])
+            keep = torch.arange(p).expand(r, p)
+            anc = torch.where(redo[:, None], anc, keep)
+            flat = (anc + p * torch.arange(r)[:, None]).reshape(-1)
+            x, psi, eps_p = x[flat], psi[flat], eps_p[flat]
+            cond = {key: _gather(v, flat, n) for key, v in cond.items()}
+            logw = torch.where(redo[:, None], torch.full_like(logw, -math.log(p)), logw)
+            resamples += redo.float()
+        eps_q = proposal(x, tt, **cond)
+        mean_q, var = ddpm_step(eps_q, x, a_t, a_s)
+        mean_p, _ = ddpm_step(eps_p, x, a_t, a_s)
+        x_new = mean_q + math.sqrt(var) * noise[:, k + 1]
+        ratio = (gaussian_logprob(x_new, mean_p, var) - gaussian_logprob(x_new, mean_q, var))
+        ratio, psi_prev, x = ratio.double(), psi, x_new
+    if record:
+        paths.append(x)
+    nfe = len(pairs) * nfe_of(base) + (len(pairs) - 1) * nfe_of(proposal)
+    return SmcResult(x, logw, logz, ess_min, float(resamples.mean()), nfe, paths)
