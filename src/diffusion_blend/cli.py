@@ -367,7 +367,8 @@ def sweep_config(a: argparse.Namespace):
     return SweepConfig(
         domain=a.domain, spec=a.spec, pair=tuple(a.pair.split(",")) if a.pair else None,
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()), w_grid=a.w_grid,
-        lam_grid=lams, seeds=a.seeds, seed=a.seed, steps=a.steps, match=not a.no_match,
+        lam_grid=lams, gamma_grid=parse_floats(a.gamma_grid, "--gamma-grid"), seeds=a.seeds,
+        seed=a.seed, steps=a.steps, match=not a.no_match,
         train_morl=a.train_morl, baselines=MethodConfig(
             code_n=a.code_n, code_block=a.code_block,
             rgg_gamma=parse_finite(a.rgg_gamma, "--rgg-gamma"), rgg_normalise=not a.rgg_raw),
@@ -430,11 +431,12 @@ def _sweep_commands(sub) -> None:
              A("--methods", default=",".join(DEFAULT_METHODS)),
              A("--w-grid", default="0:1:0.1", help="start:stop:step or a comma list"),
              A("--lam-grid", default="0.5,1.5,2", help="DB-KLA and KL matching"),
+             A("--gamma-grid", default="0.01,0.03,0.1", help="RGG scales for KL matching"),
              A("--seeds", type=int, default=64), A("--seed", type=int, default=100_000_000),
              A("--steps", type=int, default=None), A("--no-match", action="store_true"),
              A("--train-morl", action="store_true", help="fine-tune missing MORL adapters"),
              A("--code-n", type=int, default=4), A("--code-block", type=int, default=None),
-             A("--rgg-gamma", default="0.3"),
+             A("--rgg-gamma", default="0.1"),
              A("--rgg-raw", action="store_true", help="RGG without gradient normalisation"),
              A("--reference-point", default=None),
              A("--model", default=None, help="sd: local pipeline"),

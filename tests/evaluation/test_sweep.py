@@ -34,6 +34,8 @@ def test_rows_cover_every_method_and_vertices_agree(swept):
     assert rows["kla|db-kla|w=1,0|lam=0"]["rewards"] == rows["main|pretrained|w=1,0|lam=1"][
         "rewards"]
     assert {"matched|db-mpa|w=0.5,0.5", "matched|soup|w=0.5,0.5"} <= rows.keys()
+    assert rows["matched|rgg|w=0.5,0.5"]["gamma"] > 0 and "grid|rgg|w=0.5,0.5|lam=1|gamma=0.01" \
+        in rows
     row = rows["main|code|w=0.5,0.5|lam=1"]
     assert row["cost"]["nfe_per_sample"] == 4 * 20 + 4 * 4 and "path_kl" not in row
     assert rows["main|db-mpa|w=0.5,0.5|lam=1"]["cost"]["params"] == 2 * 14  # two mixtures

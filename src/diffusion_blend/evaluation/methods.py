@@ -52,7 +52,7 @@ class MethodConfig:
 
     code_n: int = 4
     code_block: int | None = None     # steps per block; None: a fifth of the chain
-    rgg_gamma: float = 0.3
+    rgg_gamma: float = 0.1
     rgg_normalise: bool = True        # DPS-style: a step of fixed size per dimension
 
 

@@ -248,16 +248,19 @@ def paper_table(rows: list[dict], tag: str, names: list[str], ratios: dict) -> l
     """The paper's table at the interior w closest to uniform: rewards, r_w, gain vs MORL,
     costs (and, on toy2d, the distance to the exact target)."""
     w = _central_w(rows)
+    matched = {r["method"] for r in rows if r["tag"] == "matched"}
     pts = [r for r in rows if tuple(r["w"]) == w and (r["tag"] == tag or (
-        tag == "matched" and r["tag"] == "main" and r["method"] not in ("db-mpa", "soup")))]
+        tag == "matched" and r["tag"] == "main" and r["method"] not in matched))]
     toy = any("target" in r for r in pts)
-    head = ["method", "lam", *names, "r_w", "gain / MORL", "NFE", "s / sample", "peak MB",
-            "params", *(["reward error", "energy dist."] if toy else [])]
+    head = ["method", "lam (gamma)", *names, "r_w", "gain / MORL", "path KL", "NFE",
+            "s / sample", "peak MB", "params", *(["reward error", "energy dist."] if toy else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(pts, key=lambda r: r["method"]):
         c, ratio = r["cost"], ratios.get(r["method"], {}).get(f"{w[0]:g}")
-        cells = [r["method"], f"{r['lam']:g}", *(_cell(r, i) for i in range(len(names))),
+        knob = f"{r['lam']:g}" + (f" ({r['gamma']:.3g})" if r.get("gamma") is not None else "")
+        cells = [r["method"], knob, *(_cell(r, i) for i in range(len(names))),
                  f"{r['r_w']:+.3f}", "-" if ratio is None else f"{ratio:.2f}",
+                 f"{r['path_kl']:.3f}" if "path_kl" in r else "-",
                  f"{c['nfe_per_sample']:g}", f"{c['seconds_per_sample']:.2e}",
                  "-" if c["peak_memory_mb"] is None else f"{c['peak_memory_mb']:.0f}",
                  f"{c['params']:,}"]
@@ -286,8 +289,9 @@ def report_md(cfg: SweepConfig, rows: list[dict], summary: dict, names: list[str
              "", "## At lam = 1", "", *paper_table(rows, "main", names, ratios["main"])]
     if select(rows, "matched"):
         lines += ["", "## At matched distance from the base", "",
-                  "DB-MPA and the soup at the lam where their path KL to the pretrained chain "
-                  "equals MORL's at the same w (other methods as at lam = 1).", "",
+                  "DB-MPA and the soup at the lam, RGG at the gamma, where their path KL to the "
+                  "pretrained chain equals MORL's at the same w (the other methods as at "
+                  "lam = 1; CoDe's chain has no path density).", "",
                   *paper_table(rows, "matched", names, ratios["matched"])]
     lines += ["", "## Hypervolume", "",
               f"Reference point: {[round(v, 4) for v in summary['reference_point']]} "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,8 @@ from diffusion_blend.seeding import seed_range
 
 DOMAINS = ("toy2d", "digits", "sd")
 DEFAULT_METHODS = ("pretrained", "db-mpa", "db-mpa-ls", "db-kla", "soup", "code", "rgg", "morl")
-MATCHED = ("db-mpa", "soup")
+MATCHED = ("db-mpa", "soup")        # matched by lam
+KL_MATCHED = (*MATCHED, "rgg")       # rgg: matched by its guidance scale gamma
 REFERENCE_SEED = 2_000_000_000    # toy2d: exact target samples, disjoint from the sweep's
 
 
@@ -41,6 +42,7 @@ class SweepConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     w_grid: str = "0:1:0.1"
     lam_grid: tuple[float, ...] = (0.5, 1.5, 2.0)
+    gamma_grid: tuple[float, ...] = (0.01, 0.03, 0.1)   # RGG, for the KL-matched comparison
     seeds: int = 64
     seed: int = 100_000_000                 # held out: fine-tuning used other seeds
     steps: int | None = None
@@ -61,6 +63,8 @@ class SweepConfig:
             raise UsageError(f"--seeds {self.seeds} is not allowed; use >= 2 (for the CIs)")
         if any(not 0 <= lam <= 10 for lam in self.lam_grid):
             raise UsageError(f"--lam-grid {list(self.lam_grid)}: each lambda must be in [0, 10]")
+        if not self.gamma_grid or any(not g > 0 for g in self.gamma_grid):
+            raise UsageError(f"--gamma-grid {list(self.gamma_grid)}: each gamma must be > 0")
         parse_grid(self.w_grid)
 
     def to_dict(self) -> dict:
@@ -70,7 +74,7 @@ class SweepConfig:
     def from_dict(cls, d: dict) -> SweepConfig:
         d = dict(d)
         d["baselines"] = MethodConfig(**d.get("baselines", {}))
-        for k in ("methods", "lam_grid", "pair"):
+        for k in ("methods", "lam_grid", "gamma_grid", "pair"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
@@ -114,12 +118,14 @@ class RowSpec:
     w: tuple[float, ...]
     lam: float
     tag: str  # "main" (lam = 1), "kla" (DB-KLA lambda grid), "grid", "matched"
+    gamma: float | None = None   # RGG's guidance scale, when the row sets it
 
     @property
     def key(self) -> str:
         w = ",".join(f"{v:g}" for v in self.w)
         lam = "" if self.tag == "matched" else f"|lam={self.lam:g}"
-        return f"{self.tag}|{self.method}|w={w}{lam}"
+        gamma = "" if self.gamma is None or self.tag == "matched" else f"|gamma={self.gamma:g}"
+        return f"{self.tag}|{self.method}|w={w}{lam}{gamma}"
 
 
 def make_domain(cfg: SweepConfig, out: Path):
@@ -140,8 +146,9 @@ def measure_row(spec: RowSpec, domain, cfg: SweepConfig, seeds: list[int], out: 
     """Run one row and summarise it (rewards with 95% CIs, r_w, path KL, costs)."""
     pref = Preference(spec.w, spec.lam, allow_extrapolation=True)
     row = {"key": spec.key, "method": spec.method, "w": list(spec.w), "lam": spec.lam,
-           "tag": spec.tag}
-    res = run_method(spec.method, domain, pref, seeds, cfg.baselines)
+           "tag": spec.tag, "gamma": mcfg_gamma(spec, cfg)}
+    mcfg = cfg.baselines if spec.gamma is None else replace(cfg.baselines, rgg_gamma=spec.gamma)
+    res = run_method(spec.method, domain, pref, seeds, mcfg)
     if res is None:
         return row | {"available": False}
     with torch.no_grad():
@@ -160,6 +167,13 @@ def measure_row(spec: RowSpec, domain, cfg: SweepConfig, seeds: list[int], out: 
     shown = res.x0[:cfg.n_show]
     _save_samples(out, spec, domain.images(shown) if hasattr(domain, "images") else shown)
     return row
+
+
+def mcfg_gamma(spec: RowSpec, cfg: SweepConfig) -> float | None:
+    """RGG's guidance scale in a row (None for the other methods)."""
+    if spec.method != "rgg":
+        return None
+    return cfg.baselines.rgg_gamma if spec.gamma is None else spec.gamma
 
 
 def _stats(name: str, v: torch.Tensor) -> dict:
@@ -280,9 +294,17 @@ def _interior_with_morl(rows: dict) -> list[tuple[float, ...]]:
 
 
 def grid_rows(cfg: SweepConfig, rows: dict) -> list[RowSpec]:
-    """DB-MPA and the soup over the lambda grid where MORL exists (to find matched lambdas)."""
-    return [RowSpec(m, w, lam, "grid") for w in _interior_with_morl(rows)
-            for m in MATCHED if m in cfg.methods for lam in cfg.lam_grid if lam != 1.0]
+    """DB-MPA and the soup over the lambda grid, RGG over the gamma grid, where MORL exists
+    (to find the settings that match MORL's path KL)."""
+    out = [RowSpec(m, w, lam, "grid") for w in _interior_with_morl(rows)
+           for m in MATCHED if m in cfg.methods for lam in cfg.lam_grid if lam != 1.0]
+    out += [RowSpec("rgg", w, 1.0, "grid", g) for w in _interior_with_morl(rows)
+            if _rgg_ok(rows, w) for g in cfg.gamma_grid]
+    return out
+
+
+def _rgg_ok(rows: dict, w: tuple) -> bool:
+    return bool(rows.get(RowSpec("rgg", w, 1.0, "main").key, {}).get("available"))
 
 
 def matched_rows(cfg: SweepConfig, rows: dict) -> list[RowSpec]:
@@ -295,6 +317,11 @@ def matched_rows(cfg: SweepConfig, rows: dict) -> list[RowSpec]:
                    for lam, tag in [(1.0, "main")] + [(v, "grid") for v in cfg.lam_grid
                                                        if v != 1.0]]
             out.append(RowSpec(m, w, matched_lam(pts, target, max(cfg.lam_grid) * 2), "matched"))
+        if _rgg_ok(rows, w):
+            pts = [(g, rows[RowSpec("rgg", w, 1.0, "grid", g).key]["path_kl"])
+                   for g in cfg.gamma_grid]
+            g = matched_lam(pts, target, max(cfg.gamma_grid) * 2)
+            out.append(RowSpec("rgg", w, 1.0, "matched", g))
     return out
 
 
