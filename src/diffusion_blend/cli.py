@@ -212,6 +212,19 @@ def cmd_bench_smc(a: argparse.Namespace) -> None:
     _emit(bench_smc(a.spec, w, a.n, ps, a.steps, a.seed, a.out, a.overwrite), a.json)
 
 
+def cmd_distill_digits(a: argparse.Namespace) -> None:
+    from diffusion_blend.domains import digits
+    from diffusion_blend.finetune.distill_digits import DistillConfig, run_distill
+
+    _threads(a.threads)
+    cfg = DistillConfig(**({"iterations": a.iterations} if a.iterations else {}))
+    if cfg.iterations < 1:
+        raise UsageError(f"--iterations {cfg.iterations} is not allowed; use >= 1")
+    weights = Path(a.weights) if a.weights else digits.WEIGHTS_DIR
+    digits.load_base(weights)     # missing or corrupt weights: error before anything is written
+    _emit(run_distill(weights, Path(a.out), cfg, a.resume, progress=not a.json), a.json)
+
+
 def cmd_toy2d_demo(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.toy2d import run_demo
 
@@ -503,6 +516,11 @@ def _digits_commands(sub):
              A("--weights", required=True, help="directory with base/classifier weights"), OUT,
              A("--alpha", type=float, default=0.5), A("--iterations", type=int, default=None),
              A("--only", default=None, help="comma-separated expert names"))
+    ds = sub.add_parser("distill", help="amortised blend: one preference-conditioned adapter")
+    _command(ds.add_subparsers(dest="distill_domain", required=True), "digits",
+             cmd_distill_digits, "distil DB-MPA / DB-KLA of the shipped pair", OUT,
+             A("--weights", default=None, help="base + experts (default: shipped)"),
+             A("--iterations", type=int, default=None), A("--resume", action="store_true"))
     smp = sub.add_parser("sample", help="one-off sampling").add_subparsers(
         dest="sample_domain", required=True)
     _command(smp, "digits", cmd_sample_digits, "DB-MPA / DB-KLA with the shipped experts",

@@ -1,0 +1,142 @@
+"""``dblend distill digits``: the amortised blend of the shipped ``PAIR`` experts, distilled into
+one preference-conditioned adapter (see ``amortised``), saved beside the experts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion_blend.adapters import AdapterView, adapter_state, add_lora, load_adapter_state
+from diffusion_blend.amortised import (
+    AmortisedDenoiser,
+    PrefEmbedding,
+    coefficients,
+    merged_copy,
+    per_row_blend,
+    sample_preferences,
+)
+from diffusion_blend.blend import Preference
+from diffusion_blend.domains import digits
+from diffusion_blend.errors import UsageError
+from diffusion_blend.finetune.digits import LORA_TARGETS, PAIR, attach_expert, classes_for
+from diffusion_blend.finetune.objective import iteration_seeds
+from diffusion_blend.finetune.run import load_checkpoint, save_checkpoint
+from diffusion_blend.io import load_weights, save_weights
+from diffusion_blend.sampling import sample
+
+ADAPTER = "amortised"
+NAME = f"amortised_{PAIR[0]}_{PAIR[1]}"
+
+
+@dataclass
+class DistillConfig:
+    """The distillation recipe (saved in the adapter's JSON)."""
+
+    iterations: int = 200
+    batch_size: int = 32          # blended trajectories per iteration (10 states each)
+    lr: float = 3e-3
+    lam_max: float = 2.0          # lam drawn uniformly on [0, lam_max]
+    lora_rank: int = 8
+    hidden: int = 64
+    steps: int = 10
+    seed: int = 0
+    checkpoint_every: int = 50
+
+
+class _RowBlend:
+    """The per-row blend as a denoiser that keeps what it predicted (the regression targets)."""
+
+    def __init__(self, base, experts, feats):
+        self.base, self.experts, self.feats, self.outputs = base, experts, feats, []
+
+    def __call__(self, x, t, **cond):
+        out = per_row_blend(self.base, self.experts, x, t, cond, self.feats)
+        self.outputs.append(out)
+        return out
+
+
+def _setup(weights_dir: Path, cfg: DistillConfig):
+    model, base_meta = digits.load_base(weights_dir)
+    experts = [attach_expert(model, base_meta, weights_dir / "experts" / f"{n}.safetensors")[0]
+               for n in PAIR]
+    add_lora(model, ADAPTER, cfg.lora_rank, LORA_TARGETS, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    emb = PrefEmbedding(len(PAIR), model.unet.time_embedding.linear_2.out_features, cfg.hidden)
+    emb.attach(model.unet.time_embedding)
+    return model, base_meta, experts, emb
+
+
+def _iteration(model, experts, emb, opt, cfg: DistillConfig, it: int) -> float:
+    seeds = iteration_seeds(cfg.seed, it, cfg.batch_size)
+    y = classes_for(seeds)
+    gen = torch.Generator().manual_seed((cfg.seed << 32) + it)
+    feats = coefficients(*sample_preferences(gen, len(seeds), len(PAIR), cfg.lam_max))
+    teacher = _RowBlend(AdapterView(model, None), experts, feats)
+    res = sample(teacher, digits.BaseConfig().schedule(), seeds, digits.SHAPE, cfg.steps,
+                 cond={"y": y}, record=True)
+    ts = [t for t, _, _ in digits.BaseConfig().schedule().pairs(cfg.steps)]
+    x = torch.cat(res.states[:-1])
+    t = torch.cat([torch.full((len(seeds),), v) for v in ts])
+    emb.current = feats.repeat(len(ts), 1)
+    try:
+        pred = AdapterView(model, ADAPTER)(x, t, y=y.repeat(len(ts)))
+    finally:
+        emb.current = None
+    loss = (pred - torch.cat(teacher.outputs)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def run_distill(weights_dir: Path, out: Path, cfg: DistillConfig | None = None,
+                resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) and save ``OUT/amortised_<pair>.safetensors`` with its JSON."""
+    cfg = cfg or DistillConfig()
+    weights_dir, out = Path(weights_dir), Path(out)
+    model, base_meta, experts, emb = _setup(weights_dir, cfg)
+    params = [p for p in model.parameters() if p.requires_grad] + list(emb.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    modules, opts = {"lora": model, "pref": emb}, {"optimizer": opt}
+    out.mkdir(parents=True, exist_ok=True)
+    start = load_checkpoint(out, modules, opts)["iteration"] if resume else 0
+    t0, loss = time.perf_counter(), float("nan")
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
+               disable=not progress, desc="distill")
+    for it in bar:
+        loss = _iteration(model, experts, emb, opt, cfg, it)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            save_checkpoint(out, it + 1, modules, opts, asdict(cfg))
+    state = {f"lora.{k}": v for k, v in adapter_state(model, ADAPTER).items()}
+    state |= {f"pref.{k}": v.detach().contiguous() for k, v in emb.state_dict().items()}
+    return save_weights(out / f"{NAME}.safetensors", state, {
+        "recipe": "dblend distill digits", "pair": list(PAIR), "config": asdict(cfg),
+        "base_sha256": base_meta["sha256"], "final_loss": loss,
+        "lora": {"rank": cfg.lora_rank, "targets": list(LORA_TARGETS)},
+        "train_seconds": time.perf_counter() - t0})
+
+
+def load_amortised(weights_dir: Path | None = None, preference: Preference | None = None,
+                   path: Path | None = None):
+    """The shipped (or ``path``) amortised blend as a denoiser (LoRA merged: one model's cost
+    per step)."""
+    weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
+    model, base_meta = digits.load_base(weights_dir)
+    state, meta = load_weights(path or weights_dir / "experts" / f"{NAME}.safetensors",
+                               "dblend distill digits")
+    if meta.get("base_sha256") != base_meta["sha256"]:
+        raise UsageError(f"{NAME} was distilled on another base; rerun `dblend distill digits`")
+    add_lora(model, ADAPTER, meta["lora"]["rank"], meta["lora"]["targets"])
+    load_adapter_state(model, ADAPTER, {k[5:]: v for k, v in state.items()
+                                        if k.startswith("lora.")})
+    emb = PrefEmbedding(len(meta["pair"]), model.unet.time_embedding.linear_2.out_features,
+                        meta["config"]["hidden"])
+    emb.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("pref.")})
+    net = merged_copy(model, ADAPTER)
+    return AmortisedDenoiser(net, emb.requires_grad_(False), net.unet.time_embedding,
+                             preference or Preference((0.5, 0.5)))

@@ -1,0 +1,98 @@
+"""The amortised blend: its pieces on tiny models, the recipe, and the shipped adapter."""
+
+import torch
+
+from diffusion_blend.adapters import AdapterView, add_lora
+from diffusion_blend.amortised import (
+    AmortisedDenoiser,
+    PrefEmbedding,
+    coefficients,
+    merged_copy,
+    per_row_blend,
+    sample_preferences,
+)
+from diffusion_blend.blend import BlendedDenoiser, Preference
+from tests.test_adapters import Tiny, _perturb
+
+
+class TinyTime(torch.nn.Module):
+    """A denoiser with a time-embedding module the preference MLP can add to."""
+
+    def __init__(self):
+        super().__init__()
+        self.time_embedding = torch.nn.Linear(1, 16)
+        self.inp, self.out = torch.nn.Linear(3, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x, t, **_):
+        temb = self.time_embedding(t[:, None].float() / 1000)
+        return self.out(torch.tanh(self.inp(x) + temb))
+
+
+def test_merged_copy_equals_the_adapter_view_and_drops_lora_wrappers():
+    torch.manual_seed(0)
+    model = Tiny().requires_grad_(False)
+    add_lora(model, "a", 2, ["inp", "out"], seed=0)
+    add_lora(model, "b", 2, ["inp", "out"], seed=1)
+    _perturb(model, "a", 0)
+    x, t = torch.randn(4, 3), torch.full((4,), 5)
+    merged = merged_copy(model, "a")
+    assert torch.allclose(merged(x, t), AdapterView(model, "a")(x, t), atol=1e-6)
+    assert type(merged.inp) is torch.nn.Linear    # a plain network: one model's cost
+
+
+def test_untrained_amortised_model_is_the_base_and_conditioning_moves_it():
+    torch.manual_seed(0)
+    net = TinyTime().requires_grad_(False)
+    emb = PrefEmbedding(2, 16)
+    den = AmortisedDenoiser(net, emb, net.time_embedding, Preference((0.3, 0.7), 1.5, True))
+    x, t = torch.randn(4, 3), torch.full((4,), 5)
+    assert torch.equal(den(x, t), net(x, t)) and den.nfe == 1.0 and emb.current is None
+    torch.nn.init.normal_(emb.net[-1].weight)
+    moved = den(x, t)
+    den.preference = Preference((0.7, 0.3), 1.5, True)
+    assert not torch.allclose(moved, net(x, t)) and not torch.allclose(moved, den(x, t))
+
+
+def test_per_row_blend_matches_the_blended_denoiser_row_by_row():
+    torch.manual_seed(0)
+    base, e1, e2 = TinyTime(), TinyTime(), TinyTime()
+    x, t = torch.randn(3, 3), torch.full((3,), 7)
+    prefs = [Preference((0.2, 0.8)), Preference((1.0, 0.0), 0.5), Preference((0.5, 0.5), 2.0,
+                                                                              True)]
+    feats = coefficients(torch.tensor([p.w for p in prefs]), torch.tensor([p.lam for p in prefs]))
+    rows = per_row_blend(base, [e1, e2], x, t, {}, feats)
+    for i, p in enumerate(prefs):
+        want = BlendedDenoiser(base, [e1, e2], p)(x[i:i + 1], t[i:i + 1])
+        assert torch.allclose(rows[i:i + 1], want, atol=1e-6)
+
+
+def test_preferences_lie_on_the_simplex_and_in_the_lambda_range():
+    w, lam = sample_preferences(torch.Generator().manual_seed(0), 500, 3, 2.0)
+    assert torch.allclose(w.sum(1), torch.ones(500)) and (w >= 0).all()
+    assert (lam >= 0).all() and (lam <= 2).all() and (w.max(1).values == 1).sum() > 50
+
+
+def test_distill_recipe_resumes_to_the_same_weights_and_the_loader_accepts_it(tmp_path):
+    from safetensors.torch import load_file
+
+    from diffusion_blend.domains import digits
+    from diffusion_blend.finetune.distill_digits import (
+        NAME,
+        DistillConfig,
+        load_amortised,
+        run_distill,
+    )
+
+    cfg = dict(batch_size=4, checkpoint_every=1)
+    run_distill(digits.WEIGHTS_DIR, tmp_path / "a", DistillConfig(iterations=2, **cfg),
+                progress=False)
+    run_distill(digits.WEIGHTS_DIR, tmp_path / "b", DistillConfig(iterations=1, **cfg),
+                progress=False)
+    run_distill(digits.WEIGHTS_DIR, tmp_path / "b", DistillConfig(iterations=2, **cfg),
+                resume=True, progress=False)
+    a = load_file(tmp_path / "a" / f"{NAME}.safetensors")
+    b = load_file(tmp_path / "b" / f"{NAME}.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    den = load_amortised(path=tmp_path / "a" / f"{NAME}.safetensors")
+    x = den(torch.randn(2, 1, 8, 8), torch.full((2,), 10), y=torch.tensor([1, 2]))
+    assert x.shape == (2, 1, 8, 8) and den.nfe == 1.0
