@@ -225,6 +225,21 @@ def cmd_distill_digits(a: argparse.Namespace) -> None:
     _emit(run_distill(weights, Path(a.out), cfg, a.resume, progress=not a.json), a.json)
 
 
+def cmd_ui(a: argparse.Namespace) -> None:
+    from diffusion_blend.ui import run_ui
+
+    _threads(a.threads)
+    experts = [e for e in (a.experts or "").split(",") if e] or None
+    if a.sd_model and not experts:
+        raise UsageError("--sd-model needs --experts (LoRA directories)")
+    server = run_ui(experts, a.out, a.host, a.port, a.sd_model, a.allow_extrapolation, a.steps)
+    sys.stderr.write(f"dblend ui: serving {server.url} (Ctrl-C stops)\n")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+
+
 def cmd_toy2d_demo(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.toy2d import run_demo
 
@@ -571,6 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
     ftsub = _bench_and_train_commands(sub)
     _sd_commands(sub, smp, ftsub)
     _sweep_commands(sub)
+    _command(sub, "ui", cmd_ui, "live sliders for w and lambda (local web page)",
+             A("--experts", default=None, help="digits expert names or sd LoRA dirs"),
+             A("--sd-model", default=None, help="a local diffusers pipeline instead of digits"),
+             A("--steps", type=int, default=30, help="sd sampling steps"),
+             A("--host", default="127.0.0.1"), A("--port", type=int, default=7860),
+             A("--out", default="dblend-ui", help="where 'save image' writes"),
+             A("--allow-extrapolation", action="store_true"), json=False)
     _command(sub, "demo", cmd_demo, "the main demo: digits DB-MPA / DB-KLA grids and report",
              A("--out", default="dblend-demo"), OVERWRITE, json=False)
     return p

@@ -216,12 +216,16 @@ def demo_report(rows: dict, cross: dict, seconds: float, n_per_class: int) -> st
 
 
 def run_sample(cls: int, w, lam: float, n: int, seed: int, experts: list[str],
-               allow_extrapolation: bool = False, weights_dir: Path | None = None) -> tuple:
-    """One-off sampling for ``dblend sample digits``: images and a JSON summary."""
+               allow_extrapolation: bool = False, weights_dir: Path | None = None,
+               bench: DigitsBench | None = None) -> tuple:
+    """One-off sampling for ``dblend sample digits`` (and the UI, which passes its loaded
+    ``bench``): images and a JSON summary."""
     cls = parse_class(cls)
     pref = Preference(w, lam, allow_extrapolation)
     pref.check_k(len(experts))
-    bench = DigitsBench(list(experts), weights_dir)
+    if n < 1:
+        raise UsageError(f"--n {n} is not allowed; use >= 1")
+    bench = bench or DigitsBench(list(experts), weights_dir)
     classes = torch.full((n,), cls, dtype=torch.long)
     start = time.perf_counter()
     x0, nfe = bench.render(bench.blend(list(experts), pref), classes, list(range(seed, seed + n)))

@@ -1,0 +1,298 @@
+"""``dblend ui``: live sliders for ``w`` and ``lambda`` that re-render the same seed.
+
+A small local web app on the standard library's HTTP server (no web framework): the page has
+one slider per expert weight, one for lambda, the class (digits) or prompt (sd) and the seed;
+every change asks ``/render`` for new images, the mean rewards and the Pareto plot with the
+current point. The server validates every input with the library's own checks (the same errors
+as the CLI, shown in the page; the server keeps running), binds to localhost by default, and
+writes only into its output directory (``/save``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import torch
+
+from diffusion_blend.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def png_base64(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class DigitsSession:
+    """The shipped digits base and experts, loaded once; renders like ``dblend sample digits``."""
+
+    kind, n = "digits", 8
+
+    def __init__(self, experts: list[str], allow_extrapolation: bool = False):
+        from diffusion_blend.evaluation.digits_demo import DigitsBench
+
+        self.experts, self.allow = list(experts), allow_extrapolation
+        self.bench = DigitsBench(self.experts)
+        self.front = self._expert_points()
+
+    def _expert_points(self) -> dict[str, list[float]]:
+        """Mean rewards of the pretrained model and each expert (for the Pareto plot)."""
+        classes = torch.arange(10).repeat(5)
+        seeds = list(range(900_000, 900_000 + len(classes)))
+        dens = {"pretrained": self.bench.base} | {e: self.bench.expert(e) for e in self.experts}
+        out = {}
+        for name, den in dens.items():
+            scores = self.bench.score(self.bench.render(den, classes, seeds)[0], classes)
+            out[name] = [scores[r]["mean"] for r in self.experts[:2]]
+        return out
+
+    def render(self, q: dict) -> dict:
+        from diffusion_blend.evaluation.digits_demo import image_grid, run_sample
+
+        w = [_number(q, f"w{i}") for i in range(len(self.experts))]
+        x0, summary = run_sample(_text(q, "class", "0"), w, _number(q, "lam"), self.n,
+                                 int(_number(q, "seed")), self.experts, self.allow,
+                                 bench=self.bench)
+        fig = image_grid([list(x0)], [""], [""] * self.n, f"digit {summary['class']}")
+        return summary | {"image": png_base64(fig), "pareto": self.pareto(summary)}
+
+    def pareto(self, summary: dict) -> str | None:
+        if len(self.experts) < 2:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        a, b = self.experts[:2]
+        fig, ax = plt.subplots(figsize=(3.6, 3))
+        for name, (x, y) in self.front.items():
+            ax.plot(x, y, "*" if name == "pretrained" else "s", label=name)
+        r = summary["mean_rewards"]
+        ax.plot(r[a], r[b], "ro", ms=9, label="current (this class)")
+        ax.set_xlabel(a)
+        ax.set_ylabel(b)
+        ax.legend(fontsize=6)
+        return png_base64(fig)
+
+
+class SdSession:
+    """A local diffusers pipeline with LoRA experts, blended once; the preference changes per
+    request (nothing is reloaded)."""
+
+    kind, n = "sd", 1
+
+    def __init__(self, model: str, experts: list[str], steps: int = 30, guidance: float = 7.5,
+                 allow_extrapolation: bool = False):
+        from diffusion_blend.blend import Preference
+        from diffusion_blend.domains.sd import load_experts, load_pipeline
+        from diffusion_blend.pipelines import blend_pipeline
+
+        self.pipe = load_pipeline(model)
+        self.experts = [str(e) for e in experts]
+        names = load_experts(self.pipe, self.experts)
+        k = len(names)
+        self.model = blend_pipeline(self.pipe, names, Preference((1.0 / k,) * k))
+        self.steps, self.guidance, self.allow = steps, guidance, allow_extrapolation
+
+    def render(self, q: dict) -> dict:
+        from diffusion_blend.blend import Preference
+
+        w = [_number(q, f"w{i}") for i in range(len(self.experts))]
+        self.model.preference = Preference(w, _number(q, "lam"), self.allow)
+        seed, prompt = int(_number(q, "seed")), _text(q, "prompt", "a photo of an apple")
+        start = time.perf_counter()
+        img = self.pipe([prompt], num_inference_steps=self.steps, guidance_scale=self.guidance,
+                        generator=[torch.Generator().manual_seed(seed)], output_type="pil").images
+        buf = io.BytesIO()
+        img[0].save(buf, format="PNG")
+        return {"w": w, "lam": self.model.preference.lam, "seed": seed, "prompt": prompt,
+                "seconds": time.perf_counter() - start, "mean_rewards": {},
+                "image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
+                "pareto": None}
+
+
+def _number(q: dict, name: str) -> float:
+    raw = _text(q, name, None)
+    try:
+        v = float(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name}={raw!r} is not a number") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise UsageError(f"{name}={raw!r} must be finite")
+    return v
+
+
+def _text(q: dict, name: str, default):
+    vals = q.get(name)
+    if not vals:
+        if default is None:
+            raise UsageError(f"{name} is missing")
+        return default
+    return vals[0]
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+class UiServer:
+    """The HTTP server around a session; one render at a time (models are shared)."""
+
+    def __init__(self, session, out: Path, host: str = "127.0.0.1", port: int = 7860):
+        self.session, self.out, self.lock = session, Path(out), threading.Lock()
+        self.last: dict | None = None
+        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def render(self, q: dict) -> dict:
+        with self.lock:
+            out = self.session.render(q)
+            self.last = out
+            return out
+
+    def save(self) -> dict:
+        """Write the last rendered image into the output directory (a server-chosen name)."""
+        from diffusion_blend.io import atomic_write
+
+        if self.last is None:
+            raise UsageError("nothing rendered yet")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"ui-{len(list(self.out.glob('ui-*.png'))):04d}.png"
+        data = base64.b64decode(self.last["image"].split(",", 1)[1])
+        atomic_write(path, lambda p: p.write_bytes(data))
+        return {"saved": str(path)}
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def start(self) -> threading.Thread:
+        th = threading.Thread(target=self.serve_forever, daemon=True)
+        th.start()
+        return th
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _handler(app: UiServer):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, fmt, *args):   # through logging, not stderr
+            log.debug(fmt, *args)
+
+        def do_GET(self):
+            url = urlparse(self.path)
+            if url.path == "/":
+                return self._send(200, "text/html", page(app.session).encode())
+            routes = {"/render": lambda: app.render(parse_qs(url.query)), "/save": app.save}
+            if url.path not in routes:
+                return self._json(404, {"error": f"no page {url.path}"})
+            try:
+                return self._json(200, routes[url.path]())
+            except UsageError as e:
+                return self._json(400, {"error": str(e)})
+
+        def _json(self, code: int, obj: dict):
+            self._send(code, "application/json", json.dumps(obj).encode())
+
+        def _send(self, code: int, ctype: str, body: bytes):
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def page(session) -> str:
+    """The single HTML page: sliders, inputs, images, numbers; plain JavaScript."""
+    lam_max = 2.0 if session.allow else 1.0
+    k = len(session.experts)
+    sliders = "".join(
+        f'<label>{html.escape(Path(e).name)} <input type="range" id="w{i}" min="0" max="1" '
+        f'step="0.05" value="{1 / k:.2f}"><span id="w{i}v"></span></label><br>'
+        for i, e in enumerate(session.experts))
+    cond = ('<label>class <input id="class" type="number" min="0" max="9" value="3"></label>'
+            if session.kind == "digits" else
+            '<label>prompt <input id="prompt" size="40" value="a photo of an apple"></label>')
+    return _PAGE.format(sliders=sliders, cond=cond, lam_max=lam_max, k=k, kind=session.kind)
+
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>diffusion-blend</title>
+<style>body{{font-family:sans-serif;margin:1em}} #err{{color:#b00}} img{{image-rendering:pixelated}}
+</style></head><body><h3>diffusion-blend: live preference sliders</h3>
+{sliders}<label>lambda <input type="range" id="lam" min="0" max="{lam_max}" step="0.05"
+value="1"><span id="lamv"></span></label><br>{cond}
+<label>seed <input id="seed" type="number" value="0"></label>
+<button id="save">save image</button>
+<div id="err"></div><div><img id="img" width="640"></div><div><img id="pareto"></div>
+<pre id="numbers"></pre>
+<script>
+const K = {k}, KIND = "{kind}";
+let pending = null, busy = false;
+function params() {{
+  const q = new URLSearchParams();
+  for (let i = 0; i < K; i++) {{
+    const v = document.getElementById("w" + i).value;
+    q.set("w" + i, v); document.getElementById("w" + i + "v").textContent = " " + v;
+  }}
+  const lam = document.getElementById("lam").value;
+  q.set("lam", lam); document.getElementById("lamv").textContent = " " + lam;
+  q.set("seed", document.getElementById("seed").value);
+  if (KIND == "digits") q.set("class", document.getElementById("class").value);
+  else q.set("prompt", document.getElementById("prompt").value);
+  return q;
+}}
+async function render() {{
+  if (busy) {{ pending = true; return; }}
+  busy = true; pending = false;
+  const r = await fetch("/render?" + params().toString());
+  const d = await r.json();
+  if (!r.ok) {{ document.getElementById("err").textContent = d.error; }}
+  else {{
+    document.getElementById("err").textContent = "";
+    document.getElementById("img").src = d.image;
+    if (d.pareto) document.getElementById("pareto").src = d.pareto;
+    document.getElementById("numbers").textContent = JSON.stringify(
+      {{mean_rewards: d.mean_rewards, w: d.w, lam: d.lam, seconds: d.seconds}}, null, 1);
+    document.body.dataset.renders = String(Number(document.body.dataset.renders || 0) + 1);
+  }}
+  busy = false;
+  if (pending) render();
+}}
+document.querySelectorAll("input").forEach(e => e.addEventListener("input", render));
+document.getElementById("save").addEventListener("click", () => fetch("/save"));
+render();
+</script></body></html>"""
+
+
+def run_ui(experts: list[str] | None = None, out: str | Path = "dblend-ui",
+           host: str = "127.0.0.1", port: int = 7860, sd_model: str | None = None,
+           allow_extrapolation: bool = False, steps: int = 30) -> UiServer:
+    """Build the session (digits by default, or an sd pipeline) and its server (not started)."""
+    if sd_model:
+        session = SdSession(sd_model, experts or [], steps, allow_extrapolation=allow_extrapolation)
+    else:
+        from diffusion_blend.finetune.digits import PAIR
+
+        session = DigitsSession(list(experts or PAIR), allow_extrapolation)
+    return UiServer(session, Path(out), host, port)
