@@ -96,3 +96,20 @@ def test_distill_recipe_resumes_to_the_same_weights_and_the_loader_accepts_it(tm
     den = load_amortised(path=tmp_path / "a" / f"{NAME}.safetensors")
     x = den(torch.randn(2, 1, 8, 8), torch.full((2,), 10), y=torch.tensor([1, 2]))
     assert x.shape == (2, 1, 8, 8) and den.nfe == 1.0
+
+
+def test_a_preference_outside_the_training_range_is_refused():
+    import pytest
+
+    from diffusion_blend.errors import UsageError
+
+    net = TinyTime()
+    den = AmortisedDenoiser(net, PrefEmbedding(2, 16), net.time_embedding,
+                            Preference((0.5, 0.5)), lam_max=2.0)
+    den.preference = Preference((0.2, 0.8), 1.8, allow_extrapolation=True)   # inside
+    for bad in (Preference((0.2, 0.8), 2.5, True), Preference((0.2, 0.5)),
+                Preference((-0.2, 1.2), 1.0, True)):
+        with pytest.raises(UsageError, match="outside"):
+            den.preference = bad
+    AmortisedDenoiser(net, PrefEmbedding(2, 16), net.time_embedding,
+                      Preference((0.2, 0.5)), lam_max=2.0, allow_extrapolation=True)

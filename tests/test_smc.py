@@ -86,3 +86,22 @@ def test_bad_smc_settings():
     proposal, base, pot = _setup(problem, Preference((0.5, 0.5)))
     with pytest.raises(UsageError, match="particles=3"):
         smc_sample(proposal, base, pot, problem.schedule, list(range(10)), (2,), 5, 3)
+
+
+def test_ess_collapse_is_reported_not_hidden():
+    """A proposal far from the target (lam = 6 with the experts at lam = 1) in a short chain:
+    the final weights sit on one particle; the summary says so and a warning is logged."""
+    cfg = Toy2dSampleConfig(spec="bimodal-linear", method="smc", w=(0.0, 1.0), lam=0.0, n=256,
+                            particles=64, steps=5, ess_threshold=0.0)
+    summary, _ = run_sample(cfg)
+    assert summary["ess_collapsed_runs"] == 0 and summary["final_ess_min"] > 60  # lam = 0
+    problem = load_problem("bimodal-linear")
+    pref = Preference((0.5, 0.5))
+    proposal, base, _ = _setup(problem, pref)
+
+    def steep(x0, **_):
+        return 40.0 * problem.rewards_of(x0.double()).sum(1)
+
+    res = smc_sample(proposal, base, steep, problem.schedule, list(range(256)), (2,), 5, 64,
+                     ess_threshold=0.0)
+    assert res.collapsed_runs() > 0 and float(res.final_ess.min()) < 2

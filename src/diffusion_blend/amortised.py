@@ -20,6 +20,7 @@ from torch import nn
 
 from diffusion_blend.adapters import lora_layers
 from diffusion_blend.blend import Denoiser, Preference
+from diffusion_blend.errors import UsageError
 
 
 def coefficients(w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -78,18 +79,35 @@ class AmortisedDenoiser(nn.Module):
     """``denoiser(x, t, **cond)`` of the amortised network at a preference (1 NFE per step)."""
 
     def __init__(self, network: nn.Module, embedding: PrefEmbedding, module: nn.Module,
-                 preference: Preference):
+                 preference: Preference, lam_max: float = float("inf"),
+                 allow_extrapolation: bool = False):
         super().__init__()
         self.network, self.embedding = network, embedding
         self._handle = embedding.attach(module)
+        self.lam_max, self.allow = lam_max, allow_extrapolation
         self.preference = preference
+
+    @property
+    def preference(self) -> Preference:
+        return self._preference
+
+    @preference.setter
+    def preference(self, pref: Preference) -> None:
+        """Refuse a preference outside the training range (w on the simplex, lam in
+        ``[0, lam_max]``) unless extrapolation is allowed: the adapter never saw it."""
+        pref.check_k(self.embedding.k)
+        outside = pref.lam > self.lam_max or min(pref.w) < 0 or abs(sum(pref.w) - 1) > 1e-6
+        if outside and not self.allow:
+            raise UsageError(f"the amortised adapter was trained on w on the simplex and "
+                             f"0 <= lam <= {self.lam_max:g}; w={list(pref.w)}, lam={pref.lam} "
+                             "is outside (allow extrapolation to use it anyway)")
+        self._preference = pref
 
     @property
     def nfe(self) -> float:
         return 1.0
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        self.preference.check_k(self.embedding.k)
         w = torch.tensor(self.preference.w, dtype=torch.float32).expand(x.shape[0], -1)
         lam = torch.full((x.shape[0],), float(self.preference.lam))
         self.embedding.current = coefficients(w, lam).to(x.device)

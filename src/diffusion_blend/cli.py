@@ -398,7 +398,7 @@ def sweep_config(a: argparse.Namespace):
         lam_grid=lams, gamma_grid=parse_floats(a.gamma_grid, "--gamma-grid"), seeds=a.seeds,
         seed=a.seed, steps=a.steps, match=not a.no_match,
         train_morl=a.train_morl, baselines=MethodConfig(
-            code_n=a.code_n, code_block=a.code_block,
+            code_n=a.code_n, code_block=a.code_block, smc_particles=a.particles,
             rgg_gamma=parse_finite(a.rgg_gamma, "--rgg-gamma"), rgg_normalise=not a.rgg_raw),
         sd=_sd_sweep(a) if a.domain == "sd" else None)
 
@@ -464,6 +464,7 @@ def _sweep_commands(sub) -> None:
              A("--steps", type=int, default=None), A("--no-match", action="store_true"),
              A("--train-morl", action="store_true", help="fine-tune missing MORL adapters"),
              A("--code-n", type=int, default=4), A("--code-block", type=int, default=None),
+             A("--particles", type=int, default=8, help="smc: particles per output"),
              A("--rgg-gamma", default="0.1"),
              A("--rgg-raw", action="store_true", help="RGG without gradient normalisation"),
              A("--reference-point", default=None),

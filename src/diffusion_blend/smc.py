@@ -41,6 +41,17 @@ class SmcResult:
     nfe_per_particle: float
     paths: list[torch.Tensor] | None = None
 
+    @property
+    def final_ess(self) -> torch.Tensor:
+        """Effective sample size of each run's final weights."""
+        return ess(self.log_weights)
+
+    def collapsed_runs(self, min_ess: float = 2.0) -> int:
+        """Runs whose final weights sit on fewer than ``min_ess`` effective particles: their
+        estimates rest on one or two particles (more particles, or a better proposal)."""
+        p = self.log_weights.shape[1]
+        return int((self.final_ess < min(min_ess, p)).sum()) if p > 1 else 0
+
     def weighted_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Per-run weighted means of per-particle ``values`` (``[R * P, ...]`` -> ``[R, ...]``)."""
         r, p = self.log_weights.shape
@@ -72,6 +83,13 @@ def systematic(logw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cum[:, -1] = 1.0
     pos = (u[:, None] + torch.arange(p, dtype=cum.dtype)) / p
     return torch.searchsorted(cum, pos.to(cum.dtype)).clamp(max=p - 1)
+
+
+def draw_one(logw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One particle index per run, drawn with probability its weight (``u``: one uniform each)."""
+    cum = logw.exp().cumsum(1)
+    cum[:, -1] = 1.0
+    return torch.searchsorted(cum, u.to(cum.dtype)[:, None])[:, 0].clamp(max=logw.shape[1] - 1)
 
 
 def _gather(v, flat_idx: torch.Tensor, n: int):

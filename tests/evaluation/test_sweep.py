@@ -8,10 +8,16 @@ import pytest
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation import sweep as sweep_mod
 from diffusion_blend.evaluation.report import load_sweep, summarise, write_report
-from diffusion_blend.evaluation.sweep import SweepConfig, matched_lam, run_sweep, w_points
+from diffusion_blend.evaluation.sweep import (
+    DEFAULT_METHODS,
+    SweepConfig,
+    matched_lam,
+    run_sweep,
+    w_points,
+)
 
 CFG = dict(domain="toy2d", spec="bimodal", w_grid="0:1:0.5", seeds=64, steps=20,
-           lam_grid=(0.5, 2.0))
+           lam_grid=(0.5, 2.0), methods=(*DEFAULT_METHODS, "smc"))
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +42,8 @@ def test_rows_cover_every_method_and_vertices_agree(swept):
     assert {"matched|db-mpa|w=0.5,0.5", "matched|soup|w=0.5,0.5"} <= rows.keys()
     assert rows["matched|rgg|w=0.5,0.5"]["gamma"] > 0 and "grid|rgg|w=0.5,0.5|lam=1|gamma=0.01" \
         in rows
+    smc = rows["main|smc|w=0.5,0.5|lam=1"]
+    assert smc["cost"]["nfe_per_sample"] == 8 * (20 + 19 * 2) and "path_kl" not in smc
     row = rows["main|code|w=0.5,0.5|lam=1"]
     assert row["cost"]["nfe_per_sample"] == 4 * 20 + 4 * 4 and "path_kl" not in row
     assert rows["main|db-mpa|w=0.5,0.5|lam=1"]["cost"]["params"] == 2 * 14  # two mixtures
@@ -98,7 +106,11 @@ def test_matched_lam_inverts_a_quadratic_kl():
 
 
 def test_bad_config_is_refused_before_anything_is_written(tmp_path):
-    for bad, msg in (({"methods": ("nope",)}, "not known"), ({"w_grid": "0:2:1"}, "in \\[0, 1\\]"),
+    from diffusion_blend.evaluation.methods import MethodConfig
+
+    for bad, msg in (({"methods": ("nope",)}, "not known"),
+                     ({"baselines": MethodConfig(smc_particles=0)}, "--particles 0"),
+                     ({"w_grid": "0:2:1"}, "in \\[0, 1\\]"),
                      ({"domain": "mnist"}, "--domain"), ({"seeds": 1}, "--seeds")):
         with pytest.raises(UsageError, match=msg):
             run_sweep(SweepConfig(**(CFG | bad)), tmp_path / "x", progress=False)

@@ -21,7 +21,7 @@ from diffusion_blend.blend import BlendedDenoiser, Denoiser, Preference, Stochas
 from diffusion_blend.errors import UsageError
 from diffusion_blend.sampling import Schedule, sample
 
-METHODS = ("pretrained", "db-mpa", "db-mpa-ls", "db-kla", "soup", "code", "rgg", "morl")
+METHODS = ("pretrained", "db-mpa", "db-mpa-ls", "db-kla", "soup", "code", "rgg", "morl", "smc")
 
 
 class SweepDomain(Protocol):
@@ -29,6 +29,7 @@ class SweepDomain(Protocol):
 
     name: str
     reward_names: list[str]
+    alpha: float          # the experts' KL strength (the SMC target's temperature)
     schedule: Schedule
     shape: tuple[int, ...]
     steps: int
@@ -54,6 +55,7 @@ class MethodConfig:
     code_block: int | None = None     # steps per block; None: a fifth of the chain
     rgg_gamma: float = 0.1
     rgg_normalise: bool = True        # DPS-style: a step of fixed size per dimension
+    smc_particles: int = 8            # SMC: particles per output sample
 
 
 @dataclass
@@ -105,6 +107,8 @@ def run_method(method: str, domain: SweepDomain, pref: Preference, seeds: list[i
                mcfg: MethodConfig) -> Output | None:
     """Sample ``seeds`` with ``method`` at ``pref`` and measure it; None if it is unavailable
     (no MORL oracle for this preference, or RGG with a non-differentiable reward)."""
+    if method == "smc":
+        return run_smc(domain, pref, seeds, mcfg.smc_particles)
     cond = domain.cond(seeds)
     if method == "code":
         block = mcfg.code_block or max(1, domain.steps // 5)
@@ -120,6 +124,28 @@ def run_method(method: str, domain: SweepDomain, pref: Preference, seeds: list[i
                                         domain.steps, cond=cond))
     evals = domain.steps if method == "rgg" and mcfg.rgg_gamma else 0.0
     return Output(res.x0, res.nfe_per_sample, evals, *cost, domain.params(parts), chain)
+
+
+def run_smc(domain: SweepDomain, pref: Preference, seeds: list[int], p: int) -> Output:
+    """One SMC run of ``p`` particles per output seed (blend proposal, target ``p_pre exp(lam
+    r_w / alpha)`` with the domain's ``alpha``); each output is one particle drawn by the final
+    weights. Costs ``p`` times the particle's NFE."""
+    from diffusion_blend.seeding import sample_uniforms
+    from diffusion_blend.smc import draw_one, smc_sample
+
+    n = len(seeds)
+    cond = {k: v.repeat_interleave(p, 0) if isinstance(v, torch.Tensor) and v.ndim and
+            v.shape[0] == n else v for k, v in domain.cond(seeds).items()}
+    r = reward_w(domain, [ci / domain.alpha for ci in pref.coefficients()[1]])
+    particle_seeds = [s * p + j for s in seeds for j in range(p)]
+    res, *cost = measure(lambda: smc_sample(
+        BlendedDenoiser(domain.base, domain.experts, pref), domain.base, r, domain.schedule,
+        particle_seeds, domain.shape, domain.steps, p, cond=cond))
+    pick = draw_one(res.log_weights, sample_uniforms(seeds, (), "smc-output"))
+    x0 = res.x0.reshape(n, p, *res.x0.shape[1:])[torch.arange(n), pick]
+    experts = [f"expert{i}" for i, v in enumerate(pref.coefficients()[1]) if v]
+    return Output(x0, p * res.nfe_per_particle, p * float(domain.steps), *cost,
+                  domain.params(["base", *experts]), None)
 
 
 def path_kl(domain: SweepDomain, chain: Denoiser, seeds: list[int]) -> torch.Tensor:

@@ -59,6 +59,9 @@ class SweepConfig:
         if bad or not self.methods:
             raise UsageError(f"--methods {','.join(bad) or '(none)'} not known; use some of "
                              f"{','.join(METHODS)}")
+        if self.baselines.smc_particles < 1:
+            raise UsageError(f"--particles {self.baselines.smc_particles} is not allowed; "
+                             "use >= 1")
         if self.seeds < 2:
             raise UsageError(f"--seeds {self.seeds} is not allowed; use >= 2 (for the CIs)")
         if any(not 0 <= lam <= 10 for lam in self.lam_grid):

@@ -34,6 +34,7 @@ class Toy2dSweep:
         self.tilted = [self.problem.tilted(e)[0] for e in eye]
         self.experts = [self.problem.denoiser(m) for m in self.tilted]
         self.reward_names = [f"r{i + 1}" for i in range(self.problem.k)]
+        self.alpha = self.problem.alpha
 
     def cond(self, seeds: list[int]) -> dict:
         return {}
@@ -74,6 +75,8 @@ class DigitsSweep:
         self.base = AdapterView(self.model, None)   # adapters get injected: keep them off
         self._attach = attach_expert
         self.experts = [self._load(n) for n in self.pair]
+        self.alpha = float(json.loads((self.experts_dir / f"{self.pair[0]}.json").read_text())
+                           ["alpha"])
         stats = json.loads((self.experts_dir / "rewards.json").read_text())
         classifier = digits.load_classifier("classifier", self.weights_dir)
         self.reward_fns = normalised_rewards(self.pair, stats, classifier)
@@ -154,7 +157,8 @@ class SdSweep:
 
     def __init__(self, model, experts, rewards, prompts, steps: int | None = None,
                  guidance: float = 7.5, reward_kwargs: list[dict] | None = None,
-                 morl: dict[float, str] | None = None, height=None, width=None):
+                 morl: dict[float, str] | None = None, height=None, width=None,
+                 alpha: float = 0.01):
         from diffusion_blend.domains import sd
         from diffusion_blend.rewards import get_reward
 
@@ -162,7 +166,7 @@ class SdSweep:
             raise UsageError(f"--experts ({len(experts)}) and --rewards ({len(rewards)}) must "
                              "pair up: one expert per reward")
         pipe = sd.load_pipeline(model)
-        self.pipe, self.unet, self.guidance = pipe, pipe.unet, guidance
+        self.pipe, self.unet, self.guidance, self.alpha = pipe, pipe.unet, guidance, alpha
         self.names = sd.load_experts(pipe, experts)
         self.bank = sd.PromptBank(pipe, prompts)
         self.schedule, self.steps = sd.schedule_of(pipe), steps or 50

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_t
 from diffusion_blend.sampling import SAMPLERS, sample
 from diffusion_blend.seeding import sample_uniforms, seed_range
 
+log = logging.getLogger(__name__)
 METHODS = ("pretrained", "blend", "blend-ls", "exact", "finetuned", "smc")
 REFERENCE_SEED_OFFSET = 1_000_000_000  # exact reference samples use seeds disjoint from runs
 
@@ -154,7 +156,12 @@ def run_smc(problem: Toy2dProblem, pref: Preference, c: list[float], seeds: list
     r, p = res.log_weights.shape
     u = sample_uniforms(seeds[::p], (), stream="smc-output")
     flat = (systematic(res.log_weights, u) + p * torch.arange(r)[:, None]).reshape(-1)
+    collapsed = res.collapsed_runs()
+    if collapsed:
+        log.warning("smc: %d of %d runs ended with fewer than 2 effective particles: their "
+                    "estimates are unreliable (use more --particles)", collapsed, r)
     return res.x0[flat], res.nfe_per_particle, {
+        "final_ess_min": float(res.final_ess.min()), "ess_collapsed_runs": collapsed,
         "mean_rewards": means, "stderr_rewards": errs, "particles": p, "runs": r,
         "ess_min": res.ess_min, "resampling_count": res.resampling_count,
         "log_z_estimate": res.log_z_estimate(),

@@ -122,7 +122,7 @@ def run_distill(weights_dir: Path, out: Path, cfg: DistillConfig | None = None,
 
 
 def load_amortised(weights_dir: Path | None = None, preference: Preference | None = None,
-                   path: Path | None = None):
+                   path: Path | None = None, allow_extrapolation: bool = False):
     """The shipped (or ``path``) amortised blend as a denoiser (LoRA merged: one model's cost
     per step)."""
     weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
@@ -139,4 +139,5 @@ def load_amortised(weights_dir: Path | None = None, preference: Preference | Non
     emb.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("pref.")})
     net = merged_copy(model, ADAPTER)
     return AmortisedDenoiser(net, emb.requires_grad_(False), net.unet.time_embedding,
-                             preference or Preference((0.5, 0.5)))
+                             preference or Preference((0.5, 0.5)), meta["config"]["lam_max"],
+                             allow_extrapolation)
