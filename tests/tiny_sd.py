@@ -38,6 +38,23 @@ def clip_text_config(vocab_size: int = 100):
                           projection_dim=32)
 
 
+def save_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """A tiny CLIP (16x16 images, 32-d embeddings) and its tokenizer, saved like a hub
+    snapshot (what the CLIP-based rewards load)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    if not (path / "config.json").exists():
+        torch.manual_seed(seed)
+        vision = CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32,
+                                  intermediate_size=37, num_attention_heads=4,
+                                  num_hidden_layers=2, projection_dim=32)
+        cfg = CLIPConfig(text_config=clip_text_config().to_dict(),
+                         vision_config=vision.to_dict(), projection_dim=32)
+        CLIPModel(cfg).save_pretrained(path)
+        clip_tokenizer(path / "tok").save_pretrained(path)
+    return path
+
+
 def tiny_unet(seed: int = 0):
     from diffusers import UNet2DConditionModel
 

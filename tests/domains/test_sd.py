@@ -11,7 +11,7 @@ from diffusion_blend.cli import main
 from diffusion_blend.domains.sd import sample_sd
 from diffusion_blend.finetune.config import preset
 from diffusion_blend.finetune.sd import finetune_sd
-from tests.tiny_sd import tiny_sd_pipeline
+from tests.tiny_sd import save_tiny_clip, tiny_sd_pipeline
 
 TINY = dict(batch_size=4, sample_steps=3, checkpoint_every=1, eval_trajectories=4)
 
@@ -55,20 +55,7 @@ def test_pathwise_with_bf16_and_accumulation(model_dir):
 
 
 def _tiny_clip(d):
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
-
-    from tests.tiny_sd import clip_text_config
-
-    path = d / "clip"
-    if not path.exists():
-        torch.manual_seed(0)
-        vision = CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32,
-                                  intermediate_size=37, num_attention_heads=4,
-                                  num_hidden_layers=2, projection_dim=32)
-        CLIPModel(CLIPConfig(text_config=clip_text_config().to_dict(),
-                             vision_config=vision.to_dict(), projection_dim=32)).save_pretrained(
-            path)
-    return path
+    return save_tiny_clip(d / "clip")
 
 
 def _head(d):

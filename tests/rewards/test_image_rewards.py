@@ -6,23 +6,12 @@ import torch
 from diffusion_blend.errors import UsageError
 from diffusion_blend.rewards import get_reward
 from diffusion_blend.rewards.images import AestheticHead, clip_pixels
-from tests.tiny_sd import clip_text_config, clip_tokenizer
+from tests.tiny_sd import save_tiny_clip
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    """A tiny CLIP (16x16 images) and its tokenizer, saved like a hub snapshot."""
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
-
-    d = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=37,
-                              num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
-    cfg = CLIPConfig(text_config=clip_text_config().to_dict(), vision_config=vision.to_dict(),
-                     projection_dim=32)
-    CLIPModel(cfg).save_pretrained(d)
-    clip_tokenizer(d / "tok").save_pretrained(d)
-    return d
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def _reference_logits(clip_dir, images, prompts):
