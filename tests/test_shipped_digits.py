@@ -83,3 +83,24 @@ def test_two_reward_pairs_conflict(bench, samples):
         col = DIGIT_REWARDS.index(c["lowers"])
         diff = (vals[f"expert:{c['expert']}"] - vals["pretrained"])[:, col]
         assert diff.double().mean() + 1.96 * diff.double().std() / len(diff) ** 0.5 < 0
+
+
+def test_the_shipped_amortised_blend_tracks_db_mpa_with_one_nfe_per_step(bench):
+    """Over the w grid its r_w stays within 5% of the range of DB-MPA's r_w (paired seeds)."""
+    from diffusion_blend.finetune.digits import PAIR
+    from diffusion_blend.finetune.distill_digits import load_amortised
+
+    amortised = load_amortised()
+    rewards = [_reward(bench, n) for n in PAIR]
+    ours, blend = [], []
+    for w1 in (0.0, 0.25, 0.5, 0.75, 1.0):
+        pref = Preference((w1, 1.0 - w1))
+        amortised.preference = pref
+        x_a, nfe = bench.render(amortised, CLASSES, SEEDS)
+        x_b, _ = bench.render(bench.blend(list(PAIR), pref), CLASSES, SEEDS)
+        assert nfe == 10   # one network evaluation per step
+        for x, acc in ((x_a, ours), (x_b, blend)):
+            acc.append(float(sum(wi * r(x, y=CLASSES) for wi, r in
+                                 zip(pref.w, rewards, strict=True)).mean()))
+    span = max(blend) - min(blend)
+    assert span > 0.5 and all(abs(a - b) <= 0.05 * span for a, b in zip(ours, blend, strict=True))
