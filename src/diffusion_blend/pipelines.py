@@ -23,7 +23,7 @@ from dataclasses import is_dataclass, replace
 import torch
 from torch import nn
 
-from diffusion_blend.adapters import BASE, lora_layers
+from diffusion_blend.adapters import BASE, lora_layers, soup_adapters
 from diffusion_blend.blend import Preference
 from diffusion_blend.errors import UsageError
 
@@ -144,6 +144,8 @@ class BlendedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         terms = self.terms()
+        if len(terms) == 1 and terms[0][0] == 1.0:   # lam = 0 or w = e_i: that model exactly
+            return self._single(terms[0][1], args, kwargs)
         if self.adapters:
             out, preds = self._batched(terms, args, kwargs)
         else:
@@ -151,6 +153,13 @@ class BlendedModel(nn.Module):
             out, preds = outs[0], [_prediction(o) for o in outs]
         blend = sum(c * p.float() for (c, _), p in zip(terms, preds, strict=True))
         return _like(out, blend.to(preds[0].dtype))
+
+    def _single(self, model, args: tuple, kwargs: dict):
+        """One model's own forward (the same code path as running it alone: bit-identical)."""
+        if isinstance(model, nn.Module):
+            return model(*args, **kwargs)
+        with soup_adapters(self.base, [] if model == BASE else [(model, 1.0)]):
+            return self.base(*args, **kwargs)
 
     def _batched(self, terms, args: tuple, kwargs: dict):
         b, n = _batch_of(args, kwargs), len(terms)

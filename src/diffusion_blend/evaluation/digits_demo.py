@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_blend.blend import BlendedDenoiser, Preference
+from diffusion_blend.blend import Preference
 from diffusion_blend.domains import digits
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.digits import DEFAULT_STEPS, sample_digits
@@ -48,8 +48,14 @@ class DigitsBench:
     def expert(self, name: str):
         return self.experts[self.names.index(name)]
 
-    def blend(self, names: list[str], pref: Preference) -> BlendedDenoiser:
-        return BlendedDenoiser(self.base, [self.expert(n) for n in names], pref)
+    def blend(self, names: list[str], pref: Preference):
+        """DB-MPA / DB-KLA of the named adapters in one routed forward per step (the base
+        weights once; see ``pipelines.BlendedModel``); the last step stays the pretrained one,
+        as the experts were trained."""
+        from diffusion_blend.finetune.digits import LastStepBase
+        from diffusion_blend.pipelines import BlendedModel
+
+        return LastStepBase(BlendedModel(self.base.model, list(names), pref), self.base)
 
     def render(self, denoiser, classes: torch.Tensor, seeds: list[int]):
         return sample_digits(denoiser, classes, seeds, DEFAULT_STEPS)

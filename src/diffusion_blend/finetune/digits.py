@@ -41,6 +41,10 @@ class LastStepBase(nn.Module):
         super().__init__()
         self.expert, self.base = expert, base
 
+    @property
+    def nfe(self) -> float:
+        return float(getattr(self.expert, "nfe", 1.0))
+
     def forward(self, x, t, **cond):
         if bool((t.reshape(-1) == 0).all()):
             return self.base(x, t, **cond)
