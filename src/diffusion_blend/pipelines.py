@@ -37,9 +37,9 @@ def route_rows(model: nn.Module, names: Sequence[str]):
     def hook(module, args, kwargs):
         return args, {**kwargs, "adapter_names": names}
 
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True)
-               for layer in lora_layers(model)]
-    disabled = [(layer, layer.disable_adapters) for layer in lora_layers(model)]
+    layers = lora_layers(model)
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    disabled = [(layer, layer.disable_adapters) for layer in layers]
     try:
         for layer, _ in disabled:
             layer.enable_adapters(True)

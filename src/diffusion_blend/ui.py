@@ -28,12 +28,21 @@ from diffusion_blend.errors import UsageError
 log = logging.getLogger(__name__)
 
 
-def png_base64(fig) -> str:
-    import matplotlib.pyplot as plt
+def images_png(x0: torch.Tensor, scale: int = 8) -> str:
+    """Digits ``[N, 1, 8, 8]`` in [-1, 1] side by side as one PNG data URL (ink is dark)."""
+    from PIL import Image
 
+    pix = ((1 - (x0[:, 0].clamp(-1, 1) + 1) / 2) * 255).round().byte()
+    pad = torch.full((pix.shape[0], pix.shape[1], 2), 255, dtype=torch.uint8)
+    row = torch.cat([pix, pad], 2).permute(1, 0, 2).reshape(pix.shape[1], -1)
+    img = Image.fromarray(row.numpy()).resize((row.shape[1] * scale, row.shape[0] * scale),
+                                              Image.NEAREST)
+    return _png_url(img)
+
+
+def _png_url(img) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
+    img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -61,33 +70,21 @@ class DigitsSession:
         return out
 
     def render(self, q: dict) -> dict:
-        from diffusion_blend.evaluation.digits_demo import image_grid, run_sample
+        from diffusion_blend.evaluation.digits_demo import run_sample
 
         w = [_number(q, f"w{i}") for i in range(len(self.experts))]
         x0, summary = run_sample(_text(q, "class", "0"), w, _number(q, "lam"), self.n,
                                  int(_number(q, "seed")), self.experts, self.allow,
                                  bench=self.bench)
-        fig = image_grid([list(x0)], [""], [""] * self.n, f"digit {summary['class']}")
-        return summary | {"image": png_base64(fig), "pareto": self.pareto(summary)}
+        return summary | {"image": images_png(x0), "pareto": self.pareto(summary)}
 
-    def pareto(self, summary: dict) -> str | None:
+    def pareto(self, summary: dict) -> dict | None:
+        """The experts' points and the current one, drawn by the page (no plotting here)."""
         if len(self.experts) < 2:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         a, b = self.experts[:2]
-        fig, ax = plt.subplots(figsize=(3.6, 3))
-        for name, (x, y) in self.front.items():
-            ax.plot(x, y, "*" if name == "pretrained" else "s", label=name)
         r = summary["mean_rewards"]
-        ax.plot(r[a], r[b], "ro", ms=9, label="current (this class)")
-        ax.set_xlabel(a)
-        ax.set_ylabel(b)
-        ax.legend(fontsize=6)
-        return png_base64(fig)
+        return {"axes": [a, b], "front": self.front, "point": [r[a], r[b]]}
 
 
 class SdSession:
@@ -118,12 +115,9 @@ class SdSession:
         start = time.perf_counter()
         img = self.pipe([prompt], num_inference_steps=self.steps, guidance_scale=self.guidance,
                         generator=[torch.Generator().manual_seed(seed)], output_type="pil").images
-        buf = io.BytesIO()
-        img[0].save(buf, format="PNG")
         return {"w": w, "lam": self.model.preference.lam, "seed": seed, "prompt": prompt,
                 "seconds": time.perf_counter() - start, "mean_rewards": {},
-                "image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
-                "pareto": None}
+                "image": _png_url(img[0]), "pareto": None}
 
 
 def _number(q: dict, name: str) -> float:
@@ -244,7 +238,8 @@ _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>diffusion-ble
 value="1"><span id="lamv"></span></label><br>{cond}
 <label>seed <input id="seed" type="number" value="0"></label>
 <button id="save">save image</button>
-<div id="err"></div><div><img id="img" width="640"></div><div><img id="pareto"></div>
+<div id="err"></div><div><img id="img"></div>
+<svg id="pareto" width="320" height="240" style="border:1px solid #ccc"></svg>
 <pre id="numbers"></pre>
 <script>
 const K = {k}, KIND = "{kind}";
@@ -262,6 +257,22 @@ function params() {{
   else q.set("prompt", document.getElementById("prompt").value);
   return q;
 }}
+function drawPareto(p) {{
+  const pts = Object.entries(p.front).concat([["current", p.point]]);
+  const xs = pts.map(e => e[1][0]), ys = pts.map(e => e[1][1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  const X = v => 30 + 270 * (v - x0) / (x1 - x0 || 1);
+  const Y = v => 210 - 190 * (v - y0) / (y1 - y0 || 1);
+  let svg = `<text x="150" y="235" font-size="11">${{p.axes[0]}}</text>` +
+            `<text x="2" y="12" font-size="11">${{p.axes[1]}}</text>`;
+  for (const [name, [x, y]] of pts) {{
+    const c = name == "current" ? "red" : "#246";
+    const r = name == "current" ? 6 : 4;
+    svg += `<circle cx="${{X(x)}}" cy="${{Y(y)}}" r="${{r}}" fill="${{c}}"/>` +
+           `<text x="${{X(x) + 7}}" y="${{Y(y) + 4}}" font-size="10">${{name}}</text>`;
+  }}
+  document.getElementById("pareto").innerHTML = svg;
+}}
 async function render() {{
   if (busy) {{ pending = true; return; }}
   busy = true; pending = false;
@@ -271,7 +282,7 @@ async function render() {{
   else {{
     document.getElementById("err").textContent = "";
     document.getElementById("img").src = d.image;
-    if (d.pareto) document.getElementById("pareto").src = d.pareto;
+    if (d.pareto) drawPareto(d.pareto);
     document.getElementById("numbers").textContent = JSON.stringify(
       {{mean_rewards: d.mean_rewards, w: d.w, lam: d.lam, seconds: d.seconds}}, null, 1);
     document.body.dataset.renders = String(Number(document.body.dataset.renders || 0) + 1);
