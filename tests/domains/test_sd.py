@@ -102,3 +102,18 @@ def test_sd_sweep_with_lora_experts(model_dir, expert, tmp_path):
         assert same[0] == same[1] == same[2]
     write_report(out)
     assert (out / "grids.png").exists() and (out / "report.md").exists()
+
+
+def test_ui_session_on_an_sd_pipeline(model_dir, expert):
+    from diffusion_blend.errors import UsageError
+    from diffusion_blend.ui import SdSession
+
+    lora = str(expert / "lora")
+    session = SdSession(str(model_dir / "pipe"), [lora, lora], steps=2, guidance=3.0)
+    q = {"w0": ["0.3"], "w1": ["0.7"], "lam": ["1"], "seed": ["4"], "prompt": ["a red apple"]}
+    a = session.render(q)
+    b = session.render(q | {"lam": ["0"]})   # the preference changes without reloading
+    assert a["image"].startswith("data:image/png;base64,") and a["image"] != b["image"]
+    assert session.render(q)["image"] == a["image"]   # the same seed, the same image
+    with pytest.raises(UsageError, match="extrapolat"):
+        session.render(q | {"lam": ["1.5"]})
