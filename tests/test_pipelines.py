@@ -144,3 +144,27 @@ def test_flow_matching_transformer_blend():
 def test_unknown_adapter_is_refused(sd):
     with pytest.raises(UsageError, match="not loaded"):
         BlendedModel(sd.unet, ["a", "nope"], Preference((0.5, 0.5)))
+
+
+def test_sdxl_style_unet_with_added_conditioning():
+    """SDXL's UNet takes ``added_cond_kwargs`` (pooled text embeddings, time ids): the routed
+    forward repeats them with the batch, and equals the separate forwards."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+        layers_per_block=1, norm_num_groups=4, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4).eval()
+    add_experts(unet, ["a", "b"], UNET_TARGETS, seed=5)
+    x, t, ehs = torch.randn(2, 4, 8, 8), torch.tensor(300), torch.randn(2, 5, 32)
+    added = {"text_embeds": torch.randn(2, 16), "time_ids": torch.randn(2, 6)}
+    kw = dict(encoder_hidden_states=ehs, added_cond_kwargs=added)
+    sep = {n: _with(unet, n, lambda: unet(x, t, **kw).sample) for n in (None, "a", "b")}
+    pref = Preference((0.6, 0.4), 0.5)
+    c_pre, c = pref.coefficients()
+    want = c_pre * sep[None] + c[0] * sep["a"] + c[1] * sep["b"]
+    assert torch.allclose(BlendedModel(unet, ["a", "b"], pref)(x, t, **kw).sample, want,
+                          atol=1e-5)
