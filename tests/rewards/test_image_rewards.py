@@ -72,9 +72,10 @@ def test_missing_weights_and_packages_are_named(tmp_path):
         get_reward("clip-score", model="openai/clip-vit-large-patch14")
     with pytest.raises(UsageError, match="no-such-dir"):
         get_reward("pickscore", model=tmp_path / "no-such-dir")
-    for name, pkg in (("imagereward", "image-reward"), ("hpsv2", "hpsv2")):
-        with pytest.raises(UsageError, match=pkg):
-            get_reward(name)
+    with pytest.raises(UsageError, match="hpsv2"):
+        get_reward("hpsv2")
+    with pytest.raises(UsageError, match="ImageReward.pt.*huggingface-cli download"):
+        get_reward("imagereward", model=tmp_path / "missing")
     with pytest.raises(UsageError, match="jpeg-compressibility"):
         get_reward("nope")
 

@@ -34,7 +34,8 @@ def register(name: str):
     return deco
 
 
-BUILTIN = ("diffusion_blend.rewards.digits", "diffusion_blend.rewards.images")
+BUILTIN = ("diffusion_blend.rewards.digits", "diffusion_blend.rewards.images",
+           "diffusion_blend.rewards.imagereward")
 
 
 def get_reward(name: str, **kwargs) -> Reward:

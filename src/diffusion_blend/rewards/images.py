@@ -8,8 +8,8 @@ cache, never from the network; missing weights give an error naming the model an
 - ``pickscore``: PickScore, ``logit_scale * cos(image, prompt)`` under its fine-tuned CLIP-H.
 - ``aesthetic``: the LAION aesthetic predictor: an MLP head on the normalised CLIP ViT-L/14
   image embedding (about 1-10).
-- ``imagereward``, ``hpsv2``: through their own packages (``image-reward``, ``hpsv2``) when
-  installed, with the weights in their local caches.
+- ``imagereward``: in ``rewards/imagereward.py`` (BLIP on transformers, the original checkpoint).
+- ``hpsv2``: through its own package (``hpsv2``) when installed, with the weights in its cache.
 
 The CLIP-based rewards resize and normalise in torch, so they are differentiable (for pathwise
 fine-tuning and RGG).
@@ -248,16 +248,6 @@ def _package(reward: str, module: str, pip: str):
     except ImportError:
         raise UsageError(f"reward {reward!r} needs the package {pip!r} (pip install {pip}) and "
                          "its weights in the local cache") from None
-
-
-@register("imagereward")
-def make_imagereward(model="ImageReward-v1.0", **_):
-    rm = _package("imagereward", "ImageReward", "image-reward")
-    try:
-        scorer = rm.load(str(model))
-    except Exception as e:
-        raise missing_weights("imagereward", str(model), f"({e})") from None
-    return PackageReward("imagereward", lambda p, im: scorer.score(p, im))
 
 
 @register("hpsv2")
