@@ -72,8 +72,8 @@ def test_missing_weights_and_packages_are_named(tmp_path):
         get_reward("clip-score", model="openai/clip-vit-large-patch14")
     with pytest.raises(UsageError, match="no-such-dir"):
         get_reward("pickscore", model=tmp_path / "no-such-dir")
-    with pytest.raises(UsageError, match="hpsv2"):
-        get_reward("hpsv2")
+    with pytest.raises(UsageError, match="HPS_v2.1_compressed.pt.*huggingface-cli download"):
+        get_reward("hpsv2", model=tmp_path / "missing")
     with pytest.raises(UsageError, match="ImageReward.pt.*huggingface-cli download"):
         get_reward("imagereward", model=tmp_path / "missing")
     with pytest.raises(UsageError, match="jpeg-compressibility"):

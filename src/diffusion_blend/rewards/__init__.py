@@ -35,7 +35,7 @@ def register(name: str):
 
 
 BUILTIN = ("diffusion_blend.rewards.digits", "diffusion_blend.rewards.images",
-           "diffusion_blend.rewards.imagereward")
+           "diffusion_blend.rewards.imagereward", "diffusion_blend.rewards.hpsv2")
 
 
 def get_reward(name: str, **kwargs) -> Reward:

@@ -8,8 +8,8 @@ cache, never from the network; missing weights give an error naming the model an
 - ``pickscore``: PickScore, ``logit_scale * cos(image, prompt)`` under its fine-tuned CLIP-H.
 - ``aesthetic``: the LAION aesthetic predictor: an MLP head on the normalised CLIP ViT-L/14
   image embedding (about 1-10).
-- ``imagereward``: in ``rewards/imagereward.py`` (BLIP on transformers, the original checkpoint).
-- ``hpsv2``: through its own package (``hpsv2``) when installed, with the weights in its cache.
+- ``imagereward`` (``rewards/imagereward.py``) and ``hpsv2`` (``rewards/hpsv2.py``): their
+  original checkpoints mapped onto transformers' BLIP and CLIP classes.
 
 The CLIP-based rewards resize and normalise in torch, so they are differentiable (for pathwise
 fine-tuning and RGG).
@@ -215,42 +215,3 @@ def make_aesthetic(model="openai/clip-vit-large-patch14",
                    head="sac+logos+ava1-l14-linearMSE.pth", **_):
     clip, _tok = load_clip("aesthetic", model, processor=False)
     return Aesthetic(clip, load_aesthetic_head(head, clip.config.projection_dim))
-
-
-# ---------------------------------------------------------------------------- packages
-
-
-class PackageReward:
-    """A reward computed by an upstream package's own model (images as PIL, prompts)."""
-
-    differentiable = False
-
-    def __init__(self, name: str, score):
-        self.name, self.score = name, score
-
-    def __call__(self, x0: torch.Tensor, prompt=None, **_) -> torch.Tensor:
-        from PIL import Image
-
-        if prompt is None:
-            raise UsageError(f"reward {self.name!r} needs the prompts (prompt=[...])")
-        imgs = (check_images(x0).detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)
-        prompts = [prompt] * len(imgs) if isinstance(prompt, str) else list(prompt)
-        vals = [float(self.score(p, Image.fromarray(im)))
-                for p, im in zip(prompts, imgs.cpu().numpy(), strict=True)]
-        return torch.tensor(vals, device=x0.device)
-
-
-def _package(reward: str, module: str, pip: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UsageError(f"reward {reward!r} needs the package {pip!r} (pip install {pip}) and "
-                         "its weights in the local cache") from None
-
-
-@register("hpsv2")
-def make_hpsv2(version="v2.1", **_):
-    hps = _package("hpsv2", "hpsv2", "hpsv2")
-    return PackageReward("hpsv2", lambda p, im: hps.score(im, p, hps_version=version)[0])
