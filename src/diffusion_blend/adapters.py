@@ -73,20 +73,22 @@ def soup_adapters(model: nn.Module, terms: Sequence[tuple[str, float]]):
     ``c``: every LoRA layer computes ``W0 x + sum c * scaling * B A x`` (PEFT's multi-adapter
     forward). No terms: the base model alone."""
     layers = lora_layers(model)
-    saved = [(layer, layer.active_adapters, layer.disable_adapters, dict(layer.scaling))
-             for layer in layers]
+    rescale = any(c != 1.0 for _, c in terms)   # a plain adapter switch leaves scales alone
+    saved = [(layer, layer.active_adapters, layer.disable_adapters,
+              dict(layer.scaling) if rescale else None) for layer in layers]
     grads = _requires_grad(model)
     try:
         for layer in layers:
             layer.enable_adapters(bool(terms))
             if terms:
                 layer.set_adapter([n for n, _ in terms])
-                for n, c in terms:
+                for n, c in terms if rescale else ():
                     layer.scaling[n] = layer.scaling[n] * c
         yield model
     finally:
         for layer, active, disabled, scaling in saved:
-            layer.scaling.update(scaling)
+            if scaling is not None:
+                layer.scaling.update(scaling)
             layer.enable_adapters(not disabled)
             layer.set_adapter(active)
         _restore_requires_grad(model, grads)

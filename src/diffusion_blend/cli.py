@@ -294,8 +294,6 @@ def cmd_sample_digits(a: argparse.Namespace) -> None:
     parse_class(a.cls)
     experts = a.experts.split(",")
     w = parse_floats(a.w, "--w") if a.w else (1.0 / len(experts),) * len(experts)
-    if a.n < 1:
-        raise UsageError(f"--n {a.n} is not allowed; use >= 1")
     if a.out and Path(a.out).suffix.lower() != ".png":
         raise UsageError(f"--out {a.out}: give a .png path")
     x0, summary = run_sample(int(a.cls), w, parse_finite(a.lam, "--lam"), a.n, a.seed, experts,

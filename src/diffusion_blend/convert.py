@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from diffusion_blend.errors import UsageError
-from diffusion_blend.io import atomic_write, write_json
+from diffusion_blend.io import atomic_write, prepare_out_dir, sha256_file, write_json
 
 OLD_FILES = ("pytorch_lora_weights.bin", "pytorch_lora_weights.safetensors")
 NEW_FILE = "pytorch_lora_weights.safetensors"
@@ -65,8 +65,6 @@ def convert_keys(state: dict[str, torch.Tensor], prefix: str = "unet") -> dict[s
 def convert_lora(old_dir: str | Path, new_dir: str | Path, overwrite: bool = False) -> dict:
     """Convert ``old_dir`` into ``new_dir/pytorch_lora_weights.safetensors`` (+ JSON note)."""
     from safetensors.torch import save_file
-
-    from diffusion_blend.io import prepare_out_dir, sha256_file
 
     state, src = read_old(old_dir)
     new = convert_keys(state)

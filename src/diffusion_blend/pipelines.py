@@ -86,8 +86,7 @@ def _like(out, pred: torch.Tensor):
         return (pred, *out[1:])
     if is_dataclass(out) and not hasattr(out, "keys"):
         return replace(out, sample=pred)
-    new = out.__class__(**{**out, "sample": pred})
-    return new
+    return out.__class__(**{**out, "sample": pred})   # diffusers' BaseOutput
 
 
 class BlendedModel(nn.Module):
@@ -149,7 +148,7 @@ class BlendedModel(nn.Module):
         if self.adapters:
             out, preds = self._batched(terms, args, kwargs)
         else:
-            outs = [_modules_call(m, args, kwargs) for _, m in terms]
+            outs = [m(*args, **kwargs) for _, m in terms]
             out, preds = outs[0], [_prediction(o) for o in outs]
         blend = sum(c * p.float() for (c, _), p in zip(terms, preds, strict=True))
         return _like(out, blend.to(preds[0].dtype))
@@ -173,12 +172,6 @@ class BlendedModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("base"), name)
-
-
-def _modules_call(module: nn.Module, args: tuple, kwargs: dict):
-    if isinstance(module, str):
-        raise UsageError("internal: adapter term without a batched forward")
-    return module(*args, **kwargs)
 
 
 def denoiser_attr(pipe) -> str:

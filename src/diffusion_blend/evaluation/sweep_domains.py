@@ -65,7 +65,7 @@ class DigitsSweep:
     def __init__(self, pair=None, steps: int | None = None, weights_dir: Path | None = None,
                  morl_dir: Path | None = None, train_morl: bool = False):
         from diffusion_blend.evaluation.digits import DEFAULT_STEPS
-        from diffusion_blend.finetune.digits import PAIR, attach_expert, normalised_rewards
+        from diffusion_blend.finetune.digits import PAIR, normalised_rewards
 
         self.pair = tuple(pair or PAIR)
         self.weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
@@ -73,7 +73,6 @@ class DigitsSweep:
         self.morl_dir, self.train_morl = morl_dir, train_morl
         self.model, self.base_meta = digits.load_base(self.weights_dir)
         self.base = AdapterView(self.model, None)   # adapters get injected: keep them off
-        self._attach = attach_expert
         self.experts = [self._load(n) for n in self.pair]
         self.alpha = float(json.loads((self.experts_dir / f"{self.pair[0]}.json").read_text())
                            ["alpha"])
@@ -90,7 +89,9 @@ class DigitsSweep:
         if not path.exists():
             raise UsageError(f"no expert {name!r} at {path}; train it with "
                              "`dblend digits train-experts`")
-        return self._attach(self.model, self.base_meta, path)[0]
+        from diffusion_blend.finetune.digits import attach_expert
+
+        return attach_expert(self.model, self.base_meta, path)[0]
 
     def cond(self, seeds: list[int]) -> dict:
         from diffusion_blend.finetune.digits import classes_for

@@ -74,24 +74,15 @@ def class_margin(classifier):
     return fn
 
 
-@register("ink")
-def make_ink(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
-    return DigitReward("ink", ink, scale, shift)
+def _register_pixel_reward(name: str, fn) -> None:
+    """``name`` in the registry: a reward of the pixels alone, with its normalisation."""
+    def make(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
+        return DigitReward(name, fn, scale, shift)
+    register(name)(make)
 
 
-@register("crisp")
-def make_crisp(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
-    return DigitReward("crisp", crisp, scale, shift)
-
-
-@register("symmetry")
-def make_symmetry(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
-    return DigitReward("symmetry", symmetry, scale, shift)
-
-
-@register("smooth")
-def make_smooth(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
-    return DigitReward("smooth", smooth, scale, shift)
+for _name, _fn in (("ink", ink), ("crisp", crisp), ("symmetry", symmetry), ("smooth", smooth)):
+    _register_pixel_reward(_name, _fn)
 
 
 @register("class")
