@@ -21,7 +21,7 @@ def test_toy2d_sample_json(capsys, tmp_path):
         assert key in res
     assert res["nfe_per_sample"] == 100 and res["w"] == [0.25, 0.75]
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "config.json", "result.json", "samples.safetensors", "scatter.png"]
+        ".dblend-output.json", "config.json", "result.json", "samples.safetensors", "scatter.png"]
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
     assert saved["spec"]["rewards"][1] == {"type": "linear", "a": [0, 1]}
 
@@ -43,11 +43,11 @@ def test_spec_from_a_json_file(capsys, tmp_path):
     (["--lam", "-1"], "lam=-1.0"),
     (["--lam", "2"], "--allow-extrapolation"),
     (["--w=-0.5,1.5"], "--allow-extrapolation"),
-    (["--n", "0"], "--n 0"),
-    (["--steps", "0"], "--steps 0"),
+    (["--n", "0"], "--n: '0'"),
+    (["--steps", "0"], "--steps: '0'"),
     (["--spec", "nope"], "preset"),
-    (["--method", "magic"], "magic"),
-    (["--sampler", "euler"], "euler"),
+    (["--method", "magic"], "'magic'"),
+    (["--sampler", "euler"], "'euler'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, args, match):
     out_dir = tmp_path / "never"

@@ -31,6 +31,11 @@ def add_lora(model: nn.Module, name: str, rank: int = 4, targets: Sequence[str] 
 
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets),
                      init_lora_weights=True)
+    if name in getattr(model, "peft_config", {}):
+        raise UsageError(f"the model already has an adapter named {name!r}")
+    # PEFT's one-shot injector treats a model that already has a config dict as a mistake (and
+    # warns); each injection gets a fresh dict, then the adapters' configs are merged.
+    existing = model.__dict__.pop("peft_config", None)
     with torch.random.fork_rng():
         if seed is not None:
             torch.manual_seed(seed)
@@ -38,6 +43,9 @@ def add_lora(model: nn.Module, name: str, rank: int = 4, targets: Sequence[str] 
             inject_adapter_in_model(cfg, model, adapter_name=name)
         except ValueError as e:
             raise UsageError(f"LoRA targets {list(targets)} do not fit the model: {e}") from None
+        finally:
+            if existing is not None:
+                model.peft_config = existing | getattr(model, "peft_config", {})
     for n, p in model.named_parameters():
         p.requires_grad_(f".{name}." in n)
     return model
@@ -118,7 +126,11 @@ def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tenso
     """Load adapter weights saved by ``adapter_state`` into adapter ``name``."""
     from peft.utils import set_peft_model_state_dict
 
-    res = set_peft_model_state_dict(model, state, adapter_name=name)
+    try:
+        res = set_peft_model_state_dict(model, state, adapter_name=name)
+    except RuntimeError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise UsageError(f"adapter weights do not fit the model ({detail[:200]})") from None
     bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
     if bad:
         raise UsageError(f"adapter weights do not fit the model: unexpected {bad[:3]}")

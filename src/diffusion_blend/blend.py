@@ -33,8 +33,9 @@ class PreferenceError(UsageError):
 class Preference:
     """Weights ``w`` over the basis rewards and the KL-strength modifier ``lam``.
 
-    Negative weights and ``lam > 1`` extrapolate beyond what the experts were trained for; they
-    are refused unless ``allow_extrapolation`` is set.
+    Negative weights, ``lam > 1`` and ``lam * sum(w) > 1`` (a negative coefficient on the
+    pretrained model) extrapolate beyond what the experts were trained for; they are refused
+    unless ``allow_extrapolation`` is set.
     """
 
     w: tuple[float, ...]
@@ -66,6 +67,13 @@ class Preference:
                 f"lam={self.lam} > 1 extrapolates beyond the experts' KL strength; "
                 "use 0 <= lam <= 1 or allow extrapolation (--allow-extrapolation)"
             )
+        if self.lam * sum(self.w) > 1 + 1e-9:
+            raise PreferenceError(
+                f"w={list(self.w)} with lam={self.lam}: lam * sum(w) = "
+                f"{self.lam * sum(self.w):g} > 1 gives the pretrained model a negative "
+                "coefficient (extrapolation); use weights with lam * sum(w) <= 1 or allow "
+                "extrapolation (--allow-extrapolation)"
+            )
 
     @property
     def k(self) -> int:
@@ -84,9 +92,19 @@ class Preference:
 
     def check_k(self, k: int) -> None:
         """Raise unless the preference has exactly ``k`` weights."""
-        if self.k != k:
-            raise PreferenceError(
-                f"w has {self.k} weights {list(self.w)} but there are {k} experts")
+        _check_count(self.w, k)
+
+    @classmethod
+    def for_experts(cls, w: Sequence[float], k: int, lam: float = 1.0,
+                    allow_extrapolation: bool = False) -> Preference:
+        """A preference over ``k`` experts; a wrong count is reported before anything else."""
+        _check_count(w, k)
+        return cls(tuple(w), lam, allow_extrapolation)
+
+
+def _check_count(w: Sequence[float], k: int) -> None:
+    if len(w) != k:
+        raise PreferenceError(f"w has {len(w)} weights {list(w)} but there are {k} experts")
 
 
 def nfe_of(denoiser: Denoiser) -> float:

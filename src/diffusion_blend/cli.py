@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -35,11 +34,83 @@ def parse_finite(text: str, name: str) -> float:
 
 
 def _emit(obj: dict, as_json: bool) -> None:
+    from diffusion_blend.io import check_finite_json, dumps
+
+    check_finite_json(obj, "the result")
     if as_json:
-        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.write(dumps(obj) + "\n")
     else:
         for k, v in obj.items():
             sys.stdout.write(f"{k}: {v}\n")
+
+
+# ---------------------------------------------------------------------------- argument types
+# argparse calls these on the raw text; a ValueError/ArgumentTypeError becomes one line, exit 2.
+
+MAX_SEED = 2**64
+
+
+def finite_float(text: str) -> float:
+    """A finite number (``inf`` and ``nan`` are refused)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not finite; give a finite number")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (zero means zero, and zero of these is never allowed)."""
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; use a whole number >= 1")
+    return v
+
+
+def seed_int(text: str) -> int:
+    """A seed: 0 <= seed < 2**64 (larger seeds would alias smaller ones)."""
+    v = _int(text)
+    if not 0 <= v < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; seeds are 0 ... 2**64 - 1")
+    return v
+
+
+def port_int(text: str) -> int:
+    v = _int(text)
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; use 1 ... 65535")
+    return v
+
+
+class VersionAction(argparse.Action):
+    """``--version``: one unwrapped line on stdout, then exit 0."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(versions() + "\n")
+        parser.exit(0)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error contract: one line on stderr, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _threads(n: int | None) -> None:
@@ -55,16 +126,17 @@ def _threads(n: int | None) -> None:
 def _add_toy2d_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", default="bimodal", help="preset name or JSON spec path")
     p.add_argument("--method", default="blend",
-                   help="pretrained | blend | blend-ls | exact | finetuned | smc")
-    p.add_argument("--particles", type=int, default=64, help="smc: particles per run")
-    p.add_argument("--ess-threshold", type=float, default=0.5, help="smc: resample below")
+                   choices=("pretrained", "blend", "blend-ls", "exact", "finetuned", "smc"))
+    p.add_argument("--particles", type=positive_int, default=64, help="smc: particles per run")
+    p.add_argument("--ess-threshold", type=finite_float, default=0.5,
+                   help="smc: resample below")
     p.add_argument("--w", default=None, help="weights, e.g. 0.3,0.7 (default uniform)")
     p.add_argument("--lam", default="1.0", help="KL-strength modifier lambda >= 0")
-    p.add_argument("--n", type=int, default=20000)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--sampler", default="ddpm", help="ddpm | ddim")
-    p.add_argument("--eta", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=20000)
+    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    p.add_argument("--eta", type=finite_float, default=1.0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--experts", default=None, help="learned expert dirs, comma-separated")
     p.add_argument("--allow-extrapolation", action="store_true")
     p.add_argument("--out", default=None)
@@ -73,8 +145,13 @@ def _add_toy2d_sample_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_toy2d_sample(a: argparse.Namespace) -> None:
     from diffusion_blend.domains.toy2d import load_problem
-    from diffusion_blend.evaluation.toy2d import Toy2dSampleConfig, run_sample, save_sample_run
-    from diffusion_blend.io import prepare_out_dir
+    from diffusion_blend.evaluation.toy2d import (
+        Toy2dSampleConfig,
+        check_memory,
+        run_sample,
+        save_sample_run,
+    )
+    from diffusion_blend.io import check_out_dir, prepare_out_dir
 
     _threads(a.threads)
     cfg = Toy2dSampleConfig(
@@ -88,11 +165,22 @@ def cmd_toy2d_sample(a: argparse.Namespace) -> None:
     problem = load_problem(cfg.spec)
     experts = _load_learned_experts(cfg.experts, problem) if cfg.experts else None
     cfg.preference(len(experts) if experts else problem.k)  # validate before writing anything
-    out = prepare_out_dir(a.out, a.overwrite) if a.out else None
+    check_memory(cfg, problem)
+    if a.out:
+        check_out_dir(a.out, a.overwrite, "toy2d-sample")
     summary, x0 = run_sample(cfg, problem, progress=not a.json, learned=experts)
-    if out:
-        save_sample_run(out, cfg, summary, x0, problem)
+    _check_result(summary)
+    if a.out:
+        save_sample_run(prepare_out_dir(a.out, a.overwrite, "toy2d-sample"), cfg, summary, x0,
+                        problem)
     _emit(summary, a.json)
+
+
+def _check_result(summary: dict) -> None:
+    """A result with NaN or infinite numbers is an error, never printed or saved."""
+    from diffusion_blend.io import check_finite_json
+
+    check_finite_json(summary, "the result")
 
 
 def _load_learned_experts(dirs: Sequence[str], problem):
@@ -104,15 +192,14 @@ def _load_learned_experts(dirs: Sequence[str], problem):
 def cmd_toy2d_gap(a: argparse.Namespace) -> None:
     from diffusion_blend.domains.toy2d import load_problem
     from diffusion_blend.evaluation.toy2d import run_gap, write_gap
-    from diffusion_blend.io import prepare_out_dir
+    from diffusion_blend.io import check_out_dir, prepare_out_dir
 
     _threads(a.threads)
-    if a.n < 1 or a.steps < 1 or a.divisions < 1:
-        raise UsageError(f"--n {a.n}, --steps {a.steps}, --divisions {a.divisions}: "
-                         "all must be >= 1")
     problem = load_problem(a.spec)
-    out = prepare_out_dir(a.out, a.overwrite)
+    check_out_dir(a.out, a.overwrite, "toy2d-gap")
     rows = run_gap(problem, a.n, a.steps, a.seed, a.divisions, progress=not a.json)
+    _check_result({"rows": rows})
+    out = prepare_out_dir(a.out, a.overwrite, "toy2d-gap")
     write_gap(out, problem, rows)
     _emit({"out": str(out), "rows": rows} if a.json else {"written": str(out / "gap.md")}, a.json)
 
@@ -124,16 +211,18 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", default="bimodal")
     p.add_argument("--w", default=None, help="reward weights of the expert, e.g. 1,0")
     p.add_argument("--alpha", default=None, help="KL strength (default: the spec's alpha)")
-    p.add_argument("--estimator", default="pathwise", help="pathwise | dpok")
-    p.add_argument("--kl-mode", default=None, help="DPOK returns: to-go (default) | published")
+    p.add_argument("--estimator", default="pathwise", choices=("pathwise", "dpok"))
+    p.add_argument("--kl-mode", default=None, choices=("to-go", "published"),
+                   help="DPOK returns (default to-go)")
     p.add_argument("--preset", default=None, help="config preset (default toy2d-ESTIMATOR)")
-    p.add_argument("--steps", type=int, default=None, help="training iterations")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--sample-steps", type=int, default=None, help="chain length (default T)")
-    p.add_argument("--eval-trajectories", type=int, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=None, help="training iterations")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None)
+    p.add_argument("--sample-steps", type=positive_int, default=None,
+                   help="chain length (default T)")
+    p.add_argument("--eval-trajectories", type=positive_int, default=None)
+    p.add_argument("--checkpoint-every", type=positive_int, default=None)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
@@ -180,8 +269,12 @@ def cmd_bench_toy2d(a: argparse.Namespace) -> None:
 
 def cmd_bench_finetune_toy2d(a: argparse.Namespace) -> None:
     from diffusion_blend.bench.finetune_toy2d import bench_finetune_toy2d
+    from diffusion_blend.domains.toy2d import load_problem
+    from diffusion_blend.io import check_out_dir
 
     _threads(a.threads)
+    load_problem(a.spec)
+    check_out_dir(a.out, a.overwrite, "bench-finetune-toy2d")
     _emit(bench_finetune_toy2d(a.spec, a.out, a.overwrite, dpok_budget_s=a.dpok_seconds,
                                quick=a.quick), a.json)
 
@@ -194,45 +287,58 @@ def cmd_bench_digits(a: argparse.Namespace) -> None:
 
 
 def cmd_bench_sd_memory(a: argparse.Namespace) -> None:
-    from diffusion_blend.bench.sd_memory import CONFIGS, bench_sd_memory
+    from diffusion_blend.bench.sd_memory import bench_sd_memory
 
-    if a.config not in CONFIGS:
-        raise UsageError(f"--config {a.config!r} is not known; use one of {sorted(CONFIGS)}")
-    if min(a.experts, a.batch, a.rank, a.repeats) < 1:
-        raise UsageError("--experts, --batch, --rank and --repeats must be >= 1")
     _emit(bench_sd_memory(a.config, a.experts, a.batch, a.rank, a.repeats), a.json)
 
 
 def cmd_bench_smc(a: argparse.Namespace) -> None:
     from diffusion_blend.bench.smc import bench_smc
+    from diffusion_blend.blend import Preference
+    from diffusion_blend.domains.toy2d import load_problem
+    from diffusion_blend.io import check_out_dir
 
     _threads(a.threads)
-    ps = tuple(int(v) for v in parse_floats(a.particles, "--particles"))
+    ps = parse_floats(a.particles, "--particles")
+    if any(p < 1 or p != int(p) or a.n % int(p) for p in ps):
+        raise UsageError(f"--particles {a.particles}: whole numbers >= 1 that divide --n {a.n}")
     w = parse_floats(a.w, "--w")
-    _emit(bench_smc(a.spec, w, a.n, ps, a.steps, a.seed, a.out, a.overwrite), a.json)
+    Preference.for_experts(w, load_problem(a.spec).k)
+    if a.out:
+        check_out_dir(a.out, a.overwrite, "bench-smc")
+    _emit(bench_smc(a.spec, w, a.n, tuple(int(p) for p in ps), a.steps, a.seed, a.out,
+                    a.overwrite), a.json)
 
 
 def cmd_distill_digits(a: argparse.Namespace) -> None:
     from diffusion_blend.domains import digits
     from diffusion_blend.finetune.distill_digits import DistillConfig, run_distill
+    from diffusion_blend.io import check_out_dir
 
     _threads(a.threads)
-    cfg = DistillConfig(**({"iterations": a.iterations} if a.iterations else {}))
-    if cfg.iterations < 1:
-        raise UsageError(f"--iterations {cfg.iterations} is not allowed; use >= 1")
+    cfg = DistillConfig(**({"iterations": a.iterations} if a.iterations is not None else {}))
     weights = Path(a.weights) if a.weights else digits.WEIGHTS_DIR
     digits.load_base(weights)     # missing or corrupt weights: error before anything is written
-    _emit(run_distill(weights, Path(a.out), cfg, a.resume, progress=not a.json), a.json)
+    if not a.resume:
+        check_out_dir(a.out, a.overwrite, "distill")
+    _emit(run_distill(weights, Path(a.out), cfg, a.resume, progress=not a.json,
+                      overwrite=a.overwrite), a.json)
 
 
 def cmd_ui(a: argparse.Namespace) -> None:
-    from diffusion_blend.ui import run_ui
+    from diffusion_blend.io import check_out_file
+    from diffusion_blend.ui import bind_server, run_ui
 
     _threads(a.threads)
     experts = [e for e in (a.experts or "").split(",") if e] or None
     if a.sd_model and not experts:
         raise UsageError("--sd-model needs --experts (LoRA directories)")
-    server = run_ui(experts, a.out, a.host, a.port, a.sd_model, a.allow_extrapolation, a.steps)
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise UsageError(f"--out {a.out} exists and is not a directory")
+    check_out_file(Path(a.out) / "ui-0000.png" if Path(a.out).is_dir() else a.out)
+    httpd = bind_server(a.host, a.port)   # a port in use is an error before models load
+    server = run_ui(experts, a.out, a.host, a.port, a.sd_model, a.allow_extrapolation, a.steps,
+                    httpd=httpd)
     sys.stderr.write(f"dblend ui: serving {server.url} (Ctrl-C stops)\n")
     try:
         server.serve_forever()
@@ -242,8 +348,10 @@ def cmd_ui(a: argparse.Namespace) -> None:
 
 def cmd_toy2d_demo(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.toy2d import run_demo
+    from diffusion_blend.io import check_out_dir
 
     _threads(a.threads)
+    check_out_dir(a.out, a.overwrite, "toy2d-demo")
     out = run_demo(a.out, a.overwrite)
     sys.stdout.write(f"wrote {out}/report.md with the Jensen-gap plots, tables and scatter "
                      "plots beside it\n")
@@ -251,8 +359,10 @@ def cmd_toy2d_demo(a: argparse.Namespace) -> None:
 
 def cmd_demo(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.digits_demo import run_demo
+    from diffusion_blend.io import check_out_dir
 
     _threads(a.threads)
+    check_out_dir(a.out, a.overwrite, "digits-demo")
     out = run_demo(a.out, a.overwrite)
     sys.stdout.write(f"wrote {out}/report.md, grid_mpa.png, grid_kla.png and pareto.png\n")
 
@@ -263,23 +373,29 @@ def cmd_demo(a: argparse.Namespace) -> None:
 def cmd_digits_train_base(a: argparse.Namespace) -> None:
     from diffusion_blend.domains.digits import BaseConfig
     from diffusion_blend.evaluation.digits import run_train_base
+    from diffusion_blend.io import check_out_dir
 
     _threads(a.threads)
-    cfg = BaseConfig(seed=a.seed, **({"iterations": a.iterations} if a.iterations else {}))
-    if cfg.iterations < 2 or cfg.seed < 0:
-        raise UsageError(f"--iterations {cfg.iterations} / --seed {cfg.seed}: need >= 2 / >= 0")
+    cfg = BaseConfig(seed=a.seed, **({"iterations": a.iterations}
+                                     if a.iterations is not None else {}))
+    if cfg.iterations < 2:
+        raise UsageError(f"--iterations {cfg.iterations} is not allowed; use >= 2")
+    check_out_dir(a.out, a.overwrite, "digits-base")
     summary = run_train_base(a.out, cfg, a.overwrite, progress=not a.json)
     _emit({"out": summary["out"], "seconds": summary["seconds"],
            "quality": summary["base"]["quality"]}, a.json)
 
 
 def cmd_digits_train_experts(a: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from diffusion_blend.finetune.digits import run_train_experts
+    from diffusion_blend.finetune.digits import expert_specs, run_train_experts
+    from diffusion_blend.io import check_out_file
 
     _threads(a.threads)
     only = a.only.split(",") if a.only else None
+    known = [spec.name for spec, _, _ in expert_specs(a.alpha)]
+    if only and any(n not in known for n in only):
+        raise UsageError(f"--only {a.only}: names must be among {','.join(known)}")
+    check_out_file(Path(a.out) / "rewards.json")
     done = run_train_experts(Path(a.weights), Path(a.out), a.alpha, a.iterations,
                              progress=not a.json, only=only)
     _emit({name: {"eval": m["eval"], "train_seconds": m["train_seconds"]}
@@ -288,19 +404,21 @@ def cmd_digits_train_experts(a: argparse.Namespace) -> None:
 
 def cmd_sample_digits(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.digits_demo import image_grid, parse_class, run_sample
-    from diffusion_blend.io import save_figure
+    from diffusion_blend.io import check_out_file, save_figure
 
     _threads(a.threads)
     parse_class(a.cls)
     experts = a.experts.split(",")
     w = parse_floats(a.w, "--w") if a.w else (1.0 / len(experts),) * len(experts)
-    if a.out and Path(a.out).suffix.lower() != ".png":
-        raise UsageError(f"--out {a.out}: give a .png path")
+    if a.out:
+        check_out_file(a.out, ".png")
     x0, summary = run_sample(int(a.cls), w, parse_finite(a.lam, "--lam"), a.n, a.seed, experts,
                              a.allow_extrapolation)
+    _check_result(summary)
     if a.out:
         cols = min(8, a.n)
-        rows = [list(x0[i:i + cols]) for i in range(0, a.n - a.n % cols or a.n, cols)]
+        rows = [list(x0[i:i + cols]) for i in range(0, a.n, cols)]
+        rows[-1] += [None] * (cols - len(rows[-1]))
         save_figure(image_grid(rows, [""] * len(rows), [""] * cols,
                                f"digit {a.cls}, w={summary['w']}, lam={summary['lam']}"), a.out)
         summary["out"] = a.out
@@ -312,42 +430,42 @@ def cmd_sample_digits(a: argparse.Namespace) -> None:
 
 def cmd_sample_sd(a: argparse.Namespace) -> None:
     from diffusion_blend.blend import Preference
-    from diffusion_blend.domains.sd import read_prompts, sample_sd
+    from diffusion_blend.domains.sd import read_prompts, sample_sd, save_image_row
+    from diffusion_blend.io import check_out_file
 
     experts = [e for e in (a.experts or "").split(",") if e]
     if not experts:
         raise UsageError("--experts: give one or more LoRA directories, comma-separated")
     prompts = read_prompts(a.prompts) if a.prompts else [a.prompt]
     w = parse_floats(a.w, "--w") if a.w else (1.0 / len(experts),) * len(experts)
-    pref = Preference(w, parse_finite(a.lam, "--lam"), a.allow_extrapolation)
-    if Path(a.out).suffix.lower() != ".png":
-        raise UsageError(f"--out {a.out}: give a .png path")
+    pref = Preference.for_experts(w, len(experts), parse_finite(a.lam, "--lam"),
+                                  a.allow_extrapolation)
+    _check_size(a)
+    check_out_file(a.out, ".png")
     images, summary = sample_sd(a.model, experts, pref, prompts, a.steps,
                                 parse_finite(a.guidance, "--guidance"), a.seed, a.n, a.height,
                                 a.width)
-    save_image_grid(images, a.out)
+    save_image_row(images, a.out)
     _emit(summary | {"out": a.out}, a.json)
 
 
-def save_image_grid(images, path: str) -> None:
-    """Images ``[N, 3, H, W]`` in [0, 1] side by side in one PNG (written atomically)."""
-    from PIL import Image
-
-    from diffusion_blend.io import atomic_write
-
-    row = (images.clamp(0, 1) * 255).round().byte().permute(2, 0, 3, 1).flatten(1, 2)
-    atomic_write(path, lambda p: Image.fromarray(row.cpu().numpy()).save(p, format="PNG"))
+def _check_size(a: argparse.Namespace) -> None:
+    for name in ("height", "width"):
+        v = getattr(a, name)
+        if v is not None and v % 8:
+            raise UsageError(f"--{name} {v} is not allowed; use a multiple of 8")
 
 
 def cmd_finetune_sd(a: argparse.Namespace) -> None:
     from diffusion_blend.finetune.config import preset
     from diffusion_blend.finetune.sd import finetune_sd
 
+    _check_size(a)
     cfg = preset(a.preset or f"sd-{a.estimator}", iterations=a.iterations,
                  batch_size=a.batch_size, sample_steps=a.sample_steps, lr=a.lr,
-                 alpha=parse_finite(a.alpha, "--alpha") if a.alpha else None, seed=a.seed,
-                 mixed_precision=a.mixed_precision, grad_accumulation=a.grad_accumulation,
-                 checkpoint_every=a.checkpoint_every)
+                 alpha=parse_finite(a.alpha, "--alpha") if a.alpha is not None else None,
+                 seed=a.seed, mixed_precision=a.mixed_precision,
+                 grad_accumulation=a.grad_accumulation, checkpoint_every=a.checkpoint_every)
     kwargs = {"model": a.reward_model} if a.reward_model else {}
     result = finetune_sd(a.model, a.prompts, a.reward, cfg, a.out, kwargs,
                          parse_finite(a.guidance, "--guidance"), a.height, a.width, a.resume,
@@ -356,28 +474,30 @@ def cmd_finetune_sd(a: argparse.Namespace) -> None:
 
 
 def _sd_commands(sub, sample_sub, finetune_sub) -> None:
-    size = (A("--height", type=int, default=None), A("--width", type=int, default=None))
+    size = (A("--height", type=positive_int, default=None),
+            A("--width", type=positive_int, default=None))
     _command(sample_sub, "sd", cmd_sample_sd, "DB-MPA / DB-KLA on a local diffusers pipeline",
              A("--model", required=True, help="local pipeline dir or cached hub id"),
              A("--experts", required=True, help="LoRA dirs, comma-separated"),
              A("--w", default=None), A("--lam", default="1.0"),
              A("--prompt", default="a photo of an apple"), A("--prompts", default=None),
-             A("--steps", type=int, default=50), A("--guidance", default="7.5"),
-             A("--seed", type=int, default=0), A("--n", type=int, default=1), *size,
+             A("--steps", type=positive_int, default=50), A("--guidance", default="7.5"),
+             A("--seed", type=seed_int, default=0), A("--n", type=positive_int, default=1), *size,
              A("--allow-extrapolation", action="store_true"), A("--out", default="sd.png"))
     _command(finetune_sub, "sd", cmd_finetune_sd, "a LoRA expert for a diffusers pipeline",
              A("--model", required=True), A("--prompts", required=True),
              A("--reward", required=True, help="e.g. imagereward, pickscore, aesthetic"),
              A("--reward-model", default=None, help="local weights of the reward model"),
-             A("--estimator", default="dpok", help="dpok | pathwise"),
-             A("--preset", default=None), A("--iterations", type=int, default=None),
-             A("--batch-size", type=int, default=None), A("--sample-steps", type=int,
-                                                          default=None),
-             A("--lr", type=float, default=None), A("--alpha", default=None),
+             A("--estimator", default="dpok", choices=("dpok", "pathwise")),
+             A("--preset", default=None), A("--iterations", type=positive_int, default=None),
+             A("--batch-size", type=positive_int, default=None),
+             A("--sample-steps", type=positive_int, default=None),
+             A("--lr", type=positive_float, default=None), A("--alpha", default=None),
              A("--guidance", default="7.5"), *size,
-             A("--mixed-precision", default=None, help="no | bf16 | fp16"),
-             A("--grad-accumulation", type=int, default=None),
-             A("--checkpoint-every", type=int, default=None), A("--seed", type=int, default=0),
+             A("--mixed-precision", default=None, choices=("no", "bf16", "fp16")),
+             A("--grad-accumulation", type=positive_int, default=None),
+             A("--checkpoint-every", type=positive_int, default=None),
+             A("--seed", type=seed_int, default=0),
              OUT, A("--resume", action="store_true"), OVERWRITE)
 
 
@@ -422,16 +542,26 @@ def _sd_sweep(a: argparse.Namespace) -> dict:
 
 def cmd_sweep(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.report import write_report
-    from diffusion_blend.evaluation.sweep import run_sweep
+    from diffusion_blend.evaluation.sweep import check_sweep_out, run_sweep
 
     _threads(a.threads)
-    out = run_sweep(sweep_config(a), a.out, a.overwrite, progress=not a.json)
-    summary = write_report(out, _reference(a))
+    cfg = sweep_config(a)
+    cfg.check()
+    ref = _reference(a, cfg.k())
+    check_sweep_out(cfg, a.out, a.overwrite)
+    out = run_sweep(cfg, a.out, a.overwrite, progress=not a.json)
+    summary = write_report(out, ref)
     _emit(summary | {"out": str(out)}, a.json)
 
 
-def _reference(a: argparse.Namespace):
-    return parse_floats(a.reference_point, "--reference-point") if a.reference_point else None
+def _reference(a: argparse.Namespace, k: int | None = None):
+    if not a.reference_point:
+        return None
+    ref = parse_floats(a.reference_point, "--reference-point")
+    if k is not None and len(ref) != k:
+        raise UsageError(f"--reference-point {a.reference_point} has {len(ref)} values; the "
+                         f"sweep has {k} rewards")
+    return ref
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -448,21 +578,23 @@ def cmd_convert_lora(a: argparse.Namespace) -> None:
 
 
 def _sweep_commands(sub) -> None:
-    from diffusion_blend.evaluation.sweep import DEFAULT_METHODS
+    from diffusion_blend.evaluation.sweep import DEFAULT_METHODS, DOMAINS
 
     _command(sub, "sweep", cmd_sweep, "every method over a w grid: results.jsonl + report",
-             A("--domain", default="toy2d", help="toy2d | digits"),
+             A("--domain", default="toy2d", choices=DOMAINS),
              A("--spec", default="bimodal", help="toy2d problem"),
              A("--pair", default=None, help="digits rewards, e.g. ink,smooth"),
              A("--methods", default=",".join(DEFAULT_METHODS)),
              A("--w-grid", default="0:1:0.1", help="start:stop:step or a comma list"),
              A("--lam-grid", default="0.5,1.5,2", help="DB-KLA and KL matching"),
              A("--gamma-grid", default="0.01,0.03,0.1", help="RGG scales for KL matching"),
-             A("--seeds", type=int, default=64), A("--seed", type=int, default=100_000_000),
-             A("--steps", type=int, default=None), A("--no-match", action="store_true"),
+             A("--seeds", type=positive_int, default=64),
+             A("--seed", type=seed_int, default=100_000_000),
+             A("--steps", type=positive_int, default=None), A("--no-match", action="store_true"),
              A("--train-morl", action="store_true", help="fine-tune missing MORL adapters"),
-             A("--code-n", type=int, default=4), A("--code-block", type=int, default=None),
-             A("--particles", type=int, default=8, help="smc: particles per output"),
+             A("--code-n", type=positive_int, default=4),
+             A("--code-block", type=positive_int, default=None),
+             A("--particles", type=positive_int, default=8, help="smc: particles per output"),
              A("--rgg-gamma", default="0.1"),
              A("--rgg-raw", action="store_true", help="RGG without gradient normalisation"),
              A("--reference-point", default=None),
@@ -498,7 +630,7 @@ def _command(sub, name: str, func, help: str, *specs: tuple, json: bool = True):
     p = sub.add_parser(name, help=help)
     for flags, kw in specs:
         p.add_argument(*flags, **kw)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default 1)")
     if json:
         p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=func)
@@ -511,9 +643,9 @@ def _toy2d_commands(sub) -> None:
     s = _command(toy, "sample", cmd_toy2d_sample, "sample one method, compare with the target")
     _add_toy2d_sample_args(s)
     _command(toy, "gap", cmd_toy2d_gap, "sweep w and measure the Jensen gap",
-             A("--spec", default="bimodal"), A("--n", type=int, default=10000),
-             A("--steps", type=int, default=1000), A("--seed", type=int, default=0),
-             A("--divisions", type=int, default=10), A("--out", default="dblend-gap"),
+             A("--spec", default="bimodal"), A("--n", type=positive_int, default=10000),
+             A("--steps", type=positive_int, default=1000), A("--seed", type=seed_int, default=0),
+             A("--divisions", type=positive_int, default=10), A("--out", default="dblend-gap"),
              OVERWRITE)
     _command(toy, "demo", cmd_toy2d_demo, "the toy2d Jensen-gap report",
              A("--out", default="dblend-toy2d-demo"), OVERWRITE, json=False)
@@ -523,24 +655,27 @@ def _digits_commands(sub):
     dg = sub.add_parser("digits", help="the digits domain recipes").add_subparsers(
         dest="digits_command", required=True)
     _command(dg, "train-base", cmd_digits_train_base, "train the base model and classifiers",
-             OUT, A("--iterations", type=int, default=None), A("--seed", type=int, default=0),
-             OVERWRITE)
+             OUT, A("--iterations", type=positive_int, default=None),
+             A("--seed", type=seed_int, default=0), OVERWRITE)
     _command(dg, "train-experts", cmd_digits_train_experts,
              "fine-tune the LoRA experts, MORL and DB-KLA runs",
              A("--weights", required=True, help="directory with base/classifier weights"), OUT,
-             A("--alpha", type=float, default=0.5), A("--iterations", type=int, default=None),
+             A("--alpha", type=positive_float, default=0.5),
+             A("--iterations", type=positive_int, default=None),
              A("--only", default=None, help="comma-separated expert names"))
     ds = sub.add_parser("distill", help="amortised blend: one preference-conditioned adapter")
     _command(ds.add_subparsers(dest="distill_domain", required=True), "digits",
              cmd_distill_digits, "distil DB-MPA / DB-KLA of the shipped pair", OUT,
              A("--weights", default=None, help="base + experts (default: shipped)"),
-             A("--iterations", type=int, default=None), A("--resume", action="store_true"))
+             A("--iterations", type=positive_int, default=None),
+             A("--resume", action="store_true"), OVERWRITE)
     smp = sub.add_parser("sample", help="one-off sampling").add_subparsers(
         dest="sample_domain", required=True)
     _command(smp, "digits", cmd_sample_digits, "DB-MPA / DB-KLA with the shipped experts",
              A("--class", dest="cls", default="0"), A("--experts", default="ink,smooth"),
-             A("--w", default=None), A("--lam", default="1.0"), A("--n", type=int, default=16),
-             A("--seed", type=int, default=0), A("--out", default=None),
+             A("--w", default=None), A("--lam", default="1.0"),
+             A("--n", type=positive_int, default=16),
+             A("--seed", type=seed_int, default=0), A("--out", default=None),
              A("--allow-extrapolation", action="store_true"))
     return smp
 
@@ -553,32 +688,38 @@ def _bench_and_train_commands(sub):
     _add_finetune_args(f)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     _command(bench, "toy2d", cmd_bench_toy2d, "time the exact-expert blend, 2 experts",
-             A("--n", type=int, default=20000), A("--steps", type=int, default=1000),
+             A("--n", type=positive_int, default=20000),
+             A("--steps", type=positive_int, default=1000),
              A("--no-reference", action="store_true", help="skip the numpy reference"))
     _command(bench, "finetune-toy2d", cmd_bench_finetune_toy2d,
              "estimators against the analytic optimum", A("--spec", default="bimodal-linear"),
              A("--out", default="bench-finetune-toy2d"), OVERWRITE,
-             A("--dpok-seconds", type=float, default=180.0),
+             A("--dpok-seconds", type=positive_float, default=180.0),
              A("--quick", action="store_true", help="tiny sizes (a smoke test)"))
     _command(bench, "digits", cmd_bench_digits, "digits sampling throughput",
-             A("--n", type=int, default=200))
+             A("--n", type=positive_int, default=200))
     _command(bench, "smc", cmd_bench_smc, "SMC-corrected blend: error against the target vs P",
              A("--spec", default="bimodal-linear"), A("--w", default="0.25,0.75"),
-             A("--n", type=int, default=65536), A("--particles", default="16,64,256,1024"),
-             A("--steps", type=int, default=1000), A("--seed", type=int, default=0),
+             A("--n", type=positive_int, default=65536),
+             A("--particles", default="16,64,256,1024"),
+             A("--steps", type=positive_int, default=1000), A("--seed", type=seed_int, default=0),
              A("--out", default="bench-smc"), OVERWRITE)
     _command(bench, "sd-memory", cmd_bench_sd_memory,
              "K LoRA experts in one forward vs K full models: peak memory and time",
-             A("--config", default="small", help="small | sd15 (random weights)"),
-             A("--experts", type=int, default=3), A("--batch", type=int, default=2),
-             A("--rank", type=int, default=4), A("--repeats", type=int, default=3))
+             A("--config", default="small", choices=("small", "sd15"),
+               help="a UNet shape (random weights)"),
+             A("--experts", type=positive_int, default=3),
+             A("--batch", type=positive_int, default=2), A("--rank", type=positive_int, default=4),
+             A("--repeats", type=positive_int, default=3))
     return ftsub
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dblend", description="Diffusion Blend: inference-time "
-                                "multi-preference alignment of diffusion models.")
+    p = Parser(prog="dblend", description="Diffusion Blend: inference-time "
+               "multi-preference alignment of diffusion models.")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action=VersionAction, nargs=0,
+                   help="print the versions of dblend and its main dependencies")
     sub = p.add_subparsers(dest="command", required=True)
     _toy2d_commands(sub)
     smp = _digits_commands(sub)
@@ -588,8 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "ui", cmd_ui, "live sliders for w and lambda (local web page)",
              A("--experts", default=None, help="digits expert names or sd LoRA dirs"),
              A("--sd-model", default=None, help="a local diffusers pipeline instead of digits"),
-             A("--steps", type=int, default=30, help="sd sampling steps"),
-             A("--host", default="127.0.0.1"), A("--port", type=int, default=7860),
+             A("--steps", type=positive_int, default=30, help="sd sampling steps"),
+             A("--host", default="127.0.0.1"), A("--port", type=port_int, default=7860),
              A("--out", default="dblend-ui", help="where 'save image' writes"),
              A("--allow-extrapolation", action="store_true"), json=False)
     _command(sub, "demo", cmd_demo, "the main demo: digits DB-MPA / DB-KLA grids and report",
@@ -597,15 +738,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def versions() -> str:
+    """``dblend --version``: the project's version and its main dependencies'."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from diffusion_blend import __version__
+
+    parts = [f"dblend {__version__}"]
+    for pkg in ("torch", "diffusers", "peft", "transformers", "accelerate", "safetensors",
+                "numpy"):
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} (not installed)")
+    return ", ".join(parts)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from diffusion_blend.errors import DivergedError
+    from diffusion_blend.offline import hub_offline
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:    # --help, --version (0) or a bad flag (2): already written
+        return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        with hub_offline():
+            args.func(args)
     except UsageError as e:
-        sys.stderr.write(f"dblend: error: {e}\n")
+        sys.stderr.write(f"dblend: error: {_one_line(e)}\n")
         return 2
+    except DivergedError as e:
+        sys.stderr.write(f"dblend: error: {_one_line(e)}\n")
+        return 1
     return 0
 
 

@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 
 from diffusion_blend.errors import UsageError
-from diffusion_blend.io import atomic_write, prepare_out_dir, sha256_file, write_json
+from diffusion_blend.io import (
+    atomic_write,
+    prepare_out_dir,
+    read_state_dict,
+    sha256_file,
+    write_json,
+)
 
 OLD_FILES = ("pytorch_lora_weights.bin", "pytorch_lora_weights.safetensors")
 NEW_FILE = "pytorch_lora_weights.safetensors"
@@ -32,19 +38,7 @@ def read_old(old_dir: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     path = next((old_dir / f for f in OLD_FILES if (old_dir / f).exists()), None)
     if path is None:
         raise UsageError(f"{old_dir} has no {' or '.join(OLD_FILES)} to convert")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), path
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # an unsafe pickle or a corrupt file: refuse, never execute it
-        raise UsageError(f"{path} is not a plain tensor file that can be loaded safely "
-                         f"(weights_only=True): {str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise UsageError(f"{path} does not hold a dict of tensors")
-    return state, path
+    return read_state_dict(path, "legacy LoRA"), path
 
 
 def convert_keys(state: dict[str, torch.Tensor], prefix: str = "unet") -> dict[str, torch.Tensor]:
@@ -66,12 +60,16 @@ def convert_lora(old_dir: str | Path, new_dir: str | Path, overwrite: bool = Fal
     """Convert ``old_dir`` into ``new_dir/pytorch_lora_weights.safetensors`` (+ JSON note)."""
     from safetensors.torch import save_file
 
+    if Path(old_dir).resolve() == Path(new_dir).resolve():
+        raise UsageError(f"convert-lora {old_dir} {new_dir}: the output would replace its own "
+                         "source; give another NEW_DIR")
     state, src = read_old(old_dir)
+    source_sha = sha256_file(src)
     new = convert_keys(state)
     ranks = sorted({v.shape[0] for k, v in new.items() if k.endswith("lora_A.weight")})
-    out = prepare_out_dir(new_dir, overwrite)
+    out = prepare_out_dir(new_dir, overwrite, "lora")
     atomic_write(out / NEW_FILE, lambda p: save_file(new, str(p), metadata={"format": "pt"}))
-    meta = {"converted_from": str(src), "source_sha256": sha256_file(src), "tensors": len(new),
+    meta = {"converted_from": str(src), "source_sha256": source_sha, "tensors": len(new),
             "ranks": ranks, "lora_alpha": "rank (scale 1, as the old processors)"}
     write_json(out / "conversion.json", meta)
     return meta | {"out": str(out / NEW_FILE)}

@@ -15,14 +15,17 @@ import torch
 
 from diffusion_blend.errors import UsageError
 
+MAX_SEED = 2**64
+
 
 def _key(stream: str) -> int:
     return zlib.crc32(stream.encode())
 
 
 def _generator(seed: int, stream: str) -> np.random.Generator:
-    if int(seed) < 0:
-        raise UsageError(f"seed={seed} is not allowed; seeds must be >= 0")
+    if not 0 <= int(seed) < MAX_SEED:
+        raise UsageError(f"seed={seed} is not allowed; seeds are 0 ... 2**64 - 1 (a larger "
+                         "one would alias a smaller seed)")
     return np.random.Generator(np.random.PCG64((_key(stream) << 64) | int(seed)))
 
 
@@ -48,4 +51,7 @@ def sample_uniforms(seeds: Sequence[int], shape: tuple[int, ...], stream: str) -
 
 def seed_range(seed: int, n: int) -> list[int]:
     """The per-sample seeds of a run: ``seed, seed + 1, ..., seed + n - 1``."""
+    if not 0 <= int(seed) or int(seed) + int(n) > MAX_SEED:
+        raise UsageError(f"seeds {seed} ... {int(seed) + int(n) - 1} are not allowed; seeds "
+                         "are 0 ... 2**64 - 1")
     return list(range(int(seed), int(seed) + int(n)))

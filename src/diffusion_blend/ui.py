@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import json
 import logging
 import threading
@@ -143,13 +144,41 @@ def _text(q: dict, name: str, default):
 # ---------------------------------------------------------------------------- the server
 
 
+IDLE_TIMEOUT_S = 30     # a connection that sends nothing for this long is closed
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """One log line per failed connection (a client that went away), not a traceback."""
+        import sys
+
+        log.info("ui: connection from %s ended: %s", client_address[0], sys.exc_info()[1])
+
+
+def bind_server(host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
+    """Bind the port first, so a port in use is an error before any model loads."""
+    try:
+        return _Server((host, port), BaseHTTPRequestHandler)
+    except OSError as e:
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                         "choose another --port") from None
+    except OverflowError:
+        raise UsageError(f"--port {port} is not a port; use 1 ... 65535") from None
+
+
 class UiServer:
     """The HTTP server around a session; one render at a time (models are shared)."""
 
-    def __init__(self, session, out: Path, host: str = "127.0.0.1", port: int = 7860):
+    def __init__(self, session, out: Path, host: str = "127.0.0.1", port: int = 7860,
+                 httpd: ThreadingHTTPServer | None = None):
         self.session, self.out, self.lock = session, Path(out), threading.Lock()
         self.last: dict | None = None
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self.httpd = httpd or bind_server(host, port)
+        self.httpd.RequestHandlerClass = _handler(self)
+        self.hosts = {*LOCAL_HOSTS, host}
 
     @property
     def url(self) -> str:
@@ -163,16 +192,23 @@ class UiServer:
             return out
 
     def save(self) -> dict:
-        """Write the last rendered image into the output directory (a server-chosen name)."""
+        """Write the last rendered image into the output directory under a new server-chosen
+        name; an existing file is never replaced (exclusive create, safe under concurrency)."""
         from diffusion_blend.io import atomic_write
 
-        if self.last is None:
-            raise UsageError("nothing rendered yet")
+        with self.lock:
+            if self.last is None:
+                raise UsageError("nothing rendered yet")
+            data = base64.b64decode(self.last["image"].split(",", 1)[1])
         self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / f"ui-{len(list(self.out.glob('ui-*.png'))):04d}.png"
-        data = base64.b64decode(self.last["image"].split(",", 1)[1])
-        atomic_write(path, lambda p: p.write_bytes(data))
-        return {"saved": str(path)}
+        for i in itertools.count(len(list(self.out.glob("ui-*.png")))):
+            path = self.out / f"ui-{i:04d}.png"
+            try:
+                atomic_write(path, lambda p: p.write_bytes(data), exclusive=True)
+                return {"saved": str(path)}
+            except FileExistsError:
+                continue
+        raise AssertionError("unreachable")
 
     def serve_forever(self) -> None:
         self.httpd.serve_forever()
@@ -189,20 +225,45 @@ class UiServer:
 
 def _handler(app: UiServer):
     class Handler(BaseHTTPRequestHandler):
+        timeout = IDLE_TIMEOUT_S
+
         def log_message(self, fmt, *args):   # through logging, not stderr
             log.debug(fmt, *args)
 
+        def _host_ok(self) -> bool:
+            """Only requests addressed to this machine (no DNS rebinding from a web page)."""
+            host = urlparse(f"//{self.headers.get('Host', '')}").hostname or ""
+            if host in app.hosts:
+                return True
+            self._json(403, {"error": f"Host {self.headers.get('Host')!r} is not served here"})
+            return False
+
         def do_GET(self):
             url = urlparse(self.path)
+            if not self._host_ok():
+                return None
             if url.path == "/":
                 return self._send(200, "text/html", page(app.session).encode())
-            routes = {"/render": lambda: app.render(parse_qs(url.query)), "/save": app.save}
-            if url.path not in routes:
+            if url.path == "/save":
+                return self._json(405, {"error": "/save changes files: use POST"})
+            if url.path != "/render":
                 return self._json(404, {"error": f"no page {url.path}"})
+            return self._call(lambda: app.render(parse_qs(url.query)))
+
+        def do_POST(self):
+            if not self._host_ok():
+                return None
+            if urlparse(self.path).path != "/save":
+                return self._json(404, {"error": f"no POST endpoint {self.path}"})
+            return self._call(app.save)
+
+        def _call(self, fn):
             try:
-                return self._json(200, routes[url.path]())
+                return self._json(200, fn())
             except UsageError as e:
                 return self._json(400, {"error": str(e)})
+            except OSError as e:
+                return self._json(500, {"error": f"failed: {e.strerror or e}"})
 
         def _json(self, code: int, obj: dict):
             self._send(code, "application/json", json.dumps(obj).encode())
@@ -291,14 +352,16 @@ async function render() {{
   if (pending) render();
 }}
 document.querySelectorAll("input").forEach(e => e.addEventListener("input", render));
-document.getElementById("save").addEventListener("click", () => fetch("/save"));
+document.getElementById("save").addEventListener("click", () => fetch("/save",
+  {{method: "POST"}}));
 render();
 </script></body></html>"""
 
 
 def run_ui(experts: list[str] | None = None, out: str | Path = "dblend-ui",
            host: str = "127.0.0.1", port: int = 7860, sd_model: str | None = None,
-           allow_extrapolation: bool = False, steps: int = 30) -> UiServer:
+           allow_extrapolation: bool = False, steps: int = 30,
+           httpd: ThreadingHTTPServer | None = None) -> UiServer:
     """Build the session (digits by default, or an sd pipeline) and its server (not started)."""
     if sd_model:
         session = SdSession(sd_model, experts or [], steps, allow_extrapolation=allow_extrapolation)
@@ -306,4 +369,4 @@ def run_ui(experts: list[str] | None = None, out: str | Path = "dblend-ui",
         from diffusion_blend.finetune.digits import PAIR
 
         session = DigitsSession(list(experts or PAIR), allow_extrapolation)
-    return UiServer(session, Path(out), host, port)
+    return UiServer(session, Path(out), host, port, httpd)

@@ -68,7 +68,7 @@ def test_resume_errors(tmp_path):
     with pytest.raises(UsageError, match="no run"):
         finetune_toy2d(problem, cfg, tmp_path / "empty", resume=True, progress=False)
     finetune_toy2d(problem, cfg, tmp_path / "run", progress=False)
-    with pytest.raises(UsageError, match="already holds"):
+    with pytest.raises(UsageError, match="not empty"):
         finetune_toy2d(problem, cfg, tmp_path / "run", progress=False)
     other = cfg_for("pathwise", iterations=2, lr=0.5, batch_size=16)
     with pytest.raises(UsageError, match=r"\['batch_size', 'lr'\]"):
@@ -80,7 +80,7 @@ def test_resume_errors(tmp_path):
         finetune_toy2d(problem, cfg, tmp_path / "run", resume=True, progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="not a run directory"):
+    with pytest.raises(UsageError, match="not written by dblend"):
         finetune_toy2d(problem, cfg, tmp_path / "other", overwrite=True, progress=False)
     assert (tmp_path / "other" / "notes.txt").exists()
 

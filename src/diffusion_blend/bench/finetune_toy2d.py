@@ -18,7 +18,7 @@ from diffusion_blend.domains.toy2d import Toy2dProblem, load_problem
 from diffusion_blend.evaluation.metrics import mean_and_stderr
 from diffusion_blend.finetune.config import preset
 from diffusion_blend.finetune.run import train
-from diffusion_blend.finetune.toy2d import base_hash, make_task, measure, with_alpha
+from diffusion_blend.finetune.toy2d import base_hash, make_task, measure
 from diffusion_blend.io import prepare_out_dir, write_json, write_text
 from diffusion_blend.sampling import sample
 from diffusion_blend.seeding import seed_range
@@ -71,8 +71,8 @@ def bench_finetune_toy2d(spec: str = "bimodal-linear", out: str | Path = "bench-
                          eval_n: int = 4096,
                          final_n: int = 16384, blend_n: int = 8192, quick: bool = False) -> dict:
     """Run the whole benchmark; writes ``report.md`` and ``result.json`` into ``out``."""
-    out = prepare_out_dir(out, overwrite)
-    problem = with_alpha(load_problem(spec), load_problem(spec).alpha)
+    problem = load_problem(spec)
+    out = prepare_out_dir(out, overwrite, "bench-finetune-toy2d")
     k = problem.k
     scale = dict(iterations=4, batch_size=32, sample_steps=None) if quick else {}
     runs, experts = [], []

@@ -44,12 +44,11 @@ def build_unet(config: str, seed: int = 0):
 
 
 def _experts_lora(unet, k: int, rank: int):
-    from peft import LoraConfig
+    from diffusion_blend.adapters import add_lora
 
     for i in range(k):
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                         adapter_name=f"e{i}")
+        add_lora(unet, f"e{i}", rank, ("to_q", "to_k", "to_v", "to_out.0"))
+    unet.requires_grad_(False)
     return [f"e{i}" for i in range(k)]
 
 

@@ -42,7 +42,7 @@ def bench_smc(spec: str = "bimodal-linear", w=(0.25, 0.75), n: int = 65536,
               "target_log_z": blend["target_log_z"], "rows": rows,
               "error_ratio_at_max_p": rows[-1]["error"] / rows[0]["error"]}
     if out is not None:
-        out = prepare_out_dir(out, overwrite)
+        out = prepare_out_dir(out, overwrite, "bench-smc")
         write_json(out / "smc.json", result)
         save_figure(_figure(result), out / "smc.png")
         write_text(out / "smc.md", _table(result))

@@ -217,13 +217,27 @@ def load_base(weights_dir: Path | None = None) -> tuple[UNetDenoiser, dict]:
     """The shipped (or given) base model, frozen, with its metadata."""
     state, meta = load_weights(Path(weights_dir or WEIGHTS_DIR) / "base.safetensors", "base")
     unet = build_unet()
-    unet.load_state_dict(state)
+    _load_state(unet, state, Path(weights_dir or WEIGHTS_DIR) / "base.safetensors")
     return UNetDenoiser(unet.eval().requires_grad_(False)), meta
+
+
+def _load_state(model: nn.Module, state: dict, path: Path) -> None:
+    """Load weights into ``model``; weights of another shape or layout are a ``UsageError``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise UsageError(f"weight file {path} does not fit the model ({detail[:200]}); "
+                         "recreate it with `dblend digits train-base`") from None
 
 
 def load_classifier(name: str = "classifier", weights_dir: Path | None = None) -> Classifier:
     state, meta = load_weights(Path(weights_dir or WEIGHTS_DIR) / f"{name}.safetensors", name)
-    model = Classifier(meta["config"]["width"])
-    model.load_state_dict(state)
+    try:
+        model = Classifier(int(meta["config"]["width"]))
+    except (KeyError, TypeError, ValueError):
+        raise UsageError(f"weight metadata of {name} in {weights_dir or WEIGHTS_DIR} lacks "
+                         "config.width; recreate it with `dblend digits train-base`") from None
+    _load_state(model, state, Path(weights_dir or WEIGHTS_DIR) / f"{name}.safetensors")
     return model.eval().requires_grad_(False)
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from diffusion_blend.blend import Guided
 from diffusion_blend.errors import UsageError
+from diffusion_blend.offline import hub_offline
 from diffusion_blend.sampling import Schedule, to_eps
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32,
         raise UsageError(f"--model {model}: no such directory (a pipeline saved with "
                          "`pipe.save_pretrained(DIR)`, or a hub id in the local cache)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(Path(model).expanduser()) if Path(
-            model).expanduser().is_dir() else str(model), dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as e:
+        with hub_offline():
+            pipe = DiffusionPipeline.from_pretrained(str(Path(model).expanduser()) if Path(
+                model).expanduser().is_dir() else str(model), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
         raise UsageError(f"--model {str(model)!r}: no local diffusers pipeline there ({_first(e)})"
                          f". Download it where there is internet (`huggingface-cli download "
                          f"{model}`) and copy the cache here, or give a local directory made "
@@ -59,6 +61,16 @@ def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32,
 
 def _first(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+def save_image_row(images: torch.Tensor, path: str | Path) -> None:
+    """Images ``[N, 3, H, W]`` in [0, 1] side by side in one PNG (written atomically)."""
+    from PIL import Image
+
+    from diffusion_blend.io import atomic_write
+
+    row = (images.clamp(0, 1) * 255).round().byte().permute(2, 0, 3, 1).flatten(1, 2)
+    atomic_write(path, lambda p: Image.fromarray(row.cpu().numpy()).save(p, format="PNG"))
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -191,8 +203,9 @@ def load_experts(pipe, experts: Sequence[str | Path]) -> list[str]:
             raise UsageError(f"--experts: {path} does not exist (a LoRA directory or "
                              ".safetensors file, e.g. from `dblend finetune sd`)")
         try:
-            pipe.load_lora_weights(str(path), adapter_name=f"e{i}")
-        except (OSError, ValueError, KeyError) as e:
+            with hub_offline():
+                pipe.load_lora_weights(str(path), adapter_name=f"e{i}")
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
             raise UsageError(f"--experts: {path} is not a LoRA diffusers can load "
                              f"({_first(e)}); legacy files: `dblend convert-lora`") from None
         names.append(f"e{i}")

@@ -170,7 +170,12 @@ def tilt(
     logw = m.weights.log() + log_z
     log_Z = torch.logsumexp(logw, 0)
     S_new = 0.5 * (S_new + S_new.transpose(1, 2))
-    return GaussianMixture(torch.exp(logw - log_Z), mu_new, S_new), float(log_Z)
+    tilted = GaussianMixture(torch.exp(logw - log_Z), mu_new, S_new)
+    if not all(bool(t.isfinite().all()) for t in (tilted.weights, mu_new, S_new, log_Z)):
+        raise SpecError(f"the tilt with coefficients {list(c)} (alpha={alpha}) overflows "
+                        "(NaN or infinite parameters); use smaller reward coefficients or a "
+                        "larger alpha")
+    return tilted, float(log_Z)
 
 
 # ---------------------------------------------------------------------------- the problem
@@ -267,7 +272,7 @@ def load_problem(spec: str | Path | dict = "bimodal") -> Toy2dProblem:
                         "nor an existing JSON file")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise SpecError(f"spec file {path} is not valid JSON: {e}") from None
     return parse_spec(data)
 
@@ -310,9 +315,13 @@ def parse_spec(spec: dict) -> Toy2dProblem:
     _fields(sch, "schedule", {"T", "beta_start", "beta_end"})
     if not isinstance(sch["T"], int) or isinstance(sch["T"], bool):
         raise SpecError(f"spec field 'schedule.T'={sch['T']!r} must be an integer >= 1")
+    for key in ("beta_start", "beta_end"):
+        v = sch[key]
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+            raise SpecError(f"spec field 'schedule.{key}'={v!r} must be a finite number")
     try:
         schedule = Schedule.linear(sch["T"], float(sch["beta_start"]), float(sch["beta_end"]))
-    except (TypeError, UsageError) as e:
+    except (TypeError, ValueError, UsageError) as e:
         raise SpecError(f"spec field 'schedule': {e}") from None
     problem = Toy2dProblem(mixture, rewards, float(alpha), schedule, spec)
     for i in range(problem.k):   # every expert must exist

@@ -64,7 +64,7 @@ def run_train_base(out: str | Path, cfg: digits.BaseConfig | None = None,
                    classifier_epochs: int = 40, quality_per_class: int = 50) -> dict:
     """The base recipe: reward classifier, judge classifier, then the diffusion model."""
     cfg = cfg or digits.BaseConfig()
-    out = prepare_out_dir(out, overwrite)
+    out = prepare_out_dir(out, overwrite, "digits-base")
     start = time.perf_counter()
     split = {"source": "sklearn.datasets.load_digits", "split_seed": cfg.split_seed,
              "test_fraction": 0.2}

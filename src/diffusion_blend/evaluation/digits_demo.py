@@ -79,7 +79,8 @@ def parse_class(c) -> int:
 
 
 def image_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: list[str], title: str):
-    """A matplotlib figure: ``rows[i][j]`` is one image (1xHxW digits or 3xHxW RGB)."""
+    """A matplotlib figure: ``rows[i][j]`` is one image (1xHxW digits or 3xHxW RGB) or
+    ``None`` (a blank cell)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +92,9 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: list
         for j in range(nc):
             ax = axes[i][j]
             img = rows[i][j]
-            if img.shape[0] == 3:   # RGB in [0, 1] (decoded sd latents)
+            if img is None:
+                ax.set_frame_on(False)
+            elif img.shape[0] == 3:   # RGB in [0, 1] (decoded sd latents)
                 ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
             else:                   # digits in [-1, 1]
                 ax.imshow(((img[0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
@@ -108,7 +111,7 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: list
 def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n_per_class: int = 10,
              progress: bool = True, weights_dir: Path | None = None) -> Path:
     """Grids over w (DB-MPA) and lambda (DB-KLA), a Pareto plot and ``report.md``."""
-    out = prepare_out_dir(out, overwrite)
+    out = prepare_out_dir(out, overwrite, "digits-demo")
     start = time.perf_counter()
     names = [*EXPERTS, *MORL.values(), *KLA.values()]
     bench = DigitsBench(names, weights_dir)
@@ -227,8 +230,7 @@ def run_sample(cls: int, w, lam: float, n: int, seed: int, experts: list[str],
     """One-off sampling for ``dblend sample digits`` (and the UI, which passes its loaded
     ``bench``): images and a JSON summary."""
     cls = parse_class(cls)
-    pref = Preference(w, lam, allow_extrapolation)
-    pref.check_k(len(experts))
+    pref = Preference.for_experts(w, len(experts), lam, allow_extrapolation)
     if n < 1:
         raise UsageError(f"--n {n} is not allowed; use >= 1")
     bench = bench or DigitsBench(list(experts), weights_dir)

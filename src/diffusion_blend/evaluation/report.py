@@ -14,7 +14,7 @@ from pathlib import Path
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.hypervolume import hypervolume
 from diffusion_blend.evaluation.sweep import SweepConfig, sample_path
-from diffusion_blend.io import save_figure, write_json, write_text
+from diffusion_blend.io import read_json, save_figure, write_json, write_text
 
 
 def load_sweep(out: str | Path) -> tuple[SweepConfig, list[dict]]:
@@ -22,7 +22,11 @@ def load_sweep(out: str | Path) -> tuple[SweepConfig, list[dict]]:
     if not (out / "sweep.json").exists() or not (out / "results.jsonl").exists():
         raise UsageError(f"{out} holds no sweep (no sweep.json / results.jsonl); run "
                          "`dblend sweep --out DIR` first")
-    cfg = SweepConfig.from_dict(json.loads((out / "sweep.json").read_text()))
+    try:
+        cfg = SweepConfig.from_dict(read_json(out / "sweep.json", "sweep config"))
+    except (TypeError, KeyError) as e:
+        raise UsageError(f"sweep config {out / 'sweep.json'} is not a sweep config ({e})") \
+            from None
     rows = []
     for line in (out / "results.jsonl").read_text().splitlines():
         try:
@@ -222,18 +226,20 @@ def image_grids(out: Path, rows: list[dict]) -> bool:
 
     from diffusion_blend.evaluation.digits_demo import image_grid
 
-    grid, labels, cols = [], [], []
-    for m in methods_of(rows):
-        pts = select(rows, "main", m)
-        name = [sample_path(out, r["key"]) for r in pts]
-        if not name or not all(p.exists() for p in name):
+    ws = sorted({tuple(r["w"]) for r in select(rows, "main")}, key=lambda w: w[0])
+    grid, labels = [], []
+    for m in methods_of(rows):   # a method missing at some w (MORL) leaves blank cells
+        paths = {tuple(r["w"]): sample_path(out, r["key"]) for r in select(rows, "main", m)}
+        x = [load_file(str(paths[w]))["x0"][0] if w in paths and paths[w].exists() else None
+             for w in ws]
+        shown = [v for v in x if v is not None]
+        if not shown:
             continue
-        x = [load_file(str(p))["x0"][0] for p in name]
-        if x[0].ndim != 3:
+        if shown[0].ndim != 3:
             return False
         grid.append(x)
         labels.append(m)
-        cols = [f"w={r['w'][0]:g}" for r in pts]
+    cols = [f"w={w[0]:g}" for w in ws]
     if grid:
         save_figure(image_grid(grid, labels, cols, "same seed across w, per method"),
                     out / "grids.png")

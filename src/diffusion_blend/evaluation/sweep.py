@@ -11,6 +11,7 @@ grows about linearly with ``lam``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -22,8 +23,15 @@ from diffusion_blend.blend import Preference
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.methods import METHODS, MethodConfig, path_kl, run_method
 from diffusion_blend.evaluation.metrics import energy_distance, mean_and_stderr
-from diffusion_blend.io import atomic_write, prepare_out_dir, write_json
-from diffusion_blend.seeding import seed_range
+from diffusion_blend.io import (
+    atomic_write,
+    check_out_dir,
+    dumps,
+    prepare_out_dir,
+    read_json,
+    write_json,
+)
+from diffusion_blend.seeding import MAX_SEED, seed_range
 
 DOMAINS = ("toy2d", "digits", "sd")
 DEFAULT_METHODS = ("pretrained", "db-mpa", "db-mpa-ls", "db-kla", "soup", "code", "rgg", "morl")
@@ -64,11 +72,43 @@ class SweepConfig:
                              "use >= 1")
         if self.seeds < 2:
             raise UsageError(f"--seeds {self.seeds} is not allowed; use >= 2 (for the CIs)")
+        if not 0 <= self.seed <= MAX_SEED - self.seeds:
+            raise UsageError(f"--seed {self.seed} is not allowed; use 0 ... 2**64 - --seeds")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps {self.steps} is not allowed; use >= 1")
+        b = self.baselines
+        if b.code_n < 1 or (b.code_block is not None and b.code_block < 1):
+            raise UsageError(f"--code-n {b.code_n} / --code-block {b.code_block}: use >= 1")
+        if not (math.isfinite(b.rgg_gamma) and b.rgg_gamma >= 0):
+            raise UsageError(f"--rgg-gamma {b.rgg_gamma} is not allowed; use a finite value >= 0")
+        self._check_pair()
         if any(not 0 <= lam <= 10 for lam in self.lam_grid):
             raise UsageError(f"--lam-grid {list(self.lam_grid)}: each lambda must be in [0, 10]")
         if not self.gamma_grid or any(not g > 0 for g in self.gamma_grid):
             raise UsageError(f"--gamma-grid {list(self.gamma_grid)}: each gamma must be > 0")
         parse_grid(self.w_grid)
+
+    def _check_pair(self) -> None:
+        if self.pair is None:
+            return
+        if self.domain != "digits":
+            raise UsageError(f"--pair is for --domain digits, not {self.domain}")
+        from diffusion_blend.finetune.digits import FINETUNED
+
+        if len(self.pair) != 2 or len(set(self.pair)) != 2 or any(
+                r not in FINETUNED for r in self.pair):
+            raise UsageError(f"--pair {','.join(self.pair)}: give two different rewards with "
+                             f"experts, e.g. ink,smooth (known: {','.join(FINETUNED)})")
+
+    def k(self) -> int:
+        """How many rewards the sweep's preferences weigh."""
+        if self.domain == "sd":
+            return len((self.sd or {}).get("rewards", ()))
+        if self.domain == "digits":
+            return 2
+        from diffusion_blend.domains.toy2d import load_problem
+
+        return load_problem(self.spec).k
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -227,32 +267,40 @@ class Results:
                     continue
                 self.rows[row["key"]] = row
             atomic_write(path, lambda p: p.write_text(
-                "".join(json.dumps(r) + "\n" for r in self.rows.values())))
+                "".join(dumps(r) + "\n" for r in self.rows.values())))
 
     def add(self, row: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.rows[row["key"]] = row
 
 
-def open_sweep(cfg: SweepConfig, out: str | Path, overwrite: bool) -> Path:
-    """The output directory: new, or a previous sweep with the same config (resume)."""
+def check_sweep_out(cfg: SweepConfig, out: str | Path, overwrite: bool) -> bool:
+    """Validate the output directory before anything is written; ``True`` when it holds a
+    sweep with the same config to resume."""
     out = Path(out)
     saved = out / "sweep.json"
     if saved.exists() and not overwrite:
-        old = json.loads(saved.read_text())
+        old = read_json(saved, "sweep config")
         if old != cfg.to_dict():
             diff = sorted(k for k in old.keys() | cfg.to_dict().keys()
                           if old.get(k) != cfg.to_dict().get(k))
             raise UsageError(f"--out {out} holds a sweep with another config (differs in "
                              f"{', '.join(diff)}); use another --out or pass --overwrite")
+        return True
+    check_out_dir(out, overwrite, "sweep")
+    return False
+
+
+def open_sweep(cfg: SweepConfig, out: str | Path, overwrite: bool) -> Path:
+    """The output directory: new, or a previous sweep with the same config (resume)."""
+    out = Path(out)
+    if check_sweep_out(cfg, out, overwrite):
         return out
-    out = prepare_out_dir(out, overwrite)
-    for stale in (out / "results.jsonl", out / "summary.json"):
-        stale.unlink(missing_ok=True)
-    write_json(saved, cfg.to_dict())
+    out = prepare_out_dir(out, overwrite, "sweep")
+    write_json(out / "sweep.json", cfg.to_dict())
     return out
 
 

@@ -15,6 +15,7 @@ from diffusion_blend.blend import Denoiser, Preference
 from diffusion_blend.domains import digits
 from diffusion_blend.domains.toy2d import Toy2dProblem, load_problem
 from diffusion_blend.errors import UsageError
+from diffusion_blend.offline import hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,8 @@ class SdSweep:
             return None
         name = f"morl{len(self.morl_dirs)}_{round(pref.w[0] * 100):03d}"
         if name not in {n for layer in _lora_layers(self.unet) for n in layer.lora_A}:
-            self.pipe.load_lora_weights(str(path), adapter_name=name)
+            with hub_offline():
+                self.pipe.load_lora_weights(str(path), adapter_name=name)
         return self._guided(AdapterView(self.unet, name))
 
     def params(self, parts: list[str]) -> int:

@@ -49,9 +49,7 @@ class Toy2dSampleConfig:
 
     def preference(self, k: int) -> Preference:
         w = self.w if self.w is not None else (1.0 / k,) * k
-        pref = Preference(w, self.lam, self.allow_extrapolation)
-        pref.check_k(k)
-        return pref
+        return Preference.for_experts(w, k, self.lam, self.allow_extrapolation)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -69,6 +67,15 @@ class Toy2dSampleConfig:
                                      or self.sampler != "ddpm"):
             raise UsageError(f"--method smc: --particles {self.particles} must be >= 1 and "
                              f"divide --n {self.n}, with --sampler ddpm")
+
+
+def check_memory(cfg: Toy2dSampleConfig, problem: Toy2dProblem) -> None:
+    """Refuse a run that cannot fit: the chain draws all its noise up front (float32, one
+    draw per step and sample), and the reference and rewards hold a few copies of the output."""
+    from diffusion_blend.io import require_memory
+
+    per_sample = problem.mixture.dim * (4 * (cfg.steps + 2) + 8 * 16)
+    require_memory(cfg.n * per_sample, f"--n {cfg.n} with --steps {cfg.steps}")
 
 
 def build_denoiser(
@@ -100,6 +107,7 @@ def run_sample(
     """
     cfg.check()
     problem = problem or load_problem(cfg.spec)
+    check_memory(cfg, problem)
     problem, basis = _with_learned(problem, learned, cfg.method)
     pref = cfg.preference(basis.shape[0])
     if cfg.method == "finetuned" and (pref.w != (1.0,) or pref.lam != 1.0):
@@ -308,7 +316,7 @@ DEMO_SPECS = {
 def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n: int = 6000,
              steps: int = 1000, progress: bool = True) -> Path:
     """Gap sweeps on ``bimodal`` (and ``bimodal-linear``), scatter plots and ``report.md``."""
-    out = prepare_out_dir(out, overwrite)
+    out = prepare_out_dir(out, overwrite, "toy2d-demo")
     start = time.perf_counter()
     sections = []
     for spec in DEMO_SPECS:

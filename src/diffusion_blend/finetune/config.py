@@ -7,6 +7,7 @@ One objective, two estimators:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from diffusion_blend.errors import UsageError
@@ -16,6 +17,7 @@ KL_MODES = ("to-go", "published")
 ADVANTAGES = ("value", "batch")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
+MAX_RUN_SEED = 2**24  # per-sample seeds are (seed << 40) + offset + i: they must stay < 2**64
 
 
 @dataclass
@@ -67,8 +69,19 @@ class FinetuneConfig:
         if self.grad_accumulation < 1 or self.batch_size % self.grad_accumulation:
             raise UsageError(f"grad_accumulation={self.grad_accumulation} must be >= 1 and "
                              f"divide batch_size={self.batch_size}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            vals = v if isinstance(v, tuple | list) else (v,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in vals):
+                raise UsageError(f"{f.name}={v} is not allowed; values must be finite")
         if not self.alpha > 0:
             raise UsageError(f"alpha={self.alpha} is not allowed; alpha must be > 0")
+        for name in ("sample_steps", "truncate_steps"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise UsageError(f"{name}={getattr(self, name)} is not allowed; use >= 1")
+        if not 0 <= self.seed < MAX_RUN_SEED:
+            raise UsageError(f"seed={self.seed} is not allowed; a run's seed is 0 ... 2**24 - 1 "
+                             "(its per-sample seeds are seed * 2**40 + ...)")
         for name in ("iterations", "batch_size", "checkpoint_every", "ppo_epochs", "minibatches",
                      "eval_trajectories", "hidden", "lora_rank"):
             if int(getattr(self, name)) < 1:

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffusion_blend.adapters import AdapterView, adapter_state, add_lora, load_adapter_state
+from diffusion_blend.adapters import (
+    AdapterView,
+    adapter_names,
+    adapter_state,
+    add_lora,
+    load_adapter_state,
+)
 from diffusion_blend.domains import digits
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.digits import sample_digits
@@ -97,6 +103,7 @@ def train_expert(weights_dir: Path, out: Path, spec: Expert, cfg: FinetuneConfig
     meta = {"domain": "digits", "expert": spec.name, "rewards": spec.rewards, "w": spec.w,
             "alpha": cfg.alpha, "base_sha256": base_meta["sha256"]}
     start = time.perf_counter()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     train(task, cfg, out / "runs" / spec.name, meta, overwrite=True, progress=progress)
     seconds = time.perf_counter() - start
     ev = evaluate(task, iteration_seeds(cfg.seed, 0, cfg.eval_trajectories, 1 << 39),
@@ -180,7 +187,8 @@ def attach_expert(base: nn.Module, base_meta: dict, path: Path) -> tuple[nn.Modu
                          f"{str(meta.get('base_sha256'))[:12]}... != "
                          f"{base_meta['sha256'][:12]}...); retrain it with "
                          "`dblend digits train-experts`")
-    add_lora(base, name, meta["lora"]["rank"], meta["lora"]["targets"])
+    if name not in adapter_names(base):   # loaded before (say, an expert that is also MORL's)
+        add_lora(base, name, meta["lora"]["rank"], meta["lora"]["targets"])
     load_adapter_state(base, name, state)
     base.requires_grad_(False)
     return LastStepBase(AdapterView(base, name), AdapterView(base, None)), meta

@@ -3,6 +3,7 @@ one preference-conditioned adapter (see ``amortised``), saved beside the experts
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.digits import LORA_TARGETS, PAIR, attach_expert, classes_for
 from diffusion_blend.finetune.objective import iteration_seeds
 from diffusion_blend.finetune.run import load_checkpoint, save_checkpoint
-from diffusion_blend.io import load_weights, save_weights
+from diffusion_blend.io import load_weights, prepare_out_dir, save_weights
 from diffusion_blend.sampling import sample
 
 ADAPTER = "amortised"
@@ -45,6 +46,15 @@ class DistillConfig:
     steps: int = 10
     seed: int = 0
     checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size", "lora_rank", "hidden", "steps",
+                     "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"{name}={getattr(self, name)} is not allowed; use >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.lam_max)
+                and self.lam_max > 0):
+            raise UsageError(f"lr={self.lr}, lam_max={self.lam_max}: both must be finite, > 0")
 
 
 class _RowBlend:
@@ -94,7 +104,7 @@ def _iteration(model, experts, emb, opt, cfg: DistillConfig, it: int) -> float:
 
 
 def run_distill(weights_dir: Path, out: Path, cfg: DistillConfig | None = None,
-                resume: bool = False, progress: bool = True) -> dict:
+                resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Train (or resume) and save ``OUT/amortised_<pair>.safetensors`` with its JSON."""
     cfg = cfg or DistillConfig()
     weights_dir, out = Path(weights_dir), Path(out)
@@ -102,7 +112,8 @@ def run_distill(weights_dir: Path, out: Path, cfg: DistillConfig | None = None,
     params = [p for p in model.parameters() if p.requires_grad] + list(emb.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
     modules, opts = {"lora": model, "pref": emb}, {"optimizer": opt}
-    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        prepare_out_dir(out, overwrite, "distill")
     start = load_checkpoint(out, modules, opts)["iteration"] if resume else 0
     t0, loss = time.perf_counter(), float("nan")
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion_blend.blend import Denoiser
+from diffusion_blend.errors import UsageError
 from diffusion_blend.sampling import Schedule, ddpm_mean_eps_coef, step_from_eps
 from diffusion_blend.seeding import sample_normals
 
@@ -47,6 +48,8 @@ class Task:
 def iteration_seeds(seed: int, iteration: int, n: int, offset: int = 0) -> list[int]:
     """Per-sample seeds of one iteration: a pure function of (seed, iteration), so resuming a
     run replays exactly the trajectories of an uninterrupted one."""
+    if not 0 <= int(seed) < 2**24:
+        raise UsageError(f"seed={seed} is not allowed; a run's seed is 0 ... 2**24 - 1")
     base = (int(seed) << 40) + offset + iteration * n
     return list(range(base, base + n))
 

@@ -22,16 +22,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffusion_blend.errors import UsageError
+from diffusion_blend.errors import DivergedError, UsageError
 from diffusion_blend.finetune import dpok
 from diffusion_blend.finetune.config import FinetuneConfig
 from diffusion_blend.finetune.distributed import Dist
 from diffusion_blend.finetune.objective import Task, iteration_seeds
 from diffusion_blend.finetune.pathwise import pathwise_loss
-from diffusion_blend.io import atomic_write, save_weights, sha256_file, write_json
+from diffusion_blend.io import (
+    atomic_write,
+    check_out_dir,
+    prepare_out_dir,
+    read_json,
+    read_marker,
+    save_weights,
+    sha256_file,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
-RESUME_MAY_DIFFER = {"iterations", "checkpoint_every", "eval_trajectories"}
+# what a resumed run may change; everything else would give other weights than an uninterrupted
+# run. The iteration count may grow only under a constant learning rate (a cosine schedule is
+# laid out over the total).
+RESUME_MAY_DIFFER = {"checkpoint_every", "eval_trajectories"}
+RUN_KIND = "finetune-run"
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -113,12 +126,14 @@ def load_checkpoint(out: Path, modules: dict, optimizers: dict) -> dict:
     if not latest.is_file():
         raise UsageError(f"--resume: {out} has no checkpoint (no checkpoints/latest.json)")
     try:
-        ck = out / "checkpoints" / json.loads(latest.read_text())["checkpoint"]
-        state = json.loads((ck / "state.json").read_text())
-    except (OSError, ValueError, KeyError) as e:
+        ck = out / "checkpoints" / read_json(latest, "checkpoint pointer")["checkpoint"]
+        state = read_json(ck / "state.json", "checkpoint state")
+        files, iteration = dict(state["files"]), int(state["iteration"])
+        opt_meta = {name: state["optimizers"][name] for name in optimizers}
+    except (KeyError, TypeError, ValueError, UsageError) as e:
         raise UsageError(f"checkpoint in {out / 'checkpoints'} is corrupt ({e}); "
                          "not loaded") from None
-    for fname, digest in state["files"].items():
+    for fname, digest in files.items():
         if not (ck / fname).is_file() or sha256_file(ck / fname) != digest:
             raise UsageError(f"checkpoint file {ck / fname} is corrupt (sha256 mismatch or "
                              "missing); not loaded")
@@ -126,40 +141,45 @@ def load_checkpoint(out: Path, modules: dict, optimizers: dict) -> dict:
         for name, m in modules.items():
             load_trainable(m, load_file(ck / f"{name}.safetensors"))
         for name, o in optimizers.items():
-            _load_optimizer(o, load_file(ck / f"{name}.safetensors"), state["optimizers"][name])
+            _load_optimizer(o, load_file(ck / f"{name}.safetensors"), opt_meta[name])
     except (SafetensorError, KeyError, ValueError) as e:
         raise UsageError(f"checkpoint {ck} could not be loaded ({e})") from None
-    return state
+    return state | {"iteration": iteration}
 
 
 def config_differences(saved: dict, new: dict) -> list[str]:
-    keys = (saved.keys() | new.keys()) - RESUME_MAY_DIFFER
+    """The fields whose change would make a resumed run differ from an uninterrupted one."""
+    may_differ = RESUME_MAY_DIFFER | ({"iterations"} if new.get("lr_schedule") == "constant"
+                                      and saved.get("lr_schedule") == "constant" else set())
+    keys = (saved.keys() | new.keys()) - may_differ
     return sorted(k for k in keys if saved.get(k) != new.get(k))
 
 
 # ---------------------------------------------------------------------------- the run
 
 
+def check_run_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) -> None:
+    """Validate a run directory before anything is created: on resume, the same config; else
+    an empty or new directory, or (``overwrite``) one of this tool's run directories."""
+    if not resume:
+        check_out_dir(out, overwrite, RUN_KIND)
+        return
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        raise UsageError(f"--resume: {out} holds no run (no config.json)")
+    diff = config_differences(read_json(cfg_path, "run config"), run_config)
+    if diff:
+        raise UsageError(f"--resume: the checkpoint's config differs in {diff}; "
+                         "resume with the same settings or start a new --out")
+
+
 def prepare_run_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) -> None:
     """Refuse another run's directory unless ``overwrite``; on resume, refuse another config."""
-    cfg_path = out / "config.json"
-    if resume:
-        if not cfg_path.is_file():
-            raise UsageError(f"--resume: {out} holds no run (no config.json)")
-        diff = config_differences(json.loads(cfg_path.read_text()), run_config)
-        if diff:
-            raise UsageError(f"--resume: the checkpoint's config differs in {diff}; "
-                             "resume with the same settings or start a new --out")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"--out {out} already holds files (another run?); choose another "
-                             "directory, pass --resume to continue it, or --overwrite")
-        if not cfg_path.is_file():
-            raise UsageError(f"--overwrite: {out} is not a run directory (no config.json); "
-                             "refusing to delete it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_dir(out, run_config, resume, overwrite)
+    if not resume:
+        prepare_out_dir(out, overwrite, RUN_KIND)
+    elif read_marker(out) is None:   # a run written before markers existed
+        write_json(out / ".dblend-output.json", {"kind": RUN_KIND, "version": 1})
 
 
 def lr_at(cfg: FinetuneConfig, it: int) -> float:
@@ -212,6 +232,7 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
             g["lr"] = lr_at(cfg, it)
         stats = _iteration(task, cfg, it, opt, params, value, value_opt, dist)
         stats = {k: dist.mean(v) for k, v in stats.items()}
+        check_finite_run(it + 1, stats, params)
         last = {"iteration": it + 1, **stats, "lr": lr_at(cfg, it),
                 "seconds": time.perf_counter() - t0}
         bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['path_kl']:.3f}")
@@ -223,6 +244,16 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
         if stop_after is not None and done - start >= stop_after:
             break
     return last
+
+
+def check_finite_run(iteration: int, stats: dict, params: list[torch.Tensor]) -> None:
+    """Stop a run whose loss, metrics or weights became NaN or infinite (say, ``lr`` too big)."""
+    bad = [k for k, v in stats.items() if not math.isfinite(v)]
+    if bad or not all(bool(p.detach().isfinite().all()) for p in params):
+        what = f"metric {bad[0]!r}" if bad else "the weights"
+        raise DivergedError(f"iteration {iteration}: {what} became NaN or infinite; the run "
+                            "stopped (lower --lr, or check the reward); the last checkpoint "
+                            "is kept")
 
 
 def _place(task: Task, dist: Dist) -> None:
@@ -296,11 +327,16 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 def _truncate_metrics(path: Path, upto: int) -> None:
     """Keep only the metrics of iterations already in the checkpoint (a killed run may have
-    logged a few more)."""
+    logged a few more, the last one perhaps torn)."""
     if not path.exists():
         return
-    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in rows if json.loads(ln)["iteration"] <= upto]
+    kept = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["iteration"] <= upto:
+                kept.append(ln)
+        except (ValueError, KeyError, TypeError):
+            continue
     atomic_write(path, lambda p: p.write_text("".join(r + "\n" for r in kept)))
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion_blend.io import read_state_dict
+from diffusion_blend.offline import hub_offline
 from diffusion_blend.rewards import register
 from diffusion_blend.rewards.images import ClipSimilarity, missing_weights
 
@@ -112,11 +114,14 @@ def load_hpsv2_clip(path, vision_heads: int = 16, text_heads: int = 16, act: str
     from transformers import CLIPModel
 
     path = checkpoint_path(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    state = read_state_dict(path, "hpsv2 checkpoint")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    model = CLIPModel(clip_config(state, vision_heads, text_heads, act, eos_token_id))
-    res = model.load_state_dict(convert_open_clip(state), strict=False)
+    try:
+        model = CLIPModel(clip_config(state, vision_heads, text_heads, act, eos_token_id))
+        res = model.load_state_dict(convert_open_clip(state), strict=False)
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:
+        raise missing_weights("hpsv2", str(path), f"It does not fit an open_clip ViT "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]}).") from None
     missing = [k for k in res.missing_keys if not k.endswith("position_ids")]
     if missing or res.unexpected_keys:
         raise missing_weights("hpsv2", str(path), f"It does not fit an open_clip ViT (missing "
@@ -139,7 +144,8 @@ def _tokenizer(path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except OSError:
+        with hub_offline():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
         raise missing_weights("hpsv2", str(path), f"Download the tokenizer (`huggingface-cli "
                               f"download {path}`) or pass tokenizer=LOCAL_DIR.") from None

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffusion_blend.io import read_state_dict
+from diffusion_blend.offline import hub_offline
 from diffusion_blend.rewards import register
 from diffusion_blend.rewards.images import AestheticHead, clip_pixels, missing_weights
 
@@ -119,8 +121,9 @@ def load_tokenizer(tokenizer):
     if not isinstance(tokenizer, str | Path):
         return tokenizer
     try:
-        tok = BertTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
-    except OSError:
+        with hub_offline():
+            tok = BertTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    except (OSError, ValueError):
         raise missing_weights("imagereward", str(tokenizer), "Download the tokenizer "
                               f"(`huggingface-cli download {tokenizer}`) or pass "
                               "tokenizer=LOCAL_DIR.") from None
@@ -136,19 +139,19 @@ def read_checkpoint(model) -> dict[str, torch.Tensor]:
         raise missing_weights("imagereward", str(model), "Get ImageReward.pt "
                               "(`huggingface-cli download THUDM/ImageReward ImageReward.pt`) "
                               "and pass model=PATH.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    return read_state_dict(path, "imagereward checkpoint")
 
 
 @register("imagereward")
 def make_imagereward(model="ImageReward.pt", tokenizer="bert-base-uncased",
                      vision_heads: int = 16, text_heads: int = 12, **_) -> ImageReward:
     vision, text, head_state = split_checkpoint(read_checkpoint(model))
-    vmodel, tmodel = build_models(vision, text, vision_heads, text_heads)
-    head = AestheticHead(head_state["layers.0.weight"].shape[1])
-    head.load_state_dict(head_state)
+    try:
+        vmodel, tmodel = build_models(vision, text, vision_heads, text_heads)
+        head = AestheticHead(head_state["layers.0.weight"].shape[1])
+        head.load_state_dict(head_state)
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:
+        raise missing_weights("imagereward", str(model), "It does not fit ImageReward's BLIP "
+                              f"layout ({type(e).__name__}: {str(e).splitlines()[0][:120]}).") \
+            from None
     return ImageReward(vmodel, tmodel, head, load_tokenizer(tokenizer))

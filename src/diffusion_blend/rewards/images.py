@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion_blend.errors import UsageError
+from diffusion_blend.io import read_state_dict
+from diffusion_blend.offline import hub_offline
 from diffusion_blend.rewards import register
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,8 +34,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def missing_weights(reward: str, model: str, how: str) -> UsageError:
-    return UsageError(f"reward {reward!r} needs the weights of {model!r}, not found locally "
-                      f"(nothing is downloaded). {how}")
+    return UsageError(f"reward {reward!r} needs the weights of {model!r}: missing or unusable "
+                      f"here (nothing is downloaded). {how}")
 
 
 def _hub_hint(model: str) -> str:
@@ -91,10 +93,12 @@ def load_clip(reward: str, model, processor=None):
     if isinstance(model, nn.Module):
         return model.eval(), processor
     try:
-        clip = CLIPModel.from_pretrained(str(model), local_files_only=True).eval()
-        tok = processor if processor is not None and not isinstance(processor, str | Path) \
-            else AutoTokenizer.from_pretrained(str(processor or model), local_files_only=True)
-    except OSError:
+        with hub_offline():
+            clip = CLIPModel.from_pretrained(str(model), local_files_only=True).eval()
+            tok = processor if processor is not None and not isinstance(
+                processor, str | Path) else AutoTokenizer.from_pretrained(
+                str(processor or model), local_files_only=True)
+    except (OSError, ValueError):
         raise missing_weights(reward, str(model), _hub_hint(str(model))) from None
     return clip, tok
 
@@ -199,14 +203,13 @@ def load_aesthetic_head(head, dim: int) -> AestheticHead:
         raise missing_weights("aesthetic", str(path), "Get sac+logos+ava1-l14-linearMSE.pth "
                               "from the LAION improved-aesthetic-predictor repository and pass "
                               "head=PATH.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict(path, "aesthetic head")
     out = AestheticHead(dim)
-    out.load_state_dict(state)
+    try:
+        out.load_state_dict(state)
+    except RuntimeError as e:
+        raise UsageError(f"aesthetic head {path} does not fit a linear head on {dim} features "
+                         f"({str(e).splitlines()[-1].strip()[:160]})") from None
     return out
 
 
