@@ -341,3 +341,22 @@ def test_bad_input_is_one_line_exit_code_and_nothing_written(results, row):
     assert len(lines) == 1 and text in lines[0], r.stderr
     assert r.stdout == ""
     assert res["after"] == res["before"]
+
+
+def test_sample_digits_is_quiet_and_draws_every_image(tmp_path):
+    from diffusion_blend.evaluation.digits_demo import grid_rows
+
+    r = dblend("sample", "digits", "--n", "12", "--out", str(tmp_path / "x.png"), "--json")
+    assert r.returncode == 0 and r.stderr == ""          # no PEFT "peft_config" warning
+    assert json.loads(r.stdout)["n"] == 12 and (tmp_path / "x.png").stat().st_size > 0
+    x = torch.arange(12)
+    rows = grid_rows(x)
+    assert [v for row in rows for v in row if v is not None] == list(x)
+    assert len(rows) == 2 and all(len(row) == 8 for row in rows)
+
+
+def test_version_names_the_stack():
+    r = dblend("--version")
+    assert r.returncode == 0 and r.stdout.count("\n") == 1
+    for pkg in ("dblend", "torch", "diffusers", "peft", "transformers"):
+        assert pkg in r.stdout

@@ -55,6 +55,9 @@ class Preference:
             raise PreferenceError(f"w={list(self.w)} contains {bad[0]}; weights must be finite")
         if not math.isfinite(self.lam) or self.lam < 0:
             raise PreferenceError(f"lam={self.lam} is not allowed; lam must be finite and >= 0")
+        if not math.isfinite(self.lam * sum(abs(v) for v in self.w)):
+            raise PreferenceError(f"w={list(self.w)} with lam={self.lam} overflows; use smaller "
+                                  "values")
         if self.allow_extrapolation:
             return
         if any(v < 0 for v in self.w):

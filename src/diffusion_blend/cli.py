@@ -403,7 +403,12 @@ def cmd_digits_train_experts(a: argparse.Namespace) -> None:
 
 
 def cmd_sample_digits(a: argparse.Namespace) -> None:
-    from diffusion_blend.evaluation.digits_demo import image_grid, parse_class, run_sample
+    from diffusion_blend.evaluation.digits_demo import (
+        grid_rows,
+        image_grid,
+        parse_class,
+        run_sample,
+    )
     from diffusion_blend.io import check_out_file, save_figure
 
     _threads(a.threads)
@@ -416,10 +421,8 @@ def cmd_sample_digits(a: argparse.Namespace) -> None:
                              a.allow_extrapolation)
     _check_result(summary)
     if a.out:
-        cols = min(8, a.n)
-        rows = [list(x0[i:i + cols]) for i in range(0, a.n, cols)]
-        rows[-1] += [None] * (cols - len(rows[-1]))
-        save_figure(image_grid(rows, [""] * len(rows), [""] * cols,
+        rows = grid_rows(x0)
+        save_figure(image_grid(rows, [""] * len(rows), [""] * len(rows[0]),
                                f"digit {a.cls}, w={summary['w']}, lam={summary['lam']}"), a.out)
         summary["out"] = a.out
     _emit(summary, a.json)

@@ -180,3 +180,36 @@ def test_mixed_precision_runs_and_a_non_finite_step_is_skipped(monkeypatch):
     after, stats = _one_step(cfg)
     assert stats["skipped_steps"] == 1
     assert all(torch.equal(a, b) for a, b in zip(init, after, strict=True))
+
+
+def test_a_diverging_run_stops_with_an_error_and_saves_no_expert(tmp_path, capsys):
+    from diffusion_blend.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["finetune", "toy2d", "--lr", "1e30", "--steps", "4", "--batch-size", "16",
+               "--sample-steps", "10", "--eval-trajectories", "16", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "became NaN or infinite" in err.splitlines()[-1]
+    assert not (out / "expert.safetensors").exists()
+    assert all(json.loads(r)["reward"] == json.loads(r)["reward"]   # no NaN was logged
+               for r in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_resume_after_a_torn_metrics_line_and_growing_a_constant_schedule(tmp_path):
+    problem = load_problem("bimodal")
+    cfg = cfg_for("pathwise", iterations=4, checkpoint_every=2, lr_schedule="constant")
+    finetune_toy2d(problem, cfg, tmp_path / "straight", progress=False)
+    finetune_toy2d(problem, cfg_for("pathwise", iterations=2, checkpoint_every=2,
+                                    lr_schedule="constant"), tmp_path / "grown", progress=False)
+    metrics = tmp_path / "grown" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"iteration": 3, "rew')   # killed mid-write
+    finetune_toy2d(problem, cfg, tmp_path / "grown", resume=True, progress=False)
+    a = load_file(tmp_path / "straight" / "expert.safetensors")
+    b = load_file(tmp_path / "grown" / "expert.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(r)["iteration"] for r in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    cosine = cfg_for("pathwise", iterations=2, lr_schedule="cosine")
+    finetune_toy2d(problem, cosine, tmp_path / "cos", progress=False)
+    with pytest.raises(UsageError, match="iterations"):
+        finetune_toy2d(problem, cfg_for("pathwise", iterations=4, lr_schedule="cosine"),
+                       tmp_path / "cos", resume=True, progress=False)

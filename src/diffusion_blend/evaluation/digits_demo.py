@@ -78,6 +78,14 @@ def parse_class(c) -> int:
         raise UsageError(f"--class {c!r} is not allowed; digits classes are 0-9") from None
 
 
+def grid_rows(images, cols: int = 8) -> list[list]:
+    """Every image of ``images`` in rows of ``cols`` (the last row padded with blank cells)."""
+    cols = min(cols, len(images))
+    rows = [list(images[i:i + cols]) for i in range(0, len(images), cols)]
+    rows[-1] += [None] * (cols - len(rows[-1]))
+    return rows
+
+
 def image_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: list[str], title: str):
     """A matplotlib figure: ``rows[i][j]`` is one image (1xHxW digits or 3xHxW RGB) or
     ``None`` (a blank cell)."""

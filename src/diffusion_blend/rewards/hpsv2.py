@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from diffusion_blend.io import read_state_dict
-from diffusion_blend.offline import hub_offline
 from diffusion_blend.rewards import register
-from diffusion_blend.rewards.images import ClipSimilarity, missing_weights
+from diffusion_blend.rewards.images import ClipSimilarity, local_tokenizer, missing_weights
 
 _LAYER = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
           ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")]
@@ -143,9 +142,5 @@ def make_hpsv2(model="HPS_v2.1_compressed.pt",
 def _tokenizer(path):
     from transformers import AutoTokenizer
 
-    try:
-        with hub_offline():
-            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError):
-        raise missing_weights("hpsv2", str(path), f"Download the tokenizer (`huggingface-cli "
-                              f"download {path}`) or pass tokenizer=LOCAL_DIR.") from None
+    return local_tokenizer(AutoTokenizer, path, "hpsv2", f"Download the tokenizer "
+                           f"(`huggingface-cli download {path}`) or pass tokenizer=LOCAL_DIR.")

@@ -18,9 +18,13 @@ import torch
 from torch import nn
 
 from diffusion_blend.io import read_state_dict
-from diffusion_blend.offline import hub_offline
 from diffusion_blend.rewards import register
-from diffusion_blend.rewards.images import AestheticHead, clip_pixels, missing_weights
+from diffusion_blend.rewards.images import (
+    AestheticHead,
+    clip_pixels,
+    local_tokenizer,
+    missing_weights,
+)
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 MAX_TOKENS = 35
@@ -120,13 +124,9 @@ def load_tokenizer(tokenizer):
 
     if not isinstance(tokenizer, str | Path):
         return tokenizer
-    try:
-        with hub_offline():
-            tok = BertTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
-    except (OSError, ValueError):
-        raise missing_weights("imagereward", str(tokenizer), "Download the tokenizer "
-                              f"(`huggingface-cli download {tokenizer}`) or pass "
-                              "tokenizer=LOCAL_DIR.") from None
+    tok = local_tokenizer(BertTokenizer, tokenizer, "imagereward", "Download the tokenizer "
+                          f"(`huggingface-cli download {tokenizer}`) or pass "
+                          "tokenizer=LOCAL_DIR.")
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     return tok
 

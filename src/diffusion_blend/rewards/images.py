@@ -95,12 +95,25 @@ def load_clip(reward: str, model, processor=None):
     try:
         with hub_offline():
             clip = CLIPModel.from_pretrained(str(model), local_files_only=True).eval()
-            tok = processor if processor is not None and not isinstance(
-                processor, str | Path) else AutoTokenizer.from_pretrained(
-                str(processor or model), local_files_only=True)
     except (OSError, ValueError):
         raise missing_weights(reward, str(model), _hub_hint(str(model))) from None
-    return clip, tok
+    if processor is not None and not isinstance(processor, str | Path):
+        return clip, processor
+    source = str(processor or model)
+    return clip, local_tokenizer(AutoTokenizer, source, reward, _hub_hint(source))
+
+
+def local_tokenizer(cls, path: str | Path, reward: str, how: str):
+    """A tokenizer from a local directory or the hub cache, offline; one without a vocabulary
+    (what transformers returns when nothing is found) is refused, not used."""
+    try:
+        with hub_offline():
+            tok = cls.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        raise missing_weights(reward, str(path), how) from None
+    if len(tok) <= len(set(tok.all_special_tokens)):
+        raise missing_weights(reward, str(path), how)
+    return tok
 
 
 def clip_pixels(x: torch.Tensor, size: int) -> torch.Tensor:
