@@ -142,3 +142,12 @@ def test_stochastic_blend_frequencies_and_batch_invariance():
     assert ls.nfe == 1.0
     with pytest.raises(PreferenceError, match="simplex"):
         StochasticBlend(experts, (0.5, 0.6, -0.1), [0], T)
+
+
+def test_weights_summing_above_one_are_extrapolation():
+    for w, lam in (((0.8, 0.8), 1.0), ((5.0, 5.0), 1.0), ((0.6, 0.6), 0.9)):
+        with pytest.raises(PreferenceError, match="lam \\* sum\\(w\\)"):
+            Preference(w, lam)
+        c_pre, _ = Preference(w, lam, allow_extrapolation=True).coefficients()
+        assert c_pre < 0
+    assert Preference((0.6, 0.6), 0.8).coefficients()[0] == pytest.approx(0.04)

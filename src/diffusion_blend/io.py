@@ -126,6 +126,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], exclusive: boo
     return path
 
 
+def fsync_dir_files(folder: str | Path) -> None:
+    """Flush every file in ``folder`` to disk (before the folder is renamed into place)."""
+    for p in Path(folder).iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
 def check_finite_json(obj, where: str = "output") -> None:
     """Refuse NaN or infinite numbers anywhere in ``obj`` (JSON has no spelling for them)."""
     try:

@@ -117,3 +117,17 @@ def test_ui_session_on_an_sd_pipeline(model_dir, expert):
     assert session.render(q)["image"] == a["image"]   # the same seed, the same image
     with pytest.raises(UsageError, match="extrapolat"):
         session.render(q | {"lam": ["1.5"]})
+
+
+def test_a_lora_of_the_wrong_shape_is_a_one_line_error(model_dir, expert, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(expert / "lora" / "pytorch_lora_weights.safetensors")
+    (tmp_path / "bad").mkdir()
+    save_file({k: torch.zeros(v.shape[0] + 3, *v.shape[1:]) for k, v in state.items()},
+              tmp_path / "bad" / "pytorch_lora_weights.safetensors")
+    rc = main(["sample", "sd", "--model", str(model_dir / "pipe"), "--experts",
+               str(tmp_path / "bad"), "--steps", "2", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "not a LoRA diffusers can load" in err[-1]
+    assert not (tmp_path / "x.png").exists()

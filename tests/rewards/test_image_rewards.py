@@ -89,3 +89,30 @@ def test_jpeg_rewards_prefer_flat_or_busy_images():
     assert torch.equal(comp(x), -incomp(x)) and not comp.differentiable
     with pytest.raises(UsageError, match="\\[B, 3, H, W\\]"):
         comp(torch.rand(1, 1, 8, 8))
+
+
+def _bad_checkpoints(tmp_path):
+    """Garbage, a pickle that would run code, a dict of the wrong keys, a list of tensors."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    files = {"garbage": b"\x00not a checkpoint\xff", "pickle": pickle.dumps({"x": Evil()})}
+    for name, raw in files.items():
+        (tmp_path / f"{name}.pt").write_bytes(raw)
+    torch.save({"unrelated.weight": torch.zeros(2, 2)}, tmp_path / "wrong-keys.pt")
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    return [tmp_path / f"{n}.pt" for n in ("garbage", "pickle", "wrong-keys", "list")]
+
+
+@pytest.mark.parametrize("reward", ["imagereward", "hpsv2", "aesthetic"])
+def test_corrupt_reward_checkpoints_are_usage_errors(tmp_path, clip_dir, reward):
+    for path in _bad_checkpoints(tmp_path):
+        kwargs = {"aesthetic": {"model": clip_dir, "head": path},
+                  "hpsv2": {"model": path, "tokenizer": clip_dir},
+                  "imagereward": {"model": path, "tokenizer": clip_dir}}[reward]
+        with pytest.raises(UsageError) as e:
+            get_reward(reward, **kwargs)
+        assert str(path) in str(e.value) and "weights_only=False" not in str(e.value)

@@ -197,7 +197,8 @@ def ratio_figure(rows: list[dict]):
     ax.axhline(1.0, color="k", lw=0.5)
     ax.set_xlabel("w[0]")
     ax.set_ylabel("r_w gain / MORL's")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:   # no MORL in the sweep: nothing to compare with
+        ax.legend(fontsize=7)
     return fig
 
 

@@ -31,6 +31,7 @@ from diffusion_blend.finetune.pathwise import pathwise_loss
 from diffusion_blend.io import (
     atomic_write,
     check_out_dir,
+    fsync_dir_files,
     prepare_out_dir,
     read_json,
     read_marker,
@@ -111,6 +112,7 @@ def save_checkpoint(out: Path, iteration: int, modules: dict, optimizers: dict,
     files = {p.name: sha256_file(p) for p in tmp.iterdir()}
     write_json(tmp / "state.json", {"iteration": iteration, "config": config, "files": files,
                                     "optimizers": opt_meta})
+    fsync_dir_files(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_json(ckdir / "latest.json", {"checkpoint": final.name, "iteration": iteration})
