@@ -326,16 +326,14 @@ def cmd_distill_digits(a: argparse.Namespace) -> None:
 
 
 def cmd_ui(a: argparse.Namespace) -> None:
-    from diffusion_blend.io import check_out_file
+    from diffusion_blend.io import check_out_folder
     from diffusion_blend.ui import bind_server, run_ui
 
     _threads(a.threads)
     experts = [e for e in (a.experts or "").split(",") if e] or None
     if a.sd_model and not experts:
         raise UsageError("--sd-model needs --experts (LoRA directories)")
-    if Path(a.out).exists() and not Path(a.out).is_dir():
-        raise UsageError(f"--out {a.out} exists and is not a directory")
-    check_out_file(Path(a.out) / "ui-0000.png" if Path(a.out).is_dir() else a.out)
+    check_out_folder(a.out)
     httpd = bind_server(a.host, a.port)   # a port in use is an error before models load
     server = run_ui(experts, a.out, a.host, a.port, a.sd_model, a.allow_extrapolation, a.steps,
                     httpd=httpd)
@@ -388,14 +386,14 @@ def cmd_digits_train_base(a: argparse.Namespace) -> None:
 
 def cmd_digits_train_experts(a: argparse.Namespace) -> None:
     from diffusion_blend.finetune.digits import expert_specs, run_train_experts
-    from diffusion_blend.io import check_out_file
+    from diffusion_blend.io import check_out_folder
 
     _threads(a.threads)
     only = a.only.split(",") if a.only else None
     known = [spec.name for spec, _, _ in expert_specs(a.alpha)]
     if only and any(n not in known for n in only):
         raise UsageError(f"--only {a.only}: names must be among {','.join(known)}")
-    check_out_file(Path(a.out) / "rewards.json")
+    check_out_folder(a.out)
     done = run_train_experts(Path(a.weights), Path(a.out), a.alpha, a.iterations,
                              progress=not a.json, only=only)
     _emit({name: {"eval": m["eval"], "train_seconds": m["train_seconds"]}
@@ -461,9 +459,13 @@ def _check_size(a: argparse.Namespace) -> None:
 
 def cmd_finetune_sd(a: argparse.Namespace) -> None:
     from diffusion_blend.finetune.config import preset
+    from diffusion_blend.finetune.run import RUN_KIND
     from diffusion_blend.finetune.sd import finetune_sd
+    from diffusion_blend.io import check_out_dir
 
     _check_size(a)
+    if not a.resume:   # before the pipeline loads
+        check_out_dir(a.out, a.overwrite, RUN_KIND)
     cfg = preset(a.preset or f"sd-{a.estimator}", iterations=a.iterations,
                  batch_size=a.batch_size, sample_steps=a.sample_steps, lr=a.lr,
                  alpha=parse_finite(a.alpha, "--alpha") if a.alpha is not None else None,

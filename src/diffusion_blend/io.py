@@ -85,6 +85,17 @@ def check_out_file(path: str | Path, suffix: str | None = None, flag: str = "--o
     return path
 
 
+def check_out_folder(path: str | Path, flag: str = "--out") -> Path:
+    """A directory that files will be added to (nothing is deleted): an existing writable
+    directory, or a new one in an existing writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} exists and is not a directory")
+    folder = path if path.is_dir() else Path(os.path.abspath(path)).parent
+    _check_writable_dir(folder, path, flag)
+    return path
+
+
 def prepare_out_dir(path: str | Path, overwrite: bool = False, kind: str = "output",
                     flag: str = "--out") -> Path:
     """Create ``path`` with this tool's marker; with ``overwrite``, empty a directory of the
