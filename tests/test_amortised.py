@@ -1,5 +1,6 @@
 """The amortised blend: its pieces on tiny models, the recipe, and the shipped adapter."""
 
+import pytest
 import torch
 
 from diffusion_blend.adapters import AdapterView, add_lora
@@ -72,6 +73,7 @@ def test_preferences_lie_on_the_simplex_and_in_the_lambda_range():
     assert (lam >= 0).all() and (lam <= 2).all() and (w.max(1).values == 1).sum() > 50
 
 
+@pytest.mark.slow
 def test_distill_recipe_resumes_to_the_same_weights_and_the_loader_accepts_it(tmp_path):
     from safetensors.torch import load_file
 

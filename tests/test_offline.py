@@ -17,6 +17,8 @@ from tests.rewards.test_hpsv2 import open_clip_layout
 from tests.rewards.test_imagereward import VOCAB, original_layout, tiny_parts
 from tests.tiny_sd import save_tiny_clip, tiny_sd_pipeline
 
+pytestmark = pytest.mark.slow
+
 MISSING = "no-such-org/no-such-model"
 
 

@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from diffusion_blend.domains.digits import WEIGHTS_DIR
 from diffusion_blend.io import sha256_file
 
+pytestmark = pytest.mark.slow
+
 ENV = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

@@ -8,6 +8,8 @@ from diffusion_blend.domains import digits
 from diffusion_blend.evaluation.digits_demo import EXPERTS, DigitsBench, cross_rewards
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
 
+pytestmark = pytest.mark.slow
+
 CLASSES = torch.arange(10).repeat(12)
 SEEDS = list(range(500, 500 + len(CLASSES)))
 AGREEMENT = 0.9  # the judge classifier must recognise the prompted digit this often

@@ -65,6 +65,7 @@ def test_an_exact_expert_as_proposal_leaves_the_weights_nearly_equal():
     assert float(w.std()) < 0.05 and res.ess_min > 0.99 * 64
 
 
+@pytest.mark.slow
 def test_smc_removes_the_jensen_gap_and_estimates_log_z():
     cfg = dict(spec="bimodal-linear", w=(0.25, 0.75), n=4096, seed=3)
     blend, _ = run_sample(Toy2dSampleConfig(method="blend", **cfg))

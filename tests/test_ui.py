@@ -169,6 +169,7 @@ def _wait(driver, cond, timeout=60.0):
     raise AssertionError("the page did not update in time")
 
 
+@pytest.mark.slow
 def test_a_real_browser_moves_a_slider_and_sees_the_cli_numbers(server, capsys, tmp_path):
     if not (shutil.which("chromedriver") and (shutil.which("chromium")
                                               or shutil.which("chromium-browser"))):

@@ -1,11 +1,13 @@
 import numpy as np
+import pytest
 import torch
-from conftest import z_ok
 
 from diffusion_blend.bench.toy2d import _as_numpy, bench_toy2d, numpy_blend_sample
 from diffusion_blend.domains.toy2d import load_problem
+from tests.conftest import z_ok
 
 
+@pytest.mark.slow
 def test_numpy_reference_samples_the_same_law():
     """The benchmark's numpy reference is a faithful copy of the loop (same rewards in law)."""
     problem = load_problem("bimodal")
@@ -23,6 +25,9 @@ def test_numpy_reference_samples_the_same_law():
         assert z_ok(float(r_np[:, i].mean()), float(r_t[:, i].mean()), float(se))
 
 
-def test_bench_reports_seconds():
-    out = bench_toy2d(n=100, steps=20, numpy_reference=False)
-    assert out["seconds"] > 0 and out["nfe_per_sample"] == 40
+def test_bench_reports_both_loops_and_their_ratio():
+    out = bench_toy2d(n=64, steps=1000)
+    assert out["nfe_per_sample"] == 2000          # two experts; the base is skipped (sum w = 1)
+    assert out["speedup_vs_numpy"] == out["numpy_seconds"] / out["seconds"]
+    short = bench_toy2d(n=64, steps=20)           # the numpy loop runs the whole schedule only
+    assert short["nfe_per_sample"] == 40 and "speedup_vs_numpy" not in short

@@ -36,6 +36,7 @@ def tiny_recipe(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_shortened_recipe_is_deterministic_and_loadable(tiny_recipe, tmp_path):
     cfg = digits.BaseConfig(iterations=3)
     run_train_base(tmp_path / "again", cfg, progress=False, classifier_epochs=1,

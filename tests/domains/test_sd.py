@@ -50,8 +50,12 @@ def test_pathwise_with_bf16_and_accumulation(model_dir):
     res = finetune_sd(model_dir / "pipe", model_dir / "prompts.txt", "aesthetic", cfg, out,
                       reward_kwargs={"model": _tiny_clip(model_dir), "head": _head(model_dir)},
                       guidance=3.0, progress=False)
-    assert res["last_iteration"]["skipped_steps"] in (0, 1)
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+    from safetensors.torch import load_file
+
+    assert res["last_iteration"]["skipped_steps"] == 0   # bf16 gave finite gradients: a step
+    lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    ups = [v for k, v in lora.items() if "lora_B" in k or "lora.up" in k]
+    assert ups and any(bool(v.abs().sum() > 0) for v in ups)   # B starts at zero: it moved
 
 
 def _tiny_clip(d):
@@ -84,6 +88,7 @@ def test_sample_sd_cli_and_lam_zero_is_the_base(model_dir, expert, capsys):
                  "--w", "0.5,0.5", "--out", str(model_dir / "x.png")]) == 2
 
 
+@pytest.mark.slow
 def test_sd_sweep_with_lora_experts(model_dir, expert, tmp_path):
     from diffusion_blend.evaluation.report import write_report
     from diffusion_blend.evaluation.sweep import SweepConfig, run_sweep

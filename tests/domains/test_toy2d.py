@@ -3,13 +3,13 @@ import math
 
 import pytest
 import torch
-from conftest import z_ok
 
 from diffusion_blend.blend import BlendedDenoiser, Preference
 from diffusion_blend.domains.toy2d import PRESETS, SpecError, load_problem, parse_spec
 from diffusion_blend.evaluation.metrics import mean_and_stderr
 from diffusion_blend.sampling import sample
 from diffusion_blend.seeding import seed_range
+from tests.conftest import z_ok
 
 
 def grid_integrals(problem, c, half=9.0, n=801):
@@ -106,6 +106,7 @@ def test_blend_is_exact_for_gaussian_base_and_linear_rewards(w, lam):
         assert z_ok(got, want, se)
 
 
+@pytest.mark.slow
 def test_jensen_gap_on_a_multimodal_base():
     problem = load_problem("bimodal-linear")
     pref = Preference((0.25, 0.75))

@@ -7,6 +7,8 @@ import pytest
 from diffusion_blend.evaluation.report import write_report
 from diffusion_blend.evaluation.sweep import SweepConfig, run_sweep
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
