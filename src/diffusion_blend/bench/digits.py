@@ -13,7 +13,7 @@ import torch
 
 from diffusion_blend.blend import Preference, StochasticBlend
 from diffusion_blend.domains import digits
-from diffusion_blend.evaluation.digits import DEFAULT_STEPS, sample_digits
+from diffusion_blend.domains.digits import DEFAULT_STEPS, sample_digits
 from diffusion_blend.evaluation.digits_demo import DigitsBench
 
 

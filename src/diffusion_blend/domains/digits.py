@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusion_blend.blend import Denoiser, Guided
 from diffusion_blend.errors import UsageError
 from diffusion_blend.io import load_weights as load_weight_file
-from diffusion_blend.sampling import Schedule
+from diffusion_blend.sampling import Schedule, sample
 
 log = logging.getLogger(__name__)
 NULL_CLASS = 10
@@ -241,3 +242,15 @@ def load_classifier(name: str = "classifier", weights_dir: Path | None = None) -
     _load_state(model, state, Path(weights_dir or WEIGHTS_DIR) / f"{name}.safetensors")
     return model.eval().requires_grad_(False)
 
+
+DEFAULT_STEPS = 10
+
+
+def sample_digits(denoiser: Denoiser, classes: torch.Tensor, seeds: list[int],
+                  steps: int = DEFAULT_STEPS, guidance: float = 1.0, progress: bool = False,
+                  schedule=None) -> tuple[torch.Tensor, float]:
+    """Images ``[B, 1, 8, 8]`` for per-sample classes and seeds (DDPM, ``steps`` steps)."""
+    den = denoiser if guidance == 1.0 else Guided(denoiser, guidance, {"y": None})
+    schedule = schedule or BaseConfig().schedule()
+    res = sample(den, schedule, seeds, SHAPE, steps, cond={"y": classes}, progress=progress)
+    return res.x0, res.nfe_per_sample

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffusion_blend.blend import Guided
 from diffusion_blend.errors import UsageError
 from diffusion_blend.offline import hub_offline
 from diffusion_blend.sampling import Schedule, to_eps
@@ -29,7 +28,7 @@ ADAPTER = "expert"
 def default_device() -> torch.device:
     """The machine's accelerator when it has one (CUDA, MPS, XPU, ...), else the CPU; under
     ``accelerate launch`` each process's own device."""
-    from diffusion_blend.finetune.distributed import Dist
+    from diffusion_blend.distributed import Dist
 
     dist = Dist()
     if dist.world > 1:
@@ -148,41 +147,6 @@ def latent_shape(pipe, height: int | None = None, width: int | None = None) -> t
 
 def schedule_of(pipe) -> Schedule:
     return Schedule(pipe.scheduler.betas.double().clone())
-
-
-def make_sd_task(pipe, prompts: Sequence[str], reward, cfg, guidance: float = 7.5,
-                 height: int | None = None, width: int | None = None):
-    """A fine-tuning ``Task`` on ``pipe``: a LoRA adapter on its UNet is the policy, the UNet
-    without it the reference, both with classifier-free guidance ``guidance``."""
-    from diffusion_blend.adapters import AdapterView, add_lora
-    from diffusion_blend.finetune.objective import Task
-
-    unet, schedule = pipe.unet, schedule_of(pipe)
-    unet.requires_grad_(False)
-    add_lora(unet, ADAPTER, cfg.lora_rank, LORA_TARGETS, seed=cfg.seed)
-    bank = PromptBank(pipe, prompts)
-    kind = pipe.scheduler.config.prediction_type
-
-    def guided(name):
-        den = UNetEps(AdapterView(unet, name), schedule, kind)
-        return den if guidance == 1.0 else Guided(den, guidance,
-                                                  {"encoder_hidden_states": bank.uncond})
-
-    policy = _TrainableView(guided(ADAPTER), unet)
-    latent_reward = LatentReward(pipe.vae, reward, prompts)
-    return Task(policy, guided(None), latent_reward, schedule, latent_shape(pipe, height, width),
-                differentiable=latent_reward.differentiable, cond=bank, device=pipe.device)
-
-
-class _TrainableView(nn.Module):
-    """The guided policy as a module whose parameters are the UNet's (the LoRA ones train)."""
-
-    def __init__(self, denoiser, unet: nn.Module):
-        super().__init__()
-        self.denoiser, self.unet = denoiser, unet
-
-    def forward(self, x, t, **cond):
-        return self.denoiser(x, t, **cond)
 
 
 def save_sd_expert(unet: nn.Module, out: str | Path, adapter: str = ADAPTER) -> Path:

@@ -9,23 +9,10 @@ from pathlib import Path
 
 import torch
 
-from diffusion_blend.blend import Denoiser, Guided
+from diffusion_blend.blend import Denoiser
 from diffusion_blend.domains import digits
+from diffusion_blend.domains.digits import DEFAULT_STEPS, sample_digits
 from diffusion_blend.io import prepare_out_dir, save_weights, write_json
-from diffusion_blend.sampling import sample
-
-DEFAULT_STEPS = 10
-
-
-def sample_digits(denoiser: Denoiser, classes: torch.Tensor, seeds: list[int],
-                  steps: int = DEFAULT_STEPS, guidance: float = 1.0, progress: bool = False,
-                  schedule=None) -> tuple[torch.Tensor, float]:
-    """Images ``[B, 1, 8, 8]`` for per-sample classes and seeds (DDPM, ``steps`` steps)."""
-    den = denoiser if guidance == 1.0 else Guided(denoiser, guidance, {"y": None})
-    schedule = schedule or digits.BaseConfig().schedule()
-    res = sample(den, schedule, seeds, digits.SHAPE, steps, cond={"y": classes},
-                 progress=progress)
-    return res.x0, res.nfe_per_sample
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

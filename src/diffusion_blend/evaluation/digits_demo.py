@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from diffusion_blend.blend import Preference
 from diffusion_blend.domains import digits
+from diffusion_blend.domains.digits import DEFAULT_STEPS, sample_digits
 from diffusion_blend.errors import UsageError
-from diffusion_blend.evaluation.digits import DEFAULT_STEPS, sample_digits
 from diffusion_blend.evaluation.metrics import mean_and_stderr
 from diffusion_blend.finetune.digits import (
     MORL_GRID,

@@ -24,7 +24,6 @@ from diffusion_blend.adapters import (
 )
 from diffusion_blend.domains import digits
 from diffusion_blend.errors import UsageError
-from diffusion_blend.evaluation.digits import sample_digits
 from diffusion_blend.finetune.config import FinetuneConfig, preset
 from diffusion_blend.finetune.objective import Task, evaluate, iteration_seeds
 from diffusion_blend.finetune.run import train
@@ -61,7 +60,7 @@ def reward_stats(base: nn.Module, names, classifier, n: int = 500) -> dict:
     """Mean and std of each raw reward under the pretrained model (for normalisation)."""
     seeds = list(range(20_000, 20_000 + n))
     y = classes_for(seeds)
-    x0, _ = sample_digits(base, y, seeds)
+    x0, _ = digits.sample_digits(base, y, seeds)
     out = {}
     for name in names:
         r = get_reward(name, classifier=classifier)

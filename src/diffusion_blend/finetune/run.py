@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffusion_blend.distributed import Dist
 from diffusion_blend.errors import DivergedError, UsageError
 from diffusion_blend.finetune import dpok
 from diffusion_blend.finetune.config import FinetuneConfig
-from diffusion_blend.finetune.distributed import Dist
 from diffusion_blend.finetune.objective import Task, iteration_seeds
 from diffusion_blend.finetune.pathwise import pathwise_loss
 from diffusion_blend.io import (

@@ -88,9 +88,8 @@ for _name, _fn in (("ink", ink), ("crisp", crisp), ("symmetry", symmetry), ("smo
 @register("class")
 def make_class(classifier=None, scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
     if classifier is None:
-        from diffusion_blend.domains.digits import load_classifier
-
-        classifier = load_classifier("classifier")
+        raise UsageError("the 'class' reward needs classifier= (the domain's reward "
+                         "classifier, e.g. diffusion_blend.domains.digits.load_classifier())")
     return DigitReward("class", class_margin(classifier), scale, shift)
 
 
