@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from diffusion_blend.distributed import Dist
 from diffusion_blend.domains.toy2d import load_problem
 from diffusion_blend.finetune.config import FinetuneConfig
-from diffusion_blend.distributed import Dist
 from diffusion_blend.finetune.objective import iteration_seeds
 from diffusion_blend.finetune.pathwise import pathwise_loss
 from diffusion_blend.finetune.toy2d import make_task
