@@ -12,7 +12,7 @@ def run(capsys, *argv):
 
 
 def test_toy2d_sample_json(capsys, tmp_path):
-    rc, out, _ = run(capsys, "toy2d", "sample", "--spec", "bimodal-linear", "--w", "0.25,0.75",
+    rc, out, _ = run(capsys, "sample", "toy2d", "--spec", "bimodal-linear", "--w", "0.25,0.75",
                      "--n", "300", "--steps", "50", "--json", "--out", str(tmp_path / "o"))
     assert rc == 0
     res = json.loads(out)
@@ -31,7 +31,7 @@ def test_spec_from_a_json_file(capsys, tmp_path):
 
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(PRESETS["gaussian"]))
-    rc, out, _ = run(capsys, "toy2d", "sample", "--spec", str(path), "--method", "exact",
+    rc, out, _ = run(capsys, "sample", "toy2d", "--spec", str(path), "--method", "exact",
                      "--n", "200", "--json")
     assert rc == 0 and json.loads(out)["nfe_per_sample"] == 0
 
@@ -51,7 +51,7 @@ def test_spec_from_a_json_file(capsys, tmp_path):
 ])
 def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, args, match):
     out_dir = tmp_path / "never"
-    rc, out, err = run(capsys, "toy2d", "sample", "--n", "10", "--steps", "5", *args,
+    rc, out, err = run(capsys, "sample", "toy2d", "--n", "10", "--steps", "5", *args,
                        "--out", str(out_dir))
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and match in err
@@ -59,20 +59,20 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, args, match)
 
 
 def test_extrapolation_when_asked(capsys):
-    rc, out, _ = run(capsys, "toy2d", "sample", "--spec", "gaussian", "--w=-0.5,1.5",
+    rc, out, _ = run(capsys, "sample", "toy2d", "--spec", "gaussian", "--w=-0.5,1.5",
                      "--lam", "2", "--allow-extrapolation", "--n", "50", "--steps", "10", "--json")
     assert rc == 0 and json.loads(out)["lam"] == 2.0
 
 
 def test_refuses_non_empty_out(capsys, tmp_path):
     (tmp_path / "keep.txt").write_text("x")
-    rc, _, err = run(capsys, "toy2d", "sample", "--n", "10", "--steps", "5",
+    rc, _, err = run(capsys, "sample", "toy2d", "--n", "10", "--steps", "5",
                      "--out", str(tmp_path))
     assert rc == 2 and "not empty" in err and "--overwrite" in err
 
 
 def test_gap_and_demo_write_their_files(capsys, tmp_path):
-    rc, _, _ = run(capsys, "toy2d", "gap", "--n", "200", "--steps", "20", "--divisions", "2",
+    rc, _, _ = run(capsys, "gap", "toy2d", "--n", "200", "--steps", "20", "--divisions", "2",
                    "--out", str(tmp_path / "gap"))
     assert rc == 0
     assert {"gap.png", "gap.md", "gap.json"} <= {p.name for p in (tmp_path / "gap").iterdir()}
@@ -81,19 +81,19 @@ def test_gap_and_demo_write_their_files(capsys, tmp_path):
     out = run_demo(tmp_path / "demo", n=200, steps=20, progress=False)
     names = {p.name for p in out.iterdir()}
     assert {"report.md", "gap_bimodal.png", "gap_bimodal-linear.md",
-            "scatter_bimodal_blend_w0.50.png", "scatter_bimodal_exact_w0.50.png"} <= names
+            "scatter_bimodal_db-mpa_w0.50.png", "scatter_bimodal_exact_w0.50.png"} <= names
     report = (out / "report.md").read_text()
     assert report.count("| w |") == 2 and "standard errors" in report
 
 
 def test_blend_ls_runs_one_network_per_step(capsys):
-    rc, out, _ = run(capsys, "toy2d", "sample", "--method", "blend-ls", "--w", "0.5,0.5",
+    rc, out, _ = run(capsys, "sample", "toy2d", "--method", "db-mpa-ls", "--w", "0.5,0.5",
                      "--lam", "0.5", "--n", "100", "--steps", "30", "--json")
     assert rc == 0 and json.loads(out)["nfe_per_sample"] == 30
 
 
 def test_finetune_then_blend_learned_experts(capsys, tmp_path):
-    common = ["--steps", "2", "--batch-size", "16", "--sample-steps", "30",
+    common = ["--iterations", "2", "--batch-size", "16", "--sample-steps", "30",
               "--eval-trajectories", "200", "--json"]
     for i, w in enumerate(["1,0", "0,1"]):
         rc, out, err = run(capsys, "finetune", "toy2d", "--spec", "bimodal-linear", "--w", w,
@@ -105,24 +105,27 @@ def test_finetune_then_blend_learned_experts(capsys, tmp_path):
             assert key in res
         assert abs(res["objective"] - (res["mean_rewards"][i] - res["path_kl"])) < 1e-6
     experts = f"{tmp_path / 'e0'},{tmp_path / 'e1'}"
-    rc, out, err = run(capsys, "toy2d", "sample", "--spec", "bimodal-linear", "--experts",
+    rc, out, err = run(capsys, "sample", "toy2d", "--spec", "bimodal-linear", "--experts",
                        experts, "--w", "0.5,0.5", "--n", "100", "--steps", "30", "--json")
     assert rc == 0, err
     assert json.loads(out)["target_coefficients"] == [0.5, 0.5]
-    rc, out, err = run(capsys, "toy2d", "sample", "--spec", "bimodal-linear", "--method",
-                       "finetuned", "--experts", str(tmp_path / "e1"), "--n", "50", "--steps",
-                       "30", "--json")
-    assert rc == 0 and json.loads(out)["target_coefficients"] == [0.0, 1.0]
-    rc, _, err = run(capsys, "toy2d", "sample", "--spec", "bimodal-linear", "--method",
-                     "finetuned", "--experts", str(tmp_path / "e1"), "--lam", "0.5", "--n", "5")
-    assert rc == 2 and "lam=0.5" in err
+    # one fine-tuned model: DB-MPA at w = 1 is that model alone (the base is not evaluated)
+    rc, out, err = run(capsys, "sample", "toy2d", "--spec", "bimodal-linear", "--experts",
+                       str(tmp_path / "e1"), "--w", "1", "--n", "50", "--steps", "30", "--json")
+    res = json.loads(out)
+    assert rc == 0 and res["target_coefficients"] == [0.0, 1.0] and res["nfe_per_sample"] == 30
+    rc, out, err = run(capsys, "sample", "toy2d", "--spec", "bimodal-linear", "--experts",
+                       str(tmp_path / "e1"), "--w", "1", "--lam", "0.5", "--n", "50", "--steps",
+                       "30", "--json")   # DB-KLA of that model
+    res = json.loads(out)
+    assert rc == 0 and res["target_coefficients"] == [0.0, 0.5] and res["nfe_per_sample"] == 60
     # an expert trained on another base is refused
-    rc, _, err = run(capsys, "toy2d", "sample", "--spec", "gaussian", "--experts", experts,
+    rc, _, err = run(capsys, "sample", "toy2d", "--spec", "gaussian", "--experts", experts,
                      "--n", "10", "--steps", "5")
     assert rc == 2 and "another base" in err
     weights = tmp_path / "e0" / "expert.safetensors"
     weights.write_bytes(weights.read_bytes()[:-3] + b"bad")
-    rc, _, err = run(capsys, "toy2d", "sample", "--spec", "bimodal-linear", "--experts",
+    rc, _, err = run(capsys, "sample", "toy2d", "--spec", "bimodal-linear", "--experts",
                      experts, "--n", "10", "--steps", "5")
     assert rc == 2 and "corrupt" in err and "expert.safetensors" in err
 
@@ -135,7 +138,8 @@ def test_finetune_then_blend_learned_experts(capsys, tmp_path):
     (["--resume"], "no run"),
 ])
 def test_finetune_bad_input(capsys, tmp_path, args, match):
-    rc, out, err = run(capsys, "finetune", "toy2d", "--out", str(tmp_path / "r"), "--steps", "1",
+    rc, out, err = run(capsys, "finetune", "toy2d", "--out", str(tmp_path / "r"),
+                       "--iterations", "1",
                        *args)
     assert rc == 2 and match in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()

@@ -97,7 +97,7 @@ def test_finetune_sd_local_and_missing(local, no_network, capsys, tmp_path):
 
 def test_sweep_sd_local_and_missing(local, no_network, capsys, tmp_path):
     lora = str(local / "expert" / "lora")
-    base = ["sweep", "--domain", "sd", "--experts", f"{lora},{lora}", "--rewards",
+    base = ["sweep", "sd", "--experts", f"{lora},{lora}", "--rewards",
             "jpeg-compressibility,jpeg-incompressibility", "--prompts",
             str(local / "prompts.txt"), "--w-grid", "0,1", "--seeds", "2", "--steps", "2",
             "--methods", "pretrained,db-mpa", "--guidance", "3", "--json"]

@@ -72,7 +72,7 @@ FLAGS = ["--n", "--steps", "--seed", "--lam", "--w", "--eta", "--threads", "--pa
 def test_cli_numeric_flags_never_give_a_traceback(values, tmp_path_factory, capsys):
     blocker = tmp_path_factory.getbasetemp() / "a-file"
     blocker.write_text("x")          # --out is a file: every run ends in a UsageError (exit 2)
-    argv = ["toy2d", "sample", *[f"{k}={v}" for k, v in values.items()], "--out", str(blocker)]
+    argv = ["sample", "toy2d", *[f"{k}={v}" for k, v in values.items()], "--out", str(blocker)]
     try:
         rc = main(argv)
     except Exception as e:  # pragma: no cover - the failure this test looks for

@@ -56,7 +56,7 @@ def marked(path: Path, kind: str) -> Path:
 def toy_run(root: Path) -> Path:
     """A finished tiny toy2d fine-tuning run (cosine schedule, 2 iterations)."""
     out = root / "run"
-    r = dblend("finetune", "toy2d", "--steps", "2", "--batch-size", "8", "--sample-steps", "5",
+    r = dblend("finetune", "toy2d", "--iterations", "2", "--batch-size", "8", "--sample-steps", "5",
                "--eval-trajectories", "8", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     return out
@@ -135,9 +135,8 @@ def busy_port() -> socket.socket:
     return s
 
 
-T = "toy2d"
-SAMPLE = ("toy2d", "sample", "--n", "20", "--steps", "5")
-FT = ("finetune", "toy2d", "--steps", "2", "--batch-size", "8", "--sample-steps", "5",
+SAMPLE = ("sample", "toy2d", "--n", "20", "--steps", "5")
+FT = ("finetune", "toy2d", "--iterations", "2", "--batch-size", "8", "--sample-steps", "5",
       "--eval-trajectories", "8")
 
 # (id, setup(root) -> dict of names used in argv, argv template, exit code, text on stderr,
@@ -149,12 +148,13 @@ ROWS = [
     ("1-sweep-overwrite-user-folder", lambda r: {"d": hf_model_dir(r / "hf")},
      ["sweep", "--seeds", "2", "--out", "{d}", "--overwrite"], 2, "not written by dblend", "{d}"),
     ("1-gap-overwrite-other-kind", lambda r: {"d": marked(r / "m", "sweep")},
-     [T, "gap", "--n", "10", "--steps", "5", "--out", "{d}", "--overwrite"], 2, "'sweep'", "{d}"),
+     ["gap", "toy2d", "--n", "10", "--steps", "5", "--out", "{d}", "--overwrite"], 2, "'sweep'",
+     "{d}"),
     ("1-convert-overwrite-user-folder",
      lambda r: {"old": good_legacy_lora(r), "d": hf_model_dir(r / "hf")},
      ["convert-lora", "{old}", "{d}", "--overwrite"], 2, "not written by dblend", "{d}"),
     ("1-train-base-overwrite-user-folder", lambda r: {"d": hf_model_dir(r / "hf")},
-     ["digits", "train-base", "--out", "{d}", "--overwrite", "--iterations", "2"], 2,
+     ["train-base", "digits", "--out", "{d}", "--overwrite", "--iterations", "2"], 2,
      "not written by dblend", "{d}"),
     # 2. lam * sum(w) > 1 is extrapolation
     ("2-w-sum-above-one", None, [*SAMPLE, "--w", "5,5", "--out", "{root}/o"], 2,
@@ -169,7 +169,7 @@ ROWS = [
     ("3-huge-spec", lambda r: {"s": spec_file(r, **{"rewards.0.a": [1e300, 0]})},
      [*SAMPLE, "--spec", "{s}", "--json"], 2, "overflow", "{root}"),
     ("3-nan-expert-refused", lambda r: {"e": nan_expert(r)},
-     [*SAMPLE, "--experts", "{e}", "--method", "finetuned", "--w", "1"], 2, "NaN", "{e}"),
+     [*SAMPLE, "--experts", "{e}", "--w", "1"], 2, "NaN", "{e}"),
     # 6. output paths checked before any work
     ("6-sample-digits-missing-parent", None,
      ["sample", "digits", "--n", "2", "--out", "{root}/nope/d/x.png"], 2, "does not exist",
@@ -179,7 +179,7 @@ ROWS = [
     ("6-sample-digits-out-is-dir", lambda r: {"d": _mkdir(r / "d.png")},
      ["sample", "digits", "--n", "2", "--out", "{d}"], 2, "is a directory", "{root}"),
     ("6-gap-out-is-file", lambda r: {"f": _file(r / "f")},
-     [T, "gap", "--n", "10", "--steps", "5", "--out", "{f}"], 2, "not a directory", "{root}"),
+     ["gap", "toy2d", "--n", "10", "--steps", "5", "--out", "{f}"], 2, "not a directory", "{root}"),
     ("6-finetune-unwritable", None, [*FT, "--out", "/sys/dblend-test"], 2, "cannot write",
      "{root}"),
     ("6-sweep-missing-parent", None, ["sweep", "--seeds", "2", "--out", "{root}/a/b"], 2,
@@ -209,7 +209,7 @@ ROWS = [
                                    "--steps", "0"], 2, "'0'", "{root}"),
     ("8-sample-sd-n-0", None, ["sample", "sd", "--model", "m", "--experts", "e", "--n", "0"],
      2, "'0'", "{root}"),
-    ("8-sweep-pair-of-one", None, ["sweep", "--domain", "digits", "--pair", "ink", "--out",
+    ("8-sweep-pair-of-one", None, ["sweep", "digits", "--pair", "ink", "--out",
                                    "{root}/o"], 2, "--pair ink", "{root}"),
     ("8-sweep-reference-point-length", None,
      ["sweep", "--reference-point", "1,2,3", "--seeds", "2", "--out", "{root}/o"], 2,
@@ -231,7 +231,7 @@ ROWS = [
                                       "{root}/o"], 2, "'0'", "{root}"),
     ("9-sweep-steps-0", None, ["sweep", "--steps", "0", "--out", "{root}/o"], 2, "'0'",
      "{root}"),
-    ("9-train-base-iterations-0", None, ["digits", "train-base", "--iterations", "0", "--out",
+    ("9-train-base-iterations-0", None, ["train-base", "digits", "--iterations", "0", "--out",
                                          "{root}/o"], 2, "'0'", "{root}"),
     # 10. validate everything before creating anything
     ("10-finetune-sample-steps-0", None, [*FT[:-4], "--sample-steps", "0", "--out", "{root}/o"],
@@ -244,13 +244,13 @@ ROWS = [
      "3 weights", "{root}"),
     # 11. resume with a changed iteration count (cosine schedule) is refused by name
     ("11-resume-changed-steps", lambda r: {"d": toy_run(r)},
-     ["finetune", "toy2d", "--steps", "3", "--batch-size", "8", "--sample-steps", "5",
+     ["finetune", "toy2d", "--iterations", "3", "--batch-size", "8", "--sample-steps", "5",
       "--eval-trajectories", "8", "--out", "{d}", "--resume"], 2, "iterations", "{d}"),
     # 12. seeds
     ("12-seed-2-64", None, [*SAMPLE, "--seed", str(2**64)], 2, str(2**64), "{root}"),
     ("12-seed-near-2-64", None, [*SAMPLE, "--seed", str(2**64 - 5)], 2, "seeds", "{root}"),
     # 13. memory
-    ("13-huge-n", None, [T, "sample", "--n", "2000000000", "--out", "{root}/o"], 2, "GiB",
+    ("13-huge-n", None, ["sample", "toy2d", "--n", "2000000000", "--out", "{root}/o"], 2, "GiB",
      "{root}"),
     # 16. convert-lora onto itself, empty
     ("16-convert-onto-itself", lambda r: {"old": good_legacy_lora(r)},

@@ -68,7 +68,7 @@ def test_an_exact_expert_as_proposal_leaves_the_weights_nearly_equal():
 @pytest.mark.slow
 def test_smc_removes_the_jensen_gap_and_estimates_log_z():
     cfg = dict(spec="bimodal-linear", w=(0.25, 0.75), n=4096, seed=3)
-    blend, _ = run_sample(Toy2dSampleConfig(method="blend", **cfg))
+    blend, _ = run_sample(Toy2dSampleConfig(method="db-mpa", **cfg))
     smc, x0 = run_sample(Toy2dSampleConfig(method="smc", particles=64, **cfg))
     truth = smc["target_mean_rewards"]
     gap = truth[0] - blend["mean_rewards"][0]

@@ -65,7 +65,7 @@ def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_pa
     shutil.copytree(tiny_recipe / "w" / "experts", other / "experts", dirs_exist_ok=True)
     with pytest.raises(UsageError, match="another base"):
         load_experts(["ink"], other)
-    with pytest.raises(UsageError, match="missing.*train-experts"):
+    with pytest.raises(UsageError, match="missing.*finetune digits"):
         load_experts(["crisp"], tiny_recipe / "w")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_recipe / "w", broken)

@@ -111,7 +111,7 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path):
     for bad, msg in (({"methods": ("nope",)}, "not known"),
                      ({"baselines": MethodConfig(smc_particles=0)}, "--particles 0"),
                      ({"w_grid": "0:2:1"}, "in \\[0, 1\\]"),
-                     ({"domain": "mnist"}, "--domain"), ({"seeds": 1}, "--seeds")):
+                     ({"domain": "mnist"}, "'mnist'"), ({"seeds": 1}, "--seeds")):
         with pytest.raises(UsageError, match=msg):
             run_sweep(SweepConfig(**(CFG | bad)), tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()

@@ -186,7 +186,7 @@ def test_a_diverging_run_stops_with_an_error_and_saves_no_expert(tmp_path, capsy
     from diffusion_blend.cli import main
 
     out = tmp_path / "run"
-    rc = main(["finetune", "toy2d", "--lr", "1e30", "--steps", "4", "--batch-size", "16",
+    rc = main(["finetune", "toy2d", "--lr", "1e30", "--iterations", "4", "--batch-size", "16",
                "--sample-steps", "10", "--eval-trajectories", "16", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 1 and "became NaN or infinite" in err.splitlines()[-1]

@@ -28,7 +28,7 @@ def bench_smc(spec: str = "bimodal-linear", w=(0.25, 0.75), n: int = 65536,
               out: str | Path | None = None, overwrite: bool = False) -> dict:
     """Rows for the plain blend and each P; a plot and a table in ``out`` when given."""
     base = dict(spec=spec, w=tuple(w), n=n, steps=steps, seed=seed)
-    blend, _ = run_sample(Toy2dSampleConfig(method="blend", **base))
+    blend, _ = run_sample(Toy2dSampleConfig(method="db-mpa", **base))
     rows = [{"method": "blend", "particles": 1, "error": _error(blend),
              "error_stderr": _stderr(blend), "seconds": blend["seconds"]}]
     for p in particles:

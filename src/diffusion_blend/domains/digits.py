@@ -86,7 +86,7 @@ class UNetDenoiser(nn.Module):
 
 @dataclass
 class BaseConfig:
-    """Recipe of the base model (``dblend digits train-base``)."""
+    """Recipe of the base model (``dblend train-base digits``)."""
 
     iterations: int = 2500
     batch_size: int = 128
@@ -205,8 +205,8 @@ def train_classifier(cfg: ClassifierConfig, progress: bool = False) -> tuple[Cla
 # ---------------------------------------------------------------------------- weight files
 
 
-RECIPES = {"base": "dblend digits train-base", "classifier": "dblend digits train-base",
-           "judge": "dblend digits train-base", "expert": "dblend digits train-experts"}
+RECIPES = {"base": "dblend train-base digits", "classifier": "dblend train-base digits",
+           "judge": "dblend train-base digits", "expert": "dblend finetune digits"}
 
 
 def load_weights(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -229,7 +229,7 @@ def _load_state(model: nn.Module, state: dict, path: Path) -> None:
     except RuntimeError as e:
         detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
         raise UsageError(f"weight file {path} does not fit the model ({detail[:200]}); "
-                         "recreate it with `dblend digits train-base`") from None
+                         "recreate it with `dblend train-base digits`") from None
 
 
 def load_classifier(name: str = "classifier", weights_dir: Path | None = None) -> Classifier:
@@ -238,7 +238,7 @@ def load_classifier(name: str = "classifier", weights_dir: Path | None = None) -
         model = Classifier(int(meta["config"]["width"]))
     except (KeyError, TypeError, ValueError):
         raise UsageError(f"weight metadata of {name} in {weights_dir or WEIGHTS_DIR} lacks "
-                         "config.width; recreate it with `dblend digits train-base`") from None
+                         "config.width; recreate it with `dblend train-base digits`") from None
     _load_state(model, state, Path(weights_dir or WEIGHTS_DIR) / f"{name}.safetensors")
     return model.eval().requires_grad_(False)
 

@@ -1,5 +1,5 @@
 """Sampling and measuring on the digits domain: classifier agreement, a feature-space distance,
-and the base recipe (``dblend digits train-base``)."""
+and the base recipe (``dblend train-base digits``)."""
 
 from __future__ import annotations
 
@@ -62,12 +62,12 @@ def run_train_base(out: str | Path, cfg: digits.BaseConfig | None = None,
                                               epochs=classifier_epochs))):
         model, stats = digits.train_classifier(ccfg)
         metas[name] = save_weights(out / f"{name}.safetensors", model.state_dict(), {
-            "recipe": "dblend digits train-base", "config": vars(ccfg), "data": split, **stats})
+            "recipe": "dblend train-base digits", "config": vars(ccfg), "data": split, **stats})
     unet, stats = digits.train_base(cfg, progress)
     judge = digits.load_classifier("judge", out)
     q = quality(digits.UNetDenoiser(unet), judge, per_class=quality_per_class, seed=10_000)
     meta = save_weights(out / "base.safetensors", unet.state_dict(), {
-        "recipe": "dblend digits train-base", "config": asdict(cfg),
+        "recipe": "dblend train-base digits", "config": asdict(cfg),
         "unet": {k: list(v) if isinstance(v, tuple) else v
                  for k, v in digits.UNET_CONFIG.items()},
         "data": split, **stats, "quality": q})

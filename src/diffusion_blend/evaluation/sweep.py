@@ -62,7 +62,7 @@ class SweepConfig:
 
     def check(self) -> None:
         if self.domain not in DOMAINS:
-            raise UsageError(f"--domain {self.domain!r} is not known; use one of {DOMAINS}")
+            raise UsageError(f"domain {self.domain!r} is not known; use one of {DOMAINS}")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise UsageError(f"--methods {','.join(bad) or '(none)'} not known; use some of "
@@ -92,7 +92,7 @@ class SweepConfig:
         if self.pair is None:
             return
         if self.domain != "digits":
-            raise UsageError(f"--pair is for --domain digits, not {self.domain}")
+            raise UsageError(f"--pair is for sweep digits, not {self.domain}")
         from diffusion_blend.finetune.digits import FINETUNED
 
         if len(self.pair) != 2 or len(set(self.pair)) != 2 or any(
@@ -181,7 +181,7 @@ def make_domain(cfg: SweepConfig, out: Path):
         return sweep_domains.DigitsSweep(cfg.pair, cfg.steps, morl_dir=out / "morl",
                                          train_morl=cfg.train_morl)
     if not cfg.sd:
-        raise UsageError("--domain sd needs --model, --experts, --rewards and --prompts")
+        raise UsageError("sweep sd needs --model, --experts, --rewards and --prompts")
     return sweep_domains.SdSweep(**cfg.sd, steps=cfg.steps)
 
 

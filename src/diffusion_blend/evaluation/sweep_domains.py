@@ -89,7 +89,7 @@ class DigitsSweep:
         path = (directory or self.experts_dir) / f"{name}.safetensors"
         if not path.exists():
             raise UsageError(f"no expert {name!r} at {path}; train it with "
-                             "`dblend digits train-experts`")
+                             "`dblend finetune digits`")
         from diffusion_blend.finetune.digits import attach_expert
 
         return attach_expert(self.model, self.base_meta, path)[0]

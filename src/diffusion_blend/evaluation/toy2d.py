@@ -1,6 +1,6 @@
 """Sampling runs on the exact testbed: every method measured against the closed-form target.
 
-``run_sample`` is what ``dblend toy2d sample`` prints; ``run_gap`` sweeps ``w`` and measures the
+``run_sample`` is what ``dblend sample toy2d`` prints; ``run_gap`` sweeps ``w`` and measures the
 Jensen gap (blend against exact target); ``run_demo`` writes the toy2d demo report.
 """
 
@@ -25,7 +25,7 @@ from diffusion_blend.sampling import SAMPLERS, sample
 from diffusion_blend.seeding import sample_uniforms, seed_range
 
 log = logging.getLogger(__name__)
-METHODS = ("pretrained", "blend", "blend-ls", "exact", "finetuned", "smc")
+METHODS = ("pretrained", "exact", "db-mpa", "db-mpa-ls", "smc")
 REFERENCE_SEED_OFFSET = 1_000_000_000  # exact reference samples use seeds disjoint from runs
 
 
@@ -34,7 +34,7 @@ class Toy2dSampleConfig:
     """One sampling run on a toy2d problem (``w`` defaults to uniform over the rewards)."""
 
     spec: str | dict = "bimodal"
-    method: str = "blend"
+    method: str = "db-mpa"
     w: tuple[float, ...] | None = None
     lam: float = 1.0
     n: int = 20000
@@ -87,9 +87,7 @@ def build_denoiser(
     if method == "pretrained":
         return base
     experts = experts or [problem.expert_denoiser(i) for i in range(problem.k)]
-    if method == "finetuned":
-        return experts[0]
-    if method == "blend":
+    if method == "db-mpa":
         return BlendedDenoiser(base, experts, pref)
     c_pre, c = pref.coefficients()
     return StochasticBlend([base, *experts], [max(c_pre, 0.0), *c], seeds, problem.schedule.T)
@@ -108,11 +106,8 @@ def run_sample(
     cfg.check()
     problem = problem or load_problem(cfg.spec)
     check_memory(cfg, problem)
-    problem, basis = _with_learned(problem, learned, cfg.method)
+    problem, basis = _with_learned(problem, learned)
     pref = cfg.preference(basis.shape[0])
-    if cfg.method == "finetuned" and (pref.w != (1.0,) or pref.lam != 1.0):
-        raise UsageError(f"--method finetuned samples the model as trained; w={list(pref.w)}, "
-                         f"lam={pref.lam} are not allowed (use --method blend for DB-KLA)")
     c = (pref.lam * torch.tensor(pref.w, dtype=torch.float64) @ basis).tolist()
     target, log_z = problem.tilted(c)
     seeds = seed_range(cfg.seed, cfg.n)
@@ -157,7 +152,7 @@ def run_smc(problem: Toy2dProblem, pref: Preference, c: list[float], seeds: list
     def potential(x0, **_):
         return problem.rewards_of(x0.double()) @ coef
 
-    res = smc_sample(build_denoiser(problem, "blend", pref, seeds, experts),
+    res = smc_sample(build_denoiser(problem, "db-mpa", pref, seeds, experts),
                      problem.base_denoiser(), potential, problem.schedule, seeds,
                      (problem.mixture.dim,), cfg.steps, cfg.particles, cfg.ess_threshold)
     means, errs = mean_and_stderr(res.weighted_mean(problem.rewards_of(res.x0.double())))
@@ -176,12 +171,9 @@ def run_smc(problem: Toy2dProblem, pref: Preference, c: list[float], seeds: list
         "log_z_stderr": float(res.log_z.exp().std() / res.log_z.exp().mean() / r**0.5)}
 
 
-def _with_learned(problem: Toy2dProblem, learned: list | None, method: str):
+def _with_learned(problem: Toy2dProblem, learned: list | None):
     """The problem at the experts' alpha, and the basis ``W`` (one row of reward weights per
     expert; the identity for the exact experts)."""
-    if method == "finetuned" and (not learned or len(learned) != 1):
-        raise UsageError("--method finetuned samples one fine-tuned model: give exactly one "
-                         "--experts DIR")
     if not learned:
         return problem, torch.eye(problem.k, dtype=torch.float64)
     alphas = {e.alpha for e in learned}
@@ -334,7 +326,7 @@ def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n: int = 
 def _demo_scatters(out: Path, problem: Toy2dProblem, spec: str, n: int, steps: int) -> list[str]:
     names = []
     for w in [(1.0, 0.0), (0.5, 0.5), (0.25, 0.75)]:
-        for method in ("blend", "exact"):
+        for method in ("db-mpa", "exact"):
             cfg = Toy2dSampleConfig(spec=problem.spec, w=w, method=method, n=min(n, 3000),
                                     steps=steps)
             summary, x0 = run_sample(cfg, problem)

@@ -108,7 +108,7 @@ def train_expert(weights_dir: Path, out: Path, spec: Expert, cfg: FinetuneConfig
     ev = evaluate(task, iteration_seeds(cfg.seed, 0, cfg.eval_trajectories, 1 << 39),
                   cfg.sample_steps, cfg.alpha)
     return save_weights(out / f"{spec.name}.safetensors", adapter_state(model, spec.name), {
-        "recipe": "dblend digits train-experts", **meta, "config": cfg.to_dict(),
+        "recipe": "dblend finetune digits", **meta, "config": cfg.to_dict(),
         "reward_stats": {n: stats[n] for n in spec.rewards}, "train_seconds": seconds,
         "lora": {"rank": cfg.lora_rank, "targets": list(LORA_TARGETS)}, "eval": ev})
 
@@ -145,7 +145,7 @@ def expert_specs(alpha: float, pair=PAIR, grid=MORL_GRID,
 
 def run_train_experts(weights_dir: Path, out: Path, alpha: float = 0.5, iterations=None,
                       progress: bool = True, only: list[str] | None = None) -> dict:
-    """The experts recipe (``dblend digits train-experts``); writes adapters + ``rewards.json``."""
+    """The experts recipe (``dblend finetune digits``); writes adapters + ``rewards.json``."""
     base, _ = digits.load_base(weights_dir)          # missing weights: error, nothing written
     classifier = digits.load_classifier("classifier", weights_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ def attach_expert(base: nn.Module, base_meta: dict, path: Path) -> tuple[nn.Modu
         raise UsageError(f"expert {name!r} was trained on another base (base_sha256 "
                          f"{str(meta.get('base_sha256'))[:12]}... != "
                          f"{base_meta['sha256'][:12]}...); retrain it with "
-                         "`dblend digits train-experts`")
+                         "`dblend finetune digits`")
     if name not in adapter_names(base):   # loaded before (say, an expert that is also MORL's)
         add_lora(base, name, meta["lora"]["rank"], meta["lora"]["targets"])
     load_adapter_state(base, name, state)

@@ -1,0 +1,96 @@
+"""``dblend bench NAME``: speed, memory and accuracy figures printed as ratios of one run."""
+
+from __future__ import annotations
+
+import argparse
+
+from diffusion_blend.cli.args import (
+    OVERWRITE,
+    SEED,
+    A,
+    command,
+    emit,
+    parse_floats,
+    positive_float,
+    positive_int,
+    threads,
+)
+from diffusion_blend.errors import UsageError
+
+
+def cmd_toy2d(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.toy2d import bench_toy2d
+
+    threads(a.threads)
+    emit(bench_toy2d(n=a.n, steps=a.steps, numpy_reference=not a.no_reference), a.json)
+
+
+def cmd_finetune_toy2d(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.finetune_toy2d import bench_finetune_toy2d
+    from diffusion_blend.domains.toy2d import load_problem
+    from diffusion_blend.io import check_out_dir
+
+    threads(a.threads)
+    load_problem(a.spec)
+    check_out_dir(a.out, a.overwrite, "bench-finetune-toy2d")
+    emit(bench_finetune_toy2d(a.spec, a.out, a.overwrite, dpok_budget_s=a.dpok_seconds,
+                              quick=a.quick), a.json)
+
+
+def cmd_digits(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.digits import bench_digits
+
+    threads(a.threads)
+    emit(bench_digits(a.n), a.json)
+
+
+def cmd_sd_memory(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.sd_memory import bench_sd_memory
+
+    emit(bench_sd_memory(a.config, a.experts, a.batch, a.rank, a.repeats), a.json)
+
+
+def cmd_smc(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.smc import bench_smc
+    from diffusion_blend.blend import Preference
+    from diffusion_blend.domains.toy2d import load_problem
+    from diffusion_blend.io import check_out_dir
+
+    threads(a.threads)
+    ps = parse_floats(a.particles, "--particles")
+    if any(p < 1 or p != int(p) or a.n % int(p) for p in ps):
+        raise UsageError(f"--particles {a.particles}: whole numbers >= 1 that divide --n {a.n}")
+    w = parse_floats(a.w, "--w")
+    Preference.for_experts(w, load_problem(a.spec).k)
+    if a.out:
+        check_out_dir(a.out, a.overwrite, "bench-smc")
+    emit(bench_smc(a.spec, w, a.n, tuple(int(p) for p in ps), a.steps, a.seed, a.out,
+                   a.overwrite), a.json)
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks", description="benchmarks").add_subparsers(
+        dest="bench", required=True, metavar="NAME")
+    command(bench, "toy2d", cmd_toy2d, "time the exact-expert blend, 2 experts",
+            A("--n", type=positive_int, default=20000),
+            A("--steps", type=positive_int, default=1000),
+            A("--no-reference", action="store_true", help="skip the numpy reference"))
+    command(bench, "finetune-toy2d", cmd_finetune_toy2d, "estimators against the optimum",
+            A("--spec", default="bimodal-linear"), A("--out", default="bench-finetune-toy2d"),
+            OVERWRITE, A("--dpok-seconds", type=positive_float, default=180.0),
+            A("--quick", action="store_true", help="tiny sizes (a smoke test)"))
+    command(bench, "digits", cmd_digits, "digits sampling throughput",
+            A("--n", type=positive_int, default=200))
+    command(bench, "smc", cmd_smc, "SMC-corrected blend: error against the target vs P",
+            A("--spec", default="bimodal-linear"), A("--w", default="0.25,0.75"),
+            A("--n", type=positive_int, default=65536),
+            A("--particles", default="16,64,256,1024"),
+            A("--steps", type=positive_int, default=1000), SEED,
+            A("--out", default="bench-smc"), OVERWRITE)
+    command(bench, "sd-memory", cmd_sd_memory,
+            "K LoRA experts in one forward vs K full models: peak memory and time",
+            A("--config", default="small", choices=("small", "sd15"),
+              help="a UNet shape (random weights)"),
+            A("--experts", type=positive_int, default=3),
+            A("--batch", type=positive_int, default=2), A("--rank", type=positive_int, default=4),
+            A("--repeats", type=positive_int, default=3))

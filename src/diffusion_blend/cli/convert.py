@@ -1,0 +1,19 @@
+"""``dblend convert-lora``: legacy attention-processor LoRA files to PEFT safetensors."""
+
+from __future__ import annotations
+
+import argparse
+
+from diffusion_blend.cli.args import OVERWRITE, A, command, emit
+
+
+def cmd_convert(a: argparse.Namespace) -> None:
+    from diffusion_blend.convert import convert_lora
+
+    emit(convert_lora(a.old_dir, a.new_dir, a.overwrite), a.json)
+
+
+def register(sub) -> None:
+    command(sub, "convert-lora", cmd_convert,
+            "legacy Diffusion Blend / DPOK LoRA (diffusers 0.14) -> PEFT safetensors",
+            A("old_dir"), A("new_dir"), OVERWRITE)

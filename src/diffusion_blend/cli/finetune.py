@@ -1,0 +1,117 @@
+"""``dblend finetune toy2d|digits|sd``: experts by KL-regularised RL (pathwise or DPOK)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffusion_blend.cli.args import (
+    OUT,
+    OVERWRITE,
+    SEED,
+    A,
+    command,
+    domains,
+    emit,
+    parse_finite,
+    parse_floats,
+    positive_float,
+    positive_int,
+    threads,
+)
+from diffusion_blend.cli.sample import SIZE, check_size
+from diffusion_blend.errors import UsageError
+
+RUN = (A("--iterations", type=positive_int, default=None, help="training iterations"),
+       A("--batch-size", type=positive_int, default=None, help="trajectories per iteration"),
+       A("--lr", type=positive_float, default=None),
+       A("--sample-steps", type=positive_int, default=None, help="chain length"),
+       A("--checkpoint-every", type=positive_int, default=None),
+       A("--preset", default=None, help="config preset (default DOMAIN-ESTIMATOR)"),
+       SEED, OUT, A("--resume", action="store_true"), OVERWRITE)
+
+
+def toy2d_config(a: argparse.Namespace, k: int, spec_alpha: float):
+    """The resolved fine-tuning config: preset, then the flags given."""
+    from diffusion_blend.finetune.config import preset
+
+    name = a.preset or ("toy2d-dpok-published" if a.estimator == "dpok" and a.kl_mode ==
+                        "published" else f"toy2d-{a.estimator}")
+    w = parse_floats(a.w, "--w") if a.w else tuple(1.0 if i == 0 else 0.0 for i in range(k))
+    alpha = parse_finite(a.alpha, "--alpha") if a.alpha is not None else spec_alpha
+    return preset(name, estimator=a.estimator, kl_mode=a.kl_mode, w=w, alpha=alpha,
+                  iterations=a.iterations, batch_size=a.batch_size, lr=a.lr,
+                  sample_steps=a.sample_steps, eval_trajectories=a.eval_trajectories,
+                  checkpoint_every=a.checkpoint_every, seed=a.seed)
+
+
+def cmd_toy2d(a: argparse.Namespace) -> None:
+    from diffusion_blend.domains.toy2d import load_problem
+    from diffusion_blend.finetune.toy2d import finetune_toy2d
+
+    threads(a.threads)
+    problem = load_problem(a.spec)
+    cfg = toy2d_config(a, problem.k, problem.alpha)
+    emit(finetune_toy2d(problem, cfg, a.out, a.resume, a.overwrite, progress=not a.json),
+         a.json)
+
+
+def cmd_digits(a: argparse.Namespace) -> None:
+    from diffusion_blend.finetune.digits import expert_specs, run_train_experts
+    from diffusion_blend.io import check_out_folder
+
+    threads(a.threads)
+    only = a.only.split(",") if a.only else None
+    known = [spec.name for spec, _, _ in expert_specs(a.alpha)]
+    if only and any(n not in known for n in only):
+        raise UsageError(f"--only {a.only}: names must be among {','.join(known)}")
+    check_out_folder(a.out)
+    done = run_train_experts(Path(a.weights), Path(a.out), a.alpha, a.iterations,
+                             progress=not a.json, only=only)
+    emit({name: {"eval": m["eval"], "train_seconds": m["train_seconds"]}
+          for name, m in done.items()}, a.json)
+
+
+def cmd_sd(a: argparse.Namespace) -> None:
+    from diffusion_blend.finetune.config import preset
+    from diffusion_blend.finetune.run import RUN_KIND
+    from diffusion_blend.finetune.sd import finetune_sd
+    from diffusion_blend.io import check_out_dir
+
+    check_size(a)
+    if not a.resume:   # before the pipeline loads
+        check_out_dir(a.out, a.overwrite, RUN_KIND)
+    cfg = preset(a.preset or f"sd-{a.estimator}", iterations=a.iterations,
+                 batch_size=a.batch_size, sample_steps=a.sample_steps, lr=a.lr,
+                 alpha=parse_finite(a.alpha, "--alpha") if a.alpha is not None else None,
+                 seed=a.seed, mixed_precision=a.mixed_precision,
+                 grad_accumulation=a.grad_accumulation, checkpoint_every=a.checkpoint_every)
+    kwargs = {"model": a.reward_model} if a.reward_model else {}
+    emit(finetune_sd(a.model, a.prompts, a.reward, cfg, a.out, kwargs,
+                     parse_finite(a.guidance, "--guidance"), a.height, a.width, a.resume,
+                     a.overwrite, progress=not a.json), a.json)
+
+
+def register(sub) -> None:
+    dom = domains(sub, "finetune", "fine-tune experts (KL-regularised RL)")
+    command(dom, "toy2d", cmd_toy2d, "on the exact testbed, against the analytic optimum",
+            A("--spec", default="bimodal"),
+            A("--w", default=None, help="reward weights of the expert, e.g. 1,0"),
+            A("--alpha", default=None, help="KL strength (default: the spec's alpha)"),
+            A("--estimator", default="pathwise", choices=("pathwise", "dpok")),
+            A("--kl-mode", default=None, choices=("to-go", "published"),
+              help="DPOK returns (default to-go)"),
+            A("--eval-trajectories", type=positive_int, default=None), *RUN)
+    command(dom, "digits", cmd_digits, "the digits experts, MORL and DB-KLA adapters",
+            A("--weights", required=True, help="directory with base/classifier weights"), OUT,
+            A("--alpha", type=positive_float, default=0.5),
+            A("--iterations", type=positive_int, default=None),
+            A("--only", default=None, help="comma-separated adapter names"))
+    command(dom, "sd", cmd_sd, "a LoRA expert for a local diffusers pipeline",
+            A("--model", required=True), A("--prompts", required=True),
+            A("--reward", required=True, help="e.g. imagereward, pickscore, aesthetic"),
+            A("--reward-model", default=None, help="local weights of the reward model"),
+            A("--estimator", default="dpok", choices=("dpok", "pathwise")),
+            A("--alpha", default=None), A("--guidance", default="7.5"), *SIZE,
+            A("--mixed-precision", default=None, choices=("no", "bf16", "fp16")),
+            A("--grad-accumulation", type=positive_int, default=None), *RUN)
