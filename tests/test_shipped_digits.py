@@ -5,7 +5,7 @@ import torch
 
 from diffusion_blend.blend import Preference
 from diffusion_blend.domains import digits
-from diffusion_blend.evaluation.digits_demo import EXPERTS, DigitsBench, cross_rewards
+from diffusion_blend.evaluation.digits_demo import EXPERTS, DigitsModels, cross_rewards
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ AGREEMENT = 0.9  # the judge classifier must recognise the prompted digit this o
 
 @pytest.fixture(scope="module")
 def bench():
-    return DigitsBench(list(EXPERTS))
+    return DigitsModels(list(EXPERTS))
 
 
 @pytest.fixture(scope="module")

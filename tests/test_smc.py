@@ -35,7 +35,7 @@ def test_weights_equal_the_brute_force_path_density_ratio():
     steps, p = 4, 8
     res = smc_sample(proposal, base, pot, problem.schedule, list(range(3 * p)), (1,), steps, p,
                      ess_threshold=0.0, record=True)
-    pairs = problem.schedule.pairs(steps)
+    pairs = problem.schedule.transitions(steps)
     log_ratio = torch.zeros(3 * p, dtype=torch.float64)
     for k, (t, a_t, a_s) in enumerate(pairs[:-1]):
         x, x_next = res.paths[k], res.paths[k + 1]

@@ -109,7 +109,7 @@ def code_sample(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int],
     noise, so ``n = 1`` is plain DDPM sampling. Returns the result and reward evals per sample."""
     if n < 1 or block < 1:
         raise UsageError(f"code: n={n} and block={block} must both be >= 1")
-    pairs, b, cond = schedule.pairs(steps), len(seeds), cond or {}
+    pairs, b, cond = schedule.transitions(steps), len(seeds), cond or {}
     streams = ["noise"] + [f"code-{j}" for j in range(1, n)]
     noise = torch.cat([sample_normals(seeds, (len(pairs) + 1, *shape), s) for s in streams])
     cond_n = {k: _repeat(v, n, b) for k, v in cond.items()}

@@ -54,7 +54,7 @@ class Schedule:
         ts = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long()
         return sorted(set(ts.tolist()), reverse=True)
 
-    def pairs(self, steps: int | None = None) -> list[tuple[int, float, float]]:
+    def transitions(self, steps: int | None = None) -> list[tuple[int, float, float]]:
         """``(t, abar_t, abar_s)`` for each step; ``abar_s = 1`` for the last (noise-free) step."""
         ts = self.timesteps(steps)
         abar = self.abar.tolist()
@@ -200,7 +200,7 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise UsageError(f"sampler {sampler!r} is not known; use one of {SAMPLERS}")
-    pairs = schedule.pairs(steps)
+    pairs = schedule.transitions(steps)
     noise = sample_normals(seeds, (len(pairs) + 1, *shape), dtype=dtype).to(device)
     x = noise[:, 0]
     logps, kls, states, nfe = [], [], [x] if record else [], 0.0

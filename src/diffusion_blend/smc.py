@@ -112,7 +112,7 @@ def smc_sample(proposal: Denoiser, base: Denoiser, potential: Callable[..., torc
     if p < 1 or n % p or not 0 <= ess_threshold <= 1:
         raise UsageError(f"smc: {n} seeds, particles={particles}, ess_threshold={ess_threshold}:"
                          " need particles >= 1 dividing the seeds and 0 <= threshold <= 1")
-    r, pairs, cond = n // p, schedule.pairs(steps), dict(cond or {})
+    r, pairs, cond = n // p, schedule.transitions(steps), dict(cond or {})
     if pairs[-1][2] != 1.0:
         raise UsageError("smc needs the chain to end with the noise-free step")
     noise = sample_normals(seeds, (len(pairs) + 1, *shape))

@@ -53,10 +53,10 @@ class DigitsSession:
     kind, n = "digits", 8
 
     def __init__(self, experts: list[str], allow_extrapolation: bool = False):
-        from diffusion_blend.evaluation.digits_demo import DigitsBench
+        from diffusion_blend.evaluation.digits_demo import DigitsModels
 
         self.experts, self.allow = list(experts), allow_extrapolation
-        self.bench = DigitsBench(self.experts)
+        self.bench = DigitsModels(self.experts)
         self.front = self._expert_points()
 
     def _expert_points(self) -> dict[str, list[float]]:

@@ -8,7 +8,7 @@ from diffusion_blend.domains.toy2d import load_problem
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.config import FinetuneConfig
 from diffusion_blend.finetune.objective import evaluate, iteration_seeds
-from diffusion_blend.finetune.toy2d import finetune_toy2d, make_task, measure
+from diffusion_blend.finetune.toy2d import evaluate_expert, finetune_toy2d, make_task
 
 SMALL = dict(batch_size=32, sample_steps=40, eval_trajectories=2000, checkpoint_every=2)
 
@@ -24,7 +24,8 @@ def cfg_for(estimator, **kw):
 def test_short_run_raises_the_objective(tmp_path, estimator):
     problem = load_problem("bimodal")
     cfg = cfg_for(estimator, iterations=8, lr=1e-2)
-    before = measure(problem, make_task(problem, cfg).policy, cfg.w, 2000, 0, cfg.sample_steps)
+    policy = make_task(problem, cfg).policy
+    before = evaluate_expert(problem, policy, cfg.w, 2000, 0, cfg.sample_steps)
     assert before["path_kl"] == 0.0  # zero-initialised correction: exactly the pretrained model
     after = finetune_toy2d(problem, cfg, tmp_path / "run", progress=False)
     se = (before["objective_stderr"] ** 2 + after["objective_stderr"] ** 2) ** 0.5
@@ -111,7 +112,7 @@ def test_evaluate_counts_kl_of_a_shifted_model():
     task = Task(Shift(), lambda x, t, **_: torch.zeros_like(x), lambda x, **_: x[:, 0], sched, (2,))
     ev = evaluate(task, iteration_seeds(0, 0, 64), None, alpha=1.0)
     want = 0.0
-    for _t, a_t, a_s in sched.pairs():
+    for _t, a_t, a_s in sched.transitions():
         beta = 1 - a_t / a_s
         var = (1 - a_s) / (1 - a_t) * beta if a_s < 1 else beta
         want += ddpm_mean_eps_coef(a_t, a_s) ** 2 * float(delta @ delta) / (2 * var)

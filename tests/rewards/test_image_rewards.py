@@ -116,3 +116,10 @@ def test_corrupt_reward_checkpoints_are_usage_errors(tmp_path, clip_dir, reward)
         with pytest.raises(UsageError) as e:
             get_reward(reward, **kwargs)
         assert str(path) in str(e.value) and "weights_only=False" not in str(e.value)
+
+
+def test_reward_factories_refuse_unknown_arguments(clip_dir):
+    with pytest.raises(UsageError, match="takes no argument 'model'"):
+        get_reward("jpeg-compressibility", model="x")
+    with pytest.raises(UsageError, match="takes no argument 'heads'"):
+        get_reward("clip-score", model=clip_dir, heads=3)

@@ -14,7 +14,7 @@ import torch
 from diffusion_blend.blend import Preference, StochasticBlend
 from diffusion_blend.domains import digits
 from diffusion_blend.domains.digits import DEFAULT_STEPS, sample_digits
-from diffusion_blend.evaluation.digits_demo import DigitsBench
+from diffusion_blend.evaluation.digits_demo import DigitsModels
 
 
 def _throughput(den, classes, seeds, repeats: int = 2) -> tuple[float, float]:
@@ -38,7 +38,7 @@ def _amortised():
 
 
 def bench_digits(n: int = 200) -> dict:
-    bench = DigitsBench(["ink", "symmetry", "crisp"])
+    bench = DigitsModels(["ink", "symmetry", "crisp"])
     classes = torch.arange(10).repeat(n // 10)
     seeds = list(range(len(classes)))
     T = digits.BaseConfig().schedule().T

@@ -18,7 +18,7 @@ from diffusion_blend.domains.toy2d import Toy2dProblem, load_problem
 from diffusion_blend.evaluation.metrics import mean_and_stderr
 from diffusion_blend.finetune.config import preset
 from diffusion_blend.finetune.run import train
-from diffusion_blend.finetune.toy2d import base_hash, make_task, measure
+from diffusion_blend.finetune.toy2d import base_hash, evaluate_expert, make_task
 from diffusion_blend.io import prepare_out_dir, write_json, write_text
 from diffusion_blend.sampling import sample
 from diffusion_blend.seeding import seed_range
@@ -40,10 +40,10 @@ def timeline(problem: Toy2dProblem, cfg, out: Path, budget_s: float | None, chun
                      stop_after=chunk)
         train_s += time.perf_counter() - t0
         done = last["iteration"]
-        m = measure(problem, task.policy, cfg.w, eval_n, cfg.seed, cfg.sample_steps)
+        m = evaluate_expert(problem, task.policy, cfg.w, eval_n, cfg.seed, cfg.sample_steps)
         points.append({"iteration": done, "train_seconds": round(train_s, 1),
                        "gain_ratio": m["gain_ratio"], "gain_ratio_stderr": m["gain_ratio_stderr"]})
-    final = measure(problem, task.policy, cfg.w, final_n, cfg.seed + 1, cfg.sample_steps)
+    final = evaluate_expert(problem, task.policy, cfg.w, final_n, cfg.seed + 1, cfg.sample_steps)
     return {"estimator": cfg.estimator, "kl_mode": cfg.kl_mode, "w": list(cfg.w),
             "iterations": done, "train_seconds": round(train_s, 1), "timeline": points,
             "final": final, "policy": task.policy}

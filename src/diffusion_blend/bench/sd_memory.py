@@ -55,11 +55,11 @@ def _experts_lora(unet, k: int, rank: int):
 def run_mode(mode: str, config: str, k: int, batch: int, rank: int, repeats: int) -> dict:
     """Build the models of ``mode``, time ``repeats`` blended steps, report peak memory."""
     from diffusion_blend.blend import Preference
-    from diffusion_blend.evaluation.methods import _memory_mb, measure
+    from diffusion_blend.evaluation.methods import measure_cost, memory_mb
     from diffusion_blend.pipelines import BlendedModel
 
     device = torch.accelerator.current_accelerator() or torch.device("cpu")
-    before = _memory_mb("now") or 0.0    # the runtime itself (CPU RSS), not the models
+    before = memory_mb("now") or 0.0    # the runtime itself (CPU RSS), not the models
     base = build_unet(config).to(device)
     if mode == "single":
         model = base
@@ -75,7 +75,7 @@ def run_mode(mode: str, config: str, k: int, batch: int, rank: int, repeats: int
     with torch.no_grad():
         model(x, t, encoder_hidden_states=ehs)   # warm-up
         _sync(device)
-        _, seconds, peak, _ = measure(lambda: _steps(model, x, t, ehs, repeats, device))
+        _, seconds, peak, _ = measure_cost(lambda: _steps(model, x, t, ehs, repeats, device))
     return {"mode": mode, "params": params, "peak_memory_mb": peak,
             "memory_above_runtime_mb": peak - before,
             "seconds_per_step": seconds / repeats, "device": str(device)}

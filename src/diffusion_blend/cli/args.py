@@ -1,5 +1,5 @@
 """What every command shares: argument types, the parser with the one-line error contract, the
-``A(...)`` argument specs, and printing results (JSON never holds NaN)."""
+``arg(...)`` argument specs, and printing results (JSON never holds NaN)."""
 
 from __future__ import annotations
 
@@ -116,16 +116,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def A(*flags: str, **kw) -> tuple:
-    """One argument spec: ``A("--n", type=positive_int, default=10)``."""
+def arg(*flags: str, **kw) -> tuple:
+    """One argument spec: ``arg("--n", type=positive_int, default=10)``."""
     return flags, kw
 
 
-OUT = A("--out", required=True)
-OVERWRITE = A("--overwrite", action="store_true",
+OUT = arg("--out", required=True)
+OVERWRITE = arg("--overwrite", action="store_true",
               help="replace an earlier output of this command (only what dblend wrote)")
-SEED = A("--seed", type=seed_int, default=0)
-EXTRAPOLATE = A("--allow-extrapolation", action="store_true",
+SEED = arg("--seed", type=seed_int, default=0)
+EXTRAPOLATE = arg("--allow-extrapolation", action="store_true",
                 help="allow negative weights, lam > 1 and lam * sum(w) > 1")
 
 

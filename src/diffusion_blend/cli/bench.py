@@ -7,7 +7,7 @@ import argparse
 from diffusion_blend.cli.args import (
     OVERWRITE,
     SEED,
-    A,
+    arg,
     command,
     emit,
     parse_floats,
@@ -72,25 +72,26 @@ def register(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks", description="benchmarks").add_subparsers(
         dest="bench", required=True, metavar="NAME")
     command(bench, "toy2d", cmd_toy2d, "time the exact-expert blend, 2 experts",
-            A("--n", type=positive_int, default=20000),
-            A("--steps", type=positive_int, default=1000),
-            A("--no-reference", action="store_true", help="skip the numpy reference"))
+            arg("--n", type=positive_int, default=20000),
+            arg("--steps", type=positive_int, default=1000),
+            arg("--no-reference", action="store_true", help="skip the numpy reference"))
     command(bench, "finetune-toy2d", cmd_finetune_toy2d, "estimators against the optimum",
-            A("--spec", default="bimodal-linear"), A("--out", default="bench-finetune-toy2d"),
-            OVERWRITE, A("--dpok-seconds", type=positive_float, default=180.0),
-            A("--quick", action="store_true", help="tiny sizes (a smoke test)"))
+            arg("--spec", default="bimodal-linear"), arg("--out", default="bench-finetune-toy2d"),
+            OVERWRITE, arg("--dpok-seconds", type=positive_float, default=180.0),
+            arg("--quick", action="store_true", help="tiny sizes (a smoke test)"))
     command(bench, "digits", cmd_digits, "digits sampling throughput",
-            A("--n", type=positive_int, default=200))
+            arg("--n", type=positive_int, default=200))
     command(bench, "smc", cmd_smc, "SMC-corrected blend: error against the target vs P",
-            A("--spec", default="bimodal-linear"), A("--w", default="0.25,0.75"),
-            A("--n", type=positive_int, default=65536),
-            A("--particles", default="16,64,256,1024"),
-            A("--steps", type=positive_int, default=1000), SEED,
-            A("--out", default="bench-smc"), OVERWRITE)
+            arg("--spec", default="bimodal-linear"), arg("--w", default="0.25,0.75"),
+            arg("--n", type=positive_int, default=65536),
+            arg("--particles", default="16,64,256,1024"),
+            arg("--steps", type=positive_int, default=1000), SEED,
+            arg("--out", default="bench-smc"), OVERWRITE)
     command(bench, "sd-memory", cmd_sd_memory,
             "K LoRA experts in one forward vs K full models: peak memory and time",
-            A("--config", default="small", choices=("small", "sd15"),
+            arg("--config", default="small", choices=("small", "sd15"),
               help="a UNet shape (random weights)"),
-            A("--experts", type=positive_int, default=3),
-            A("--batch", type=positive_int, default=2), A("--rank", type=positive_int, default=4),
-            A("--repeats", type=positive_int, default=3))
+            arg("--experts", type=positive_int, default=3),
+            arg("--batch", type=positive_int, default=2),
+            arg("--rank", type=positive_int, default=4),
+            arg("--repeats", type=positive_int, default=3))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffusion_blend.cli.args import OVERWRITE, A, command, emit
+from diffusion_blend.cli.args import OVERWRITE, arg, command, emit
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
@@ -16,4 +16,4 @@ def cmd_convert(a: argparse.Namespace) -> None:
 def register(sub) -> None:
     command(sub, "convert-lora", cmd_convert,
             "legacy Diffusion Blend / DPOK LoRA (diffusers 0.14) -> PEFT safetensors",
-            A("old_dir"), A("new_dir"), OVERWRITE)
+            arg("old_dir"), arg("new_dir"), OVERWRITE)

@@ -8,7 +8,7 @@ import sys
 from diffusion_blend.cli.args import (
     OVERWRITE,
     SEED,
-    A,
+    arg,
     check_result,
     command,
     domains,
@@ -57,12 +57,12 @@ def cmd_gap_toy2d(a: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     command(sub, "demo", cmd_demo, "the first report to look at: grids, Pareto plot, tables",
-            A("domain", nargs="?", default="digits", choices=tuple(DEMO_OUT)),
-            A("--out", default=None, help="default dblend-demo (toy2d: dblend-toy2d-demo)"),
+            arg("domain", nargs="?", default="digits", choices=tuple(DEMO_OUT)),
+            arg("--out", default=None, help="default dblend-demo (toy2d: dblend-toy2d-demo)"),
             OVERWRITE, json=False)
     dom = domains(sub, "gap", "the Jensen gap of the blend over a w grid")
     command(dom, "toy2d", cmd_gap_toy2d, "blend against the exact target, w over the simplex",
-            A("--spec", default="bimodal"), A("--n", type=positive_int, default=10000),
-            A("--steps", type=positive_int, default=1000), SEED,
-            A("--divisions", type=positive_int, default=10), A("--out", default="dblend-gap"),
+            arg("--spec", default="bimodal"), arg("--n", type=positive_int, default=10000),
+            arg("--steps", type=positive_int, default=1000), SEED,
+            arg("--divisions", type=positive_int, default=10), arg("--out", default="dblend-gap"),
             OVERWRITE)

@@ -8,7 +8,7 @@ from pathlib import Path
 from diffusion_blend.cli.args import (
     OUT,
     OVERWRITE,
-    A,
+    arg,
     command,
     domains,
     emit,
@@ -35,6 +35,6 @@ def cmd_digits(a: argparse.Namespace) -> None:
 def register(sub) -> None:
     dom = domains(sub, "distill", "amortised blend: one preference-conditioned adapter")
     command(dom, "digits", cmd_digits, "distil DB-MPA / DB-KLA of the shipped pair", OUT,
-            A("--weights", default=None, help="base + experts (default: shipped)"),
-            A("--iterations", type=positive_int, default=None),
-            A("--resume", action="store_true"), OVERWRITE)
+            arg("--weights", default=None, help="base + experts (default: shipped)"),
+            arg("--iterations", type=positive_int, default=None),
+            arg("--resume", action="store_true"), OVERWRITE)

@@ -9,7 +9,7 @@ from diffusion_blend.cli.args import (
     OUT,
     OVERWRITE,
     SEED,
-    A,
+    arg,
     command,
     domains,
     emit,
@@ -22,13 +22,13 @@ from diffusion_blend.cli.args import (
 from diffusion_blend.cli.sample import SIZE, check_size
 from diffusion_blend.errors import UsageError
 
-RUN = (A("--iterations", type=positive_int, default=None, help="training iterations"),
-       A("--batch-size", type=positive_int, default=None, help="trajectories per iteration"),
-       A("--lr", type=positive_float, default=None),
-       A("--sample-steps", type=positive_int, default=None, help="chain length"),
-       A("--checkpoint-every", type=positive_int, default=None),
-       A("--preset", default=None, help="config preset (default DOMAIN-ESTIMATOR)"),
-       SEED, OUT, A("--resume", action="store_true"), OVERWRITE)
+RUN = (arg("--iterations", type=positive_int, default=None, help="training iterations"),
+       arg("--batch-size", type=positive_int, default=None, help="trajectories per iteration"),
+       arg("--lr", type=positive_float, default=None),
+       arg("--sample-steps", type=positive_int, default=None, help="chain length"),
+       arg("--checkpoint-every", type=positive_int, default=None),
+       arg("--preset", default=None, help="config preset (default DOMAIN-ESTIMATOR)"),
+       SEED, OUT, arg("--resume", action="store_true"), OVERWRITE)
 
 
 def toy2d_config(a: argparse.Namespace, k: int, spec_alpha: float):
@@ -95,23 +95,23 @@ def cmd_sd(a: argparse.Namespace) -> None:
 def register(sub) -> None:
     dom = domains(sub, "finetune", "fine-tune experts (KL-regularised RL)")
     command(dom, "toy2d", cmd_toy2d, "on the exact testbed, against the analytic optimum",
-            A("--spec", default="bimodal"),
-            A("--w", default=None, help="reward weights of the expert, e.g. 1,0"),
-            A("--alpha", default=None, help="KL strength (default: the spec's alpha)"),
-            A("--estimator", default="pathwise", choices=("pathwise", "dpok")),
-            A("--kl-mode", default=None, choices=("to-go", "published"),
+            arg("--spec", default="bimodal"),
+            arg("--w", default=None, help="reward weights of the expert, e.g. 1,0"),
+            arg("--alpha", default=None, help="KL strength (default: the spec's alpha)"),
+            arg("--estimator", default="pathwise", choices=("pathwise", "dpok")),
+            arg("--kl-mode", default=None, choices=("to-go", "published"),
               help="DPOK returns (default to-go)"),
-            A("--eval-trajectories", type=positive_int, default=None), *RUN)
+            arg("--eval-trajectories", type=positive_int, default=None), *RUN)
     command(dom, "digits", cmd_digits, "the digits experts, MORL and DB-KLA adapters",
-            A("--weights", required=True, help="directory with base/classifier weights"), OUT,
-            A("--alpha", type=positive_float, default=0.5),
-            A("--iterations", type=positive_int, default=None),
-            A("--only", default=None, help="comma-separated adapter names"))
+            arg("--weights", required=True, help="directory with base/classifier weights"), OUT,
+            arg("--alpha", type=positive_float, default=0.5),
+            arg("--iterations", type=positive_int, default=None),
+            arg("--only", default=None, help="comma-separated adapter names"))
     command(dom, "sd", cmd_sd, "a LoRA expert for a local diffusers pipeline",
-            A("--model", required=True), A("--prompts", required=True),
-            A("--reward", required=True, help="e.g. imagereward, pickscore, aesthetic"),
-            A("--reward-model", default=None, help="local weights of the reward model"),
-            A("--estimator", default="dpok", choices=("dpok", "pathwise")),
-            A("--alpha", default=None), A("--guidance", default="7.5"), *SIZE,
-            A("--mixed-precision", default=None, choices=("no", "bf16", "fp16")),
-            A("--grad-accumulation", type=positive_int, default=None), *RUN)
+            arg("--model", required=True), arg("--prompts", required=True),
+            arg("--reward", required=True, help="e.g. imagereward, pickscore, aesthetic"),
+            arg("--reward-model", default=None, help="local weights of the reward model"),
+            arg("--estimator", default="dpok", choices=("dpok", "pathwise")),
+            arg("--alpha", default=None), arg("--guidance", default="7.5"), *SIZE,
+            arg("--mixed-precision", default=None, choices=("no", "bf16", "fp16")),
+            arg("--grad-accumulation", type=positive_int, default=None), *RUN)

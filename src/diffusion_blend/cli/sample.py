@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from diffusion_blend.cli.args import (
     EXTRAPOLATE,
     SEED,
-    A,
+    arg,
     check_result,
     command,
     domains,
@@ -117,33 +117,33 @@ def check_size(a: argparse.Namespace) -> None:
             raise UsageError(f"--{name} {v} is not allowed; use a multiple of 8")
 
 
-SIZE = (A("--height", type=positive_int, default=None),
-        A("--width", type=positive_int, default=None))
-PREFERENCE = (A("--w", default=None, help="weights, e.g. 0.3,0.7 (default uniform)"),
-              A("--lam", default="1.0", help="KL-strength modifier lambda >= 0"), EXTRAPOLATE)
+SIZE = (arg("--height", type=positive_int, default=None),
+        arg("--width", type=positive_int, default=None))
+PREFERENCE = (arg("--w", default=None, help="weights, e.g. 0.3,0.7 (default uniform)"),
+              arg("--lam", default="1.0", help="KL-strength modifier lambda >= 0"), EXTRAPOLATE)
 
 
 def register(sub) -> None:
     dom = domains(sub, "sample", "sample one method at one preference")
     command(dom, "toy2d", cmd_toy2d, "the exact testbed: a method against the exact target",
-            A("--spec", default="bimodal", help="preset name or JSON spec path"),
-            A("--method", default="db-mpa", choices=TOY2D_METHODS),
-            A("--experts", default=None, help="fine-tuned expert dirs (default: the exact "
+            arg("--spec", default="bimodal", help="preset name or JSON spec path"),
+            arg("--method", default="db-mpa", choices=TOY2D_METHODS),
+            arg("--experts", default=None, help="fine-tuned expert dirs (default: the exact "
               "experts); one dir with --w 1 is that fine-tuned model"),
-            *PREFERENCE, A("--n", type=positive_int, default=20000),
-            A("--steps", type=positive_int, default=1000),
-            A("--sampler", default="ddpm", choices=("ddpm", "ddim")),
-            A("--eta", type=finite_float, default=1.0), SEED,
-            A("--particles", type=positive_int, default=64, help="smc: particles per run"),
-            A("--ess-threshold", type=finite_float, default=0.5, help="smc: resample below"),
-            A("--out", default=None), A("--overwrite", action="store_true"))
+            *PREFERENCE, arg("--n", type=positive_int, default=20000),
+            arg("--steps", type=positive_int, default=1000),
+            arg("--sampler", default="ddpm", choices=("ddpm", "ddim")),
+            arg("--eta", type=finite_float, default=1.0), SEED,
+            arg("--particles", type=positive_int, default=64, help="smc: particles per run"),
+            arg("--ess-threshold", type=finite_float, default=0.5, help="smc: resample below"),
+            arg("--out", default=None), arg("--overwrite", action="store_true"))
     command(dom, "digits", cmd_digits, "DB-MPA / DB-KLA with the shipped digits experts",
-            A("--class", dest="cls", default="0"), A("--experts", default="ink,smooth"),
-            *PREFERENCE, A("--n", type=positive_int, default=16), SEED,
-            A("--out", default=None, help="a .png of the images"))
+            arg("--class", dest="cls", default="0"), arg("--experts", default="ink,smooth"),
+            *PREFERENCE, arg("--n", type=positive_int, default=16), SEED,
+            arg("--out", default=None, help="a .png of the images"))
     command(dom, "sd", cmd_sd, "DB-MPA / DB-KLA on a local diffusers pipeline",
-            A("--model", required=True, help="local pipeline dir or cached hub id"),
-            A("--experts", required=True, help="LoRA dirs, comma-separated"), *PREFERENCE,
-            A("--prompt", default="a photo of an apple"), A("--prompts", default=None),
-            A("--steps", type=positive_int, default=50), A("--guidance", default="7.5"), SEED,
-            A("--n", type=positive_int, default=1), *SIZE, A("--out", default="sd.png"))
+            arg("--model", required=True, help="local pipeline dir or cached hub id"),
+            arg("--experts", required=True, help="LoRA dirs, comma-separated"), *PREFERENCE,
+            arg("--prompt", default="a photo of an apple"), arg("--prompts", default=None),
+            arg("--steps", type=positive_int, default=50), arg("--guidance", default="7.5"), SEED,
+            arg("--n", type=positive_int, default=1), *SIZE, arg("--out", default="sd.png"))

@@ -8,7 +8,7 @@ from diffusion_blend.cli.args import (
     OUT,
     OVERWRITE,
     SEED,
-    A,
+    arg,
     command,
     domains,
     emit,
@@ -37,4 +37,4 @@ def cmd_digits(a: argparse.Namespace) -> None:
 def register(sub) -> None:
     dom = domains(sub, "train-base", "train a domain's base model (and its classifiers)")
     command(dom, "digits", cmd_digits, "the digits UNet, reward classifier and judge", OUT,
-            A("--iterations", type=positive_int, default=None), SEED, OVERWRITE)
+            arg("--iterations", type=positive_int, default=None), SEED, OVERWRITE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffusion_blend.cli.args import EXTRAPOLATE, A, command, port_int, positive_int, threads
+from diffusion_blend.cli.args import EXTRAPOLATE, arg, command, port_int, positive_int, threads
 from diffusion_blend.errors import UsageError
 
 
@@ -30,9 +30,9 @@ def cmd_ui(a: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     command(sub, "ui", cmd_ui, "live sliders for w and lambda (a local web page)",
-            A("--experts", default=None, help="digits expert names or sd LoRA dirs"),
-            A("--sd-model", default=None, help="a local diffusers pipeline instead of digits"),
-            A("--steps", type=positive_int, default=30, help="sd sampling steps"),
-            A("--host", default="127.0.0.1"), A("--port", type=port_int, default=7860),
-            A("--out", default="dblend-ui", help="where 'save image' writes"), EXTRAPOLATE,
+            arg("--experts", default=None, help="digits expert names or sd LoRA dirs"),
+            arg("--sd-model", default=None, help="a local diffusers pipeline instead of digits"),
+            arg("--steps", type=positive_int, default=30, help="sd sampling steps"),
+            arg("--host", default="127.0.0.1"), arg("--port", type=port_int, default=7860),
+            arg("--out", default="dblend-ui", help="where 'save image' writes"), EXTRAPOLATE,
             json=False)

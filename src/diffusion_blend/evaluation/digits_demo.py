@@ -34,7 +34,7 @@ MORL = {w: morl_name(w) for w in MORL_GRID}
 KLA = {0.5: "kla_ink_lam0p5", 2.0: "kla_ink_lam2"}
 
 
-class DigitsBench:
+class DigitsModels:
     """The shipped base, experts and rewards, loaded once."""
 
     def __init__(self, experts: list[str], weights_dir: Path | None = None):
@@ -52,10 +52,10 @@ class DigitsBench:
         """DB-MPA / DB-KLA of the named adapters in one routed forward per step (the base
         weights once; see ``pipelines.BlendedModel``); the last step stays the pretrained one,
         as the experts were trained."""
-        from diffusion_blend.finetune.digits import LastStepBase
+        from diffusion_blend.finetune.digits import FrozenLastStep
         from diffusion_blend.pipelines import BlendedModel
 
-        return LastStepBase(BlendedModel(self.base.model, list(names), pref), self.base)
+        return FrozenLastStep(BlendedModel(self.base.model, list(names), pref), self.base)
 
     def render(self, denoiser, classes: torch.Tensor, seeds: list[int]):
         return sample_digits(denoiser, classes, seeds, DEFAULT_STEPS)
@@ -122,7 +122,7 @@ def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n_per_cla
     out = prepare_out_dir(out, overwrite, "digits-demo")
     start = time.perf_counter()
     names = [*EXPERTS, *MORL.values(), *KLA.values()]
-    bench = DigitsBench(names, weights_dir)
+    bench = DigitsModels(names, weights_dir)
     classes = torch.arange(10).repeat(n_per_class)
     seeds = list(range(len(classes)))
     grid_w = [round(0.1 * i, 1) for i in range(11)]
@@ -234,14 +234,14 @@ def demo_report(rows: dict, cross: dict, seconds: float, n_per_class: int) -> st
 
 def run_sample(cls: int, w, lam: float, n: int, seed: int, experts: list[str],
                allow_extrapolation: bool = False, weights_dir: Path | None = None,
-               bench: DigitsBench | None = None) -> tuple:
+               bench: DigitsModels | None = None) -> tuple:
     """One-off sampling for ``dblend sample digits`` (and the UI, which passes its loaded
     ``bench``): images and a JSON summary."""
     cls = parse_class(cls)
     pref = Preference.for_experts(w, len(experts), lam, allow_extrapolation)
     if n < 1:
         raise UsageError(f"--n {n} is not allowed; use >= 1")
-    bench = bench or DigitsBench(list(experts), weights_dir)
+    bench = bench or DigitsModels(list(experts), weights_dir)
     classes = torch.full((n,), cls, dtype=torch.long)
     start = time.perf_counter()
     x0, nfe = bench.render(bench.blend(list(experts), pref), classes, list(range(seed, seed + n)))

@@ -113,14 +113,14 @@ def run_method(method: str, domain: SweepDomain, pref: Preference, seeds: list[i
     if method == "code":
         block = mcfg.code_block or max(1, domain.steps // 5)
         r = reward_w(domain, pref.coefficients()[1])
-        (res, evals), *cost = measure(lambda: code_sample(
+        (res, evals), *cost = measure_cost(lambda: code_sample(
             domain.base, domain.schedule, seeds, domain.shape, domain.steps, r, mcfg.code_n,
             block, cond))
         return Output(res.x0, res.nfe_per_sample, evals, *cost, domain.params(["base"]), None)
     chain, parts = chain_for(method, domain, pref, seeds, mcfg)
     if chain is None:
         return None
-    res, *cost = measure(lambda: sample(chain, domain.schedule, seeds, domain.shape,
+    res, *cost = measure_cost(lambda: sample(chain, domain.schedule, seeds, domain.shape,
                                         domain.steps, cond=cond))
     evals = domain.steps if method == "rgg" and mcfg.rgg_gamma else 0.0
     return Output(res.x0, res.nfe_per_sample, evals, *cost, domain.params(parts), chain)
@@ -138,7 +138,7 @@ def run_smc(domain: SweepDomain, pref: Preference, seeds: list[int], p: int) -> 
             v.shape[0] == n else v for k, v in domain.cond(seeds).items()}
     r = reward_w(domain, [ci / domain.alpha for ci in pref.coefficients()[1]])
     particle_seeds = [s * p + j for s in seeds for j in range(p)]
-    res, *cost = measure(lambda: smc_sample(
+    res, *cost = measure_cost(lambda: smc_sample(
         BlendedDenoiser(domain.base, domain.experts, pref), domain.base, r, domain.schedule,
         particle_seeds, domain.shape, domain.steps, p, cond=cond))
     pick = draw_one(res.log_weights, sample_uniforms(seeds, (), "smc-output"))
@@ -158,14 +158,14 @@ def path_kl(domain: SweepDomain, chain: Denoiser, seeds: list[int]) -> torch.Ten
 # ---------------------------------------------------------------------------- measuring
 
 
-def measure(fn: Callable) -> tuple:
+def measure_cost(fn: Callable) -> tuple:
     """``(fn(), seconds, peak MB, peak MB above the start)``: the CUDA allocator's peak on a
     GPU, else the process's peak resident set size, reset before the call (Linux
     ``clear_refs``)."""
     before = _reset_peak()
     start = time.perf_counter()
     out = fn()
-    seconds, peak = time.perf_counter() - start, _memory_mb("peak")
+    seconds, peak = time.perf_counter() - start, memory_mb("peak")
     added = None if peak is None or before is None else max(peak - before, 0.0)
     return out, seconds, peak, added
 
@@ -178,10 +178,10 @@ def _reset_peak() -> float | None:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             return None
-    return _memory_mb("now")
+    return memory_mb("now")
 
 
-def _memory_mb(which: str) -> float | None:
+def memory_mb(which: str) -> float | None:
     if torch.cuda.is_available():
         fn = torch.cuda.max_memory_allocated if which == "peak" else torch.cuda.memory_allocated
         return fn() / 2**20

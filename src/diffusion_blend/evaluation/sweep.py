@@ -189,7 +189,7 @@ def measure_row(spec: RowSpec, domain, cfg: SweepConfig, seeds: list[int], out: 
     """Run one row and summarise it (rewards with 95% CIs, r_w, path KL, costs)."""
     pref = Preference(spec.w, spec.lam, allow_extrapolation=True)
     row = {"key": spec.key, "method": spec.method, "w": list(spec.w), "lam": spec.lam,
-           "tag": spec.tag, "gamma": mcfg_gamma(spec, cfg)}
+           "tag": spec.tag, "gamma": rgg_gamma_of(spec, cfg)}
     mcfg = cfg.baselines if spec.gamma is None else replace(cfg.baselines, rgg_gamma=spec.gamma)
     res = run_method(spec.method, domain, pref, seeds, mcfg)
     if res is None:
@@ -212,7 +212,7 @@ def measure_row(spec: RowSpec, domain, cfg: SweepConfig, seeds: list[int], out: 
     return row
 
 
-def mcfg_gamma(spec: RowSpec, cfg: SweepConfig) -> float | None:
+def rgg_gamma_of(spec: RowSpec, cfg: SweepConfig) -> float | None:
     """RGG's guidance scale in a row (None for the other methods)."""
     if spec.method != "rgg":
         return None

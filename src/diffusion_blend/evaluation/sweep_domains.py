@@ -103,9 +103,9 @@ class DigitsSweep:
         return torch.stack([r(x0, y=y) for r in self.reward_fns], 1)
 
     def soup(self, coefs: list[float]) -> Denoiser:
-        from diffusion_blend.finetune.digits import LastStepBase
+        from diffusion_blend.finetune.digits import FrozenLastStep
 
-        return LastStepBase(LoraSoup(self.model, list(self.pair), coefs), self.base)
+        return FrozenLastStep(LoraSoup(self.model, list(self.pair), coefs), self.base)
 
     def morl(self, pref: Preference) -> Denoiser | None:
         name = self._morl_name(pref)
@@ -130,10 +130,10 @@ class DigitsSweep:
 
     def _train_morl(self, name: str, pref: Preference) -> Denoiser:
         from diffusion_blend.finetune.config import preset
-        from diffusion_blend.finetune.digits import Expert, train_expert
+        from diffusion_blend.finetune.digits import ExpertSpec, train_expert
 
         meta = json.loads((self.experts_dir / f"{self.pair[0]}.json").read_text())
-        spec = Expert(name, list(self.pair), list(pref.w), meta["alpha"], "pathwise")
+        spec = ExpertSpec(name, list(self.pair), list(pref.w), meta["alpha"], "pathwise")
         log.info("training the MORL adapter %s (about 2 minutes)", name)
         train_expert(self.weights_dir, self.morl_dir, spec,
                      preset("digits-pathwise", alpha=meta["alpha"]), self.stats)

@@ -39,7 +39,7 @@ def classes_for(seeds) -> torch.Tensor:
     return torch.tensor([int(s) % 10 for s in seeds], dtype=torch.long)
 
 
-class LastStepBase(nn.Module):
+class FrozenLastStep(nn.Module):
     """An expert whose last step (``t == 0``) is the pretrained model's, as it was trained."""
 
     def __init__(self, expert: nn.Module, base: nn.Module):
@@ -63,18 +63,24 @@ def reward_stats(base: nn.Module, names, classifier, n: int = 500) -> dict:
     x0, _ = digits.sample_digits(base, y, seeds)
     out = {}
     for name in names:
-        r = get_reward(name, classifier=classifier)
+        r = get_reward(name, **_classifier_for(name, classifier))
         v = r.raw(x0, y=y)
         out[name] = {"shift": float(v.mean()), "scale": float(v.std().clamp(min=1e-6))}
     return out
 
 
 def normalised_rewards(names, stats: dict, classifier) -> list:
-    return [get_reward(n, classifier=classifier, **stats[n]) for n in names]
+    """The rewards ``names``, each normalised by its base mean and standard deviation."""
+    return [get_reward(n, **_classifier_for(n, classifier), **stats[n]) for n in names]
+
+
+def _classifier_for(name: str, classifier) -> dict:
+    """Only the ``class`` reward reads the classifier."""
+    return {"classifier": classifier} if name == "class" else {}
 
 
 @dataclass
-class Expert:
+class ExpertSpec:
     """One adapter's description (what it was trained for)."""
 
     name: str
@@ -88,10 +94,10 @@ def make_task(model: nn.Module, adapter: str, reward, cfg: FinetuneConfig) -> Ta
     add_lora(model, adapter, cfg.lora_rank, LORA_TARGETS, seed=cfg.seed)
     policy, ref = AdapterView(model, adapter), AdapterView(model, None)
     return Task(policy, ref, reward, digits.BaseConfig().schedule(), digits.SHAPE,
-                cond=lambda seeds: {"y": classes_for(seeds)}, freeze_last=cfg.freeze_last_step)
+                cond=lambda seeds: {"y": classes_for(seeds)}, freeze_last_step=cfg.freeze_last_step)
 
 
-def train_expert(weights_dir: Path, out: Path, spec: Expert, cfg: FinetuneConfig,
+def train_expert(weights_dir: Path, out: Path, spec: ExpertSpec, cfg: FinetuneConfig,
                  stats: dict, progress: bool = True) -> dict:
     """Fine-tune one adapter on ``r_w`` (normalised rewards) and save it beside the base."""
     base, base_meta = digits.load_base(weights_dir)
@@ -127,18 +133,18 @@ def morl_name(w1: float, pair=PAIR) -> str:
 
 
 def expert_specs(alpha: float, pair=PAIR, grid=MORL_GRID,
-                 kla=(0.5, 2.0)) -> list[tuple[Expert, str, dict]]:
+                 kla=(0.5, 2.0)) -> list[tuple[ExpertSpec, str, dict]]:
     """Every adapter of the recipe: one expert per fine-tuned reward (``class`` is kept as the
     "still a digit" check: its margin did not improve under fine-tuning here), MORL on a w
     grid of ``pair``, and lambda-specific fine-tunes (alpha / lambda) of ``pair[0]``."""
-    out = [(Expert(r, [r], [1.0], alpha, p.split("-")[1]), p, {}) for r, p in FINETUNED.items()]
+    out = [(ExpertSpec(r, [r], [1.0], alpha, p.split("-")[1]), p, {}) for r, p in FINETUNED.items()]
     for w1 in grid:
         name = morl_name(w1, pair)
-        out.append((Expert(name, list(pair), [w1, 1 - w1], alpha, "pathwise"), "digits-pathwise",
-                    {}))
+        spec = ExpertSpec(name, list(pair), [w1, 1 - w1], alpha, "pathwise")
+        out.append((spec, "digits-pathwise", {}))
     for lam in kla:
         name = f"kla_{pair[0]}_lam{lam:g}".replace(".", "p")
-        out.append((Expert(name, [pair[0]], [1.0], alpha / lam, "pathwise"), "digits-pathwise",
+        out.append((ExpertSpec(name, [pair[0]], [1.0], alpha / lam, "pathwise"), "digits-pathwise",
                     {"alpha": alpha / lam}))
     return out
 
@@ -190,4 +196,4 @@ def attach_expert(base: nn.Module, base_meta: dict, path: Path) -> tuple[nn.Modu
         add_lora(base, name, meta["lora"]["rank"], meta["lora"]["targets"])
     load_adapter_state(base, name, state)
     base.requires_grad_(False)
-    return LastStepBase(AdapterView(base, name), AdapterView(base, None)), meta
+    return FrozenLastStep(AdapterView(base, name), AdapterView(base, None)), meta

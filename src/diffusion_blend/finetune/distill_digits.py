@@ -88,7 +88,7 @@ def _iteration(model, experts, emb, opt, cfg: DistillConfig, it: int) -> float:
     teacher = _RowBlend(AdapterView(model, None), experts, feats)
     res = sample(teacher, digits.BaseConfig().schedule(), seeds, digits.SHAPE, cfg.steps,
                  cond={"y": y}, record=True)
-    ts = [t for t, _, _ in digits.BaseConfig().schedule().pairs(cfg.steps)]
+    ts = [t for t, _, _ in digits.BaseConfig().schedule().transitions(cfg.steps)]
     x = torch.cat(res.states[:-1])
     t = torch.cat([torch.full((len(seeds),), v) for v in ts])
     emb.current = feats.repeat(len(ts), 1)

@@ -47,14 +47,14 @@ class Rollout:
 @torch.no_grad()
 def rollout(task: Task, cfg: FinetuneConfig, seeds: list[int]) -> Rollout:
     """Sample trajectories with the current policy and record what the update needs."""
-    pairs = task.schedule.pairs(cfg.sample_steps)
+    pairs = task.schedule.transitions(cfg.sample_steps)
     noise = sample_normals(seeds, (len(pairs) + 1, *task.shape)).to(task.device)
     cond = task.conditioning(seeds)
     x = noise[:, 0]
     rec = {k: [] for k in ("states", "actions", "old_logp", "ref_means", "kl", "stochastic")}
     for k, (t, a_t, a_s) in enumerate(pairs):
         tt = timestep_tensor(t, len(seeds), task.device)
-        eps, eps_ref = predictions(task, x, tt, cond, task.freeze_last and k == len(pairs) - 1)
+        eps, eps_ref = predictions(task, x, tt, cond, task.freeze_last_step and k == len(pairs) - 1)
         out = step_from_eps(eps, x, a_t, a_s, noise[:, k + 1])
         ref = step_from_eps(eps_ref, x, a_t, a_s, None)
         lp = gaussian_logprob(out.x, out.mean, out.var) if out.var > 0 else torch.zeros_like(

@@ -38,7 +38,7 @@ class Task:
     differentiable: bool = True
     cond: Callable[[Sequence[int]], dict] | None = None
     device: torch.device | str = "cpu"
-    freeze_last: bool = False  # the last, noise-free step stays the pretrained map
+    freeze_last_step: bool = False  # the last, noise-free step stays the pretrained map
     sync_grads: Callable = lambda params: None  # averages gradients across processes
 
     def conditioning(self, seeds: Sequence[int]) -> dict:
@@ -110,14 +110,15 @@ def run_chain(task: Task, seeds: Sequence[int], steps: int | None, tracked_from:
     """Sample with the policy: final states, each trajectory's summed KL to the reference, and
     the conditioning. Steps before ``tracked_from`` run without gradient (truncated backprop);
     with ``grad_checkpointing`` each tracked step is recomputed in the backward pass."""
-    pairs = task.schedule.pairs(steps)
+    pairs = task.schedule.transitions(steps)
     noise = sample_normals(seeds, (len(pairs) + 1, *task.shape)).to(task.device)
     cond = task.conditioning(seeds)
     x, total = noise[:, 0], torch.zeros(len(seeds), device=task.device)
     grad = torch.is_grad_enabled()
     for k, (t, a_t, a_s) in enumerate(pairs):
         tracked = grad and k >= tracked_from
-        args = (x, noise[:, k + 1], t, a_t, a_s, cond, task.freeze_last and k == len(pairs) - 1)
+        frozen = task.freeze_last_step and k == len(pairs) - 1
+        args = (x, noise[:, k + 1], t, a_t, a_s, cond, frozen)
         with torch.set_grad_enabled(tracked):
             if tracked and grad_checkpointing:
                 x, kl = checkpoint(_chain_step, task, *args, use_reentrant=False)

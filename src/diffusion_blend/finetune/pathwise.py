@@ -21,7 +21,7 @@ def pathwise_loss(task: Task, cfg: FinetuneConfig, seeds: list[int]) -> tuple[to
     if not task.differentiable:
         raise UsageError("estimator 'pathwise' needs a differentiable reward; this reward is "
                          "not differentiable: use --estimator dpok")
-    steps = len(task.schedule.pairs(cfg.sample_steps))
+    steps = len(task.schedule.transitions(cfg.sample_steps))
     tracked_from = 0 if cfg.truncate_steps is None else steps - cfg.truncate_steps
     x, kl_sum, cond = run_chain(task, seeds, cfg.sample_steps, tracked_from,
                                 cfg.grad_checkpointing)

@@ -111,7 +111,7 @@ def closed_form(problem: Toy2dProblem, w) -> dict:
             "target_mean_rewards": tgt, "target_kl": tgt_rw / problem.alpha - log_z}
 
 
-def measure(problem: Toy2dProblem, policy: nn.Module, w, n: int, seed: int,
+def evaluate_expert(problem: Toy2dProblem, policy: nn.Module, w, n: int, seed: int,
             steps: int | None) -> dict:
     """The expert against the closed form, on ``n`` fresh trajectories."""
     task = Task(policy, problem.base_denoiser(), lambda x, **_: problem.rewards_of(
@@ -147,7 +147,7 @@ def finetune_toy2d(problem: Toy2dProblem, cfg: FinetuneConfig, out: str | Path,
     save_expert(out, task.policy, meta | {"config": cfg.to_dict()})
     result = {"estimator": cfg.estimator, "kl_mode": cfg.kl_mode, "w": list(cfg.w),
               "alpha": cfg.alpha, "iterations": cfg.iterations,
-              **measure(problem, task.policy, cfg.w, cfg.eval_trajectories, cfg.seed,
+              **evaluate_expert(problem, task.policy, cfg.w, cfg.eval_trajectories, cfg.seed,
                         cfg.sample_steps), "seconds": seconds}
     write_json(out / "result.json", result)
     return result

@@ -41,12 +41,19 @@ BUILTIN = ("diffusion_blend.rewards.digits", "diffusion_blend.rewards.images",
 def get_reward(name: str, **kwargs) -> Reward:
     """Build the reward registered as ``name``; unknown names list the known ones."""
     import importlib
+    import inspect
 
     for module in BUILTIN:   # registering is cheap: heavy models load only when built
         importlib.import_module(module)
     if name not in REGISTRY:
         raise UsageError(f"reward {name!r} is not known; known rewards: {sorted(REGISTRY)}")
-    return REGISTRY[name](**kwargs)
+    factory = REGISTRY[name]
+    allowed = inspect.signature(factory).parameters
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise UsageError(f"reward {name!r} takes no argument {unknown[0]!r}; it takes "
+                         f"{', '.join(allowed) or 'none'}")
+    return factory(**kwargs)
 
 
 class WeightedSum:

@@ -76,7 +76,7 @@ def class_margin(classifier):
 
 def _register_pixel_reward(name: str, fn) -> None:
     """``name`` in the registry: a reward of the pixels alone, with its normalisation."""
-    def make(scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
+    def make(scale: float = 1.0, shift: float = 0.0) -> DigitReward:
         return DigitReward(name, fn, scale, shift)
     register(name)(make)
 
@@ -86,7 +86,7 @@ for _name, _fn in (("ink", ink), ("crisp", crisp), ("symmetry", symmetry), ("smo
 
 
 @register("class")
-def make_class(classifier=None, scale: float = 1.0, shift: float = 0.0, **_) -> DigitReward:
+def make_class(classifier=None, scale: float = 1.0, shift: float = 0.0) -> DigitReward:
     if classifier is None:
         raise UsageError("the 'class' reward needs classifier= (the domain's reward "
                          "classifier, e.g. diffusion_blend.domains.digits.load_classifier())")

@@ -131,7 +131,7 @@ def load_hpsv2_clip(path, vision_heads: int = 16, text_heads: int = 16, act: str
 @register("hpsv2")
 def make_hpsv2(model="HPS_v2.1_compressed.pt",
                tokenizer="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", vision_heads: int = 16,
-               text_heads: int = 16, act: str = "gelu", **_) -> ClipSimilarity:
+               text_heads: int = 16, act: str = "gelu") -> ClipSimilarity:
     """ViT-H-14 (GELU, 16 heads per tower) unless told otherwise."""
     model = checkpoint_path(model)
     tok = _tokenizer(tokenizer) if isinstance(tokenizer, str | Path) else tokenizer

@@ -144,7 +144,7 @@ def read_checkpoint(model) -> dict[str, torch.Tensor]:
 
 @register("imagereward")
 def make_imagereward(model="ImageReward.pt", tokenizer="bert-base-uncased",
-                     vision_heads: int = 16, text_heads: int = 12, **_) -> ImageReward:
+                     vision_heads: int = 16, text_heads: int = 12) -> ImageReward:
     vision, text, head_state = split_checkpoint(read_checkpoint(model))
     try:
         vmodel, tmodel = build_models(vision, text, vision_heads, text_heads)

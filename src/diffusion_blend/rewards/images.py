@@ -74,12 +74,12 @@ class JpegSize:
 
 
 @register("jpeg-compressibility")
-def make_jpeg_compressibility(**_) -> JpegSize:
+def make_jpeg_compressibility() -> JpegSize:
     return JpegSize(-1.0, "jpeg-compressibility")
 
 
 @register("jpeg-incompressibility")
-def make_jpeg_incompressibility(**_) -> JpegSize:
+def make_jpeg_incompressibility() -> JpegSize:
     return JpegSize(1.0, "jpeg-incompressibility")
 
 
@@ -165,14 +165,14 @@ def _features(out) -> torch.Tensor:
 
 
 @register("clip-score")
-def make_clip_score(model="openai/clip-vit-large-patch14", processor=None, **_):
+def make_clip_score(model="openai/clip-vit-large-patch14", processor=None):
     clip, tok = load_clip("clip-score", model, processor)
     return ClipSimilarity("clip-score", clip, tok, 100.0)
 
 
 @register("pickscore")
 def make_pickscore(model="yuvalkirstain/PickScore_v1",
-                   processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **_):
+                   processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
     clip, tok = load_clip("pickscore", model, processor)
     return ClipSimilarity("pickscore", clip, tok, None)
 
@@ -228,6 +228,6 @@ def load_aesthetic_head(head, dim: int) -> AestheticHead:
 
 @register("aesthetic")
 def make_aesthetic(model="openai/clip-vit-large-patch14",
-                   head="sac+logos+ava1-l14-linearMSE.pth", **_):
+                   head="sac+logos+ava1-l14-linearMSE.pth"):
     clip, _tok = load_clip("aesthetic", model, processor=False)
     return Aesthetic(clip, load_aesthetic_head(head, clip.config.projection_dim))
