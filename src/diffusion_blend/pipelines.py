@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from diffusion_blend.adapters import BASE, lora_layers, soup_adapters
-from diffusion_blend.blend import Preference
+from diffusion_blend.blend import BlendedDenoiser, Preference
 from diffusion_blend.errors import UsageError
 
 
@@ -110,7 +110,10 @@ class BlendedModel(nn.Module):
             raise UsageError("blend: experts must be all adapter names or all modules")
         self._check_adapters()
         self.k = len(experts)
-        self.preference = preference
+        # the term algebra (coefficients, which terms run) is the core blend's, over keys:
+        # ``BASE`` and adapter names, or the modules themselves
+        self.blend = BlendedDenoiser(BASE if self.adapters else base,
+                                     self.adapters or list(self.expert_modules), preference)
 
     def _check_adapters(self) -> None:
         known = {n for layer in lora_layers(self.base) for n in layer.lora_A}
@@ -121,20 +124,15 @@ class BlendedModel(nn.Module):
 
     @property
     def preference(self) -> Preference:
-        return self._preference
+        return self.blend.preference
 
     @preference.setter
     def preference(self, pref: Preference) -> None:
-        pref.check_k(self.k)
-        self._preference = pref
+        self.blend.preference = pref
 
     def terms(self) -> list[tuple[float, str | nn.Module]]:
         """``(coefficient, model)`` of every non-zero term (base: ``BASE`` or ``self.base``)."""
-        c_pre, c = self.preference.coefficients()
-        experts = self.adapters or list(self.expert_modules)
-        base = BASE if self.adapters else self.base
-        out = [(c_pre, base)] if self.preference.needs_base() else []
-        return out + [(ci, e) for ci, e in zip(c, experts, strict=True) if ci != 0.0]
+        return self.blend.terms()
 
     @property
     def nfe(self) -> float:
