@@ -7,8 +7,8 @@ model) without copying any weight.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -70,13 +70,13 @@ def _restore_requires_grad(model: nn.Module, grads: dict[str, bool]) -> None:
         p.requires_grad_(grads[n])
 
 
-def use_adapter(model: nn.Module, name: str | None):
+def use_adapter(model: nn.Module, name: str | None) -> AbstractContextManager[nn.Module]:
     """Run ``model`` with only adapter ``name`` active (``None``: the base model alone)."""
     return soup_adapters(model, [] if name is None else [(name, 1.0)])
 
 
 @contextmanager
-def soup_adapters(model: nn.Module, terms: Sequence[tuple[str, float]]):
+def soup_adapters(model: nn.Module, terms: Sequence[tuple[str, float]]) -> Iterator[nn.Module]:
     """Run ``model`` with the adapters of ``terms`` active at once, adapter ``name`` scaled by
     ``c``: every LoRA layer computes ``W0 x + sum c * scaling * B A x`` (PEFT's multi-adapter
     forward). No terms: the base model alone."""

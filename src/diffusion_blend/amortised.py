@@ -39,7 +39,7 @@ class PrefEmbedding(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
         self.k, self.current = k, None
 
-    def attach(self, module: nn.Module):
+    def attach(self, module: nn.Module) -> torch.utils.hooks.RemovableHandle:
         return module.register_forward_hook(self._hook)
 
     def _hook(self, module, args, out):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,12 +46,12 @@ class LoraSoup(nn.Module):
             return self.model(x, t, **cond)
 
 
-def mixture_soup(base, experts: Sequence, coefs: Sequence[float]):
+def mixture_soup(base: Any, experts: Sequence, coefs: Sequence[float]) -> Any:
     """Soup of exact toy2d experts (``GaussianMixture``): ``theta_0 + sum_i c_i (theta_i -
     theta_0)`` over log-weights (renormalised), means and covariances."""
     from diffusion_blend.domains.toy2d import GaussianMixture
 
-    def mix(get):
+    def mix(get: Callable) -> torch.Tensor:
         out = get(base)
         return out + sum(c * (get(e) - get(base)) for c, e in zip(coefs, experts, strict=True))
 

@@ -17,6 +17,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from diffusion_blend.errors import NonFiniteError, UsageError
 
@@ -145,7 +146,7 @@ def fsync_dir_files(folder: str | Path) -> None:
                 os.fsync(f.fileno())
 
 
-def check_finite_json(obj, where: str = "output") -> None:
+def check_finite_json(obj: Any, where: str = "output") -> None:
     """Refuse NaN or infinite numbers anywhere in ``obj`` (JSON has no spelling for them)."""
     try:
         json.dumps(obj, allow_nan=False)
@@ -166,13 +167,13 @@ def _first_non_finite(obj, key: str = "") -> str:
     return ""
 
 
-def dumps(obj, **kw) -> str:
+def dumps(obj: Any, **kw) -> str:
     """``json.dumps`` that refuses NaN / infinity with a one-line error."""
     check_finite_json(obj)
     return json.dumps(obj, allow_nan=False, **kw)
 
 
-def write_json(path: str | Path, obj) -> Path:
+def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` (dataclasses allowed) as indented JSON, atomically; no NaN or infinity."""
     if dataclasses.is_dataclass(obj):
         obj = dataclasses.asdict(obj)
@@ -197,7 +198,7 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
 
 
-def save_figure(fig, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 

@@ -70,7 +70,7 @@ def _sqrt(v):
     return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
 
 
-def predict_x0(eps: torch.Tensor, x: torch.Tensor, abar_t) -> torch.Tensor:
+def predict_x0(eps: torch.Tensor, x: torch.Tensor, abar_t: float | torch.Tensor) -> torch.Tensor:
     """The clean sample implied by ``eps``: ``(x - sqrt(1-abar_t) eps) / sqrt(abar_t)``."""
     return (x - _sqrt(1.0 - abar_t) * eps) / _sqrt(abar_t)
 
@@ -84,7 +84,8 @@ def to_eps(pred: torch.Tensor, x: torch.Tensor, abar_t: float, kind: str = "eps"
     raise UsageError(f"prediction type {kind!r} is not supported; use 'eps' or 'v'")
 
 
-def ddpm_step(eps, x, abar_t, abar_s, clip_x0: float | None = None):
+def ddpm_step(eps: torch.Tensor, x: torch.Tensor, abar_t: float, abar_s: float,
+              clip_x0: float | None = None) -> tuple[torch.Tensor, float]:
     """DDPM ancestral step: the posterior ``q(x_s | x_t, x0_hat)``, variance ``beta_tilde``.
 
     ``abar_t``, ``abar_s`` are floats, or tensors broadcastable to ``x`` (one step per row).
@@ -96,14 +97,15 @@ def ddpm_step(eps, x, abar_t, abar_s, clip_x0: float | None = None):
     return mean, (1.0 - abar_s) / (1.0 - abar_t) * beta
 
 
-def ddpm_mean_eps_coef(abar_t, abar_s):
+def ddpm_mean_eps_coef(abar_t: float, abar_s: float) -> float:
     """``d mean / d eps`` of the DDPM step (a scalar): two predictions ``eps_a``, ``eps_b`` at the
     same state give means differing by ``-coef * (eps_a - eps_b)``."""
     beta = 1.0 - abar_t / abar_s
     return _sqrt(abar_s) * beta / (1.0 - abar_t) * _sqrt(1.0 - abar_t) / _sqrt(abar_t)
 
 
-def ddim_step(eps, x, abar_t: float, abar_s: float, eta: float, clip_x0: float | None = None):
+def ddim_step(eps: torch.Tensor, x: torch.Tensor, abar_t: float, abar_s: float, eta: float,
+              clip_x0: float | None = None) -> tuple[torch.Tensor, float]:
     """DDIM step with stochasticity ``eta`` (0: deterministic, 1: same law as DDPM)."""
     var = eta**2 * (1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s)
     x0 = _clip(predict_x0(eps, x, abar_t), clip_x0)
@@ -115,7 +117,8 @@ def _clip(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
     return x0 if clip is None else x0.clamp(-clip, clip)
 
 
-def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, var) -> torch.Tensor:
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor,
+                     var: float | torch.Tensor) -> torch.Tensor:
     """Log-density per sample of ``N(mean, var I)`` at ``x`` (summed over non-batch dims).
 
     ``var`` is a float or a per-row tensor.
@@ -127,7 +130,8 @@ def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, var) -> torch.Tensor:
     return -0.5 * sq / var - 0.5 * d * (math.log(2 * math.pi) + log_var)
 
 
-def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, var) -> torch.Tensor:
+def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor,
+                var: float | torch.Tensor) -> torch.Tensor:
     """``KL(N(mean_a, var I) || N(mean_b, var I))`` per sample (``var`` float or per row)."""
     return (mean_a - mean_b).flatten(1).pow(2).sum(1) / (2.0 * _per_row(var, mean_a.shape[0]))
 
@@ -157,7 +161,9 @@ def step(
     return step_from_eps(eps, x, abar_t, abar_s, noise, eta, sampler, clip_x0)
 
 
-def step_from_eps(eps, x, abar_t, abar_s, noise, eta=1.0, sampler="ddpm", clip_x0=None) -> StepOut:
+def step_from_eps(eps: torch.Tensor, x: torch.Tensor, abar_t: float, abar_s: float,
+                  noise: torch.Tensor | None, eta: float = 1.0, sampler: str = "ddpm",
+                  clip_x0: float | None = None) -> StepOut:
     """The step law from a noise prediction, then ``x_s = mean + sqrt(var) * noise``."""
     if sampler == "ddpm":
         mean, var = ddpm_step(eps, x, abar_t, abar_s, clip_x0)

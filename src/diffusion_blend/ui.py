@@ -151,7 +151,7 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def handle_error(self, request, client_address):
+    def handle_error(self, request, client_address) -> None:
         """One log line per failed connection (a client that went away), not a traceback."""
         import sys
 

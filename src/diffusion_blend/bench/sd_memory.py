@@ -36,7 +36,7 @@ CONFIGS = {
 MODES = ("single", "lora", "full")
 
 
-def build_unet(config: str, seed: int = 0):
+def build_unet(config: str, seed: int = 0) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from diffusion_blend.errors import UsageError
 
@@ -112,7 +114,7 @@ class VersionAction(argparse.Action):
 class Parser(argparse.ArgumentParser):
     """argparse with the project's error contract: one line on stderr, exit code 2."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -129,7 +131,8 @@ EXTRAPOLATE = arg("--allow-extrapolation", action="store_true",
                 help="allow negative weights, lam > 1 and lam * sum(w) > 1")
 
 
-def command(sub, name: str, func, help: str, *specs: tuple, json: bool = True):
+def command(sub: Any, name: str, func: Callable, help: str, *specs: tuple,
+            json: bool = True) -> argparse.ArgumentParser:
     """A subcommand with its arguments, plus ``--threads`` (and ``--json``) on every one."""
     p = sub.add_parser(name, help=help, description=help)
     for flags, kw in specs:
@@ -142,7 +145,7 @@ def command(sub, name: str, func, help: str, *specs: tuple, json: bool = True):
     return p
 
 
-def domains(sub, verb: str, help: str):
+def domains(sub: Any, verb: str, help: str) -> Any:
     """``dblend VERB DOMAIN``: the subparsers of one verb, one per domain."""
     return sub.add_parser(verb, help=help, description=help).add_subparsers(
         dest=f"{verb}_domain", required=True, metavar="DOMAIN")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from diffusion_blend.cli.args import (
     OVERWRITE,
@@ -68,7 +69,7 @@ def cmd_smc(a: argparse.Namespace) -> None:
                    a.overwrite), a.json)
 
 
-def register(sub) -> None:
+def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks", description="benchmarks").add_subparsers(
         dest="bench", required=True, metavar="NAME")
     command(bench, "toy2d", cmd_toy2d, "time the exact-expert blend, 2 experts",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from diffusion_blend.cli.args import OVERWRITE, arg, command, emit
 
@@ -13,7 +14,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
     emit(convert_lora(a.old_dir, a.new_dir, a.overwrite), a.json)
 
 
-def register(sub) -> None:
+def register(sub: Any) -> None:
     command(sub, "convert-lora", cmd_convert,
             "legacy Diffusion Blend / DPOK LoRA (diffusers 0.14) -> PEFT safetensors",
             arg("old_dir"), arg("new_dir"), OVERWRITE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from diffusion_blend.cli.args import (
     OVERWRITE,
@@ -55,7 +56,7 @@ def cmd_gap_toy2d(a: argparse.Namespace) -> None:
          a.json)
 
 
-def register(sub) -> None:
+def register(sub: Any) -> None:
     command(sub, "demo", cmd_demo, "the first report to look at: grids, Pareto plot, tables",
             arg("domain", nargs="?", default="digits", choices=tuple(DEMO_OUT)),
             arg("--out", default=None, help="default dblend-demo (toy2d: dblend-toy2d-demo)"),

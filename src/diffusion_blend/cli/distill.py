@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from diffusion_blend.cli.args import (
     OUT,
@@ -32,7 +33,7 @@ def cmd_digits(a: argparse.Namespace) -> None:
                      overwrite=a.overwrite), a.json)
 
 
-def register(sub) -> None:
+def register(sub: Any) -> None:
     dom = domains(sub, "distill", "amortised blend: one preference-conditioned adapter")
     command(dom, "digits", cmd_digits, "distil DB-MPA / DB-KLA of the shipped pair", OUT,
             arg("--weights", default=None, help="base + experts (default: shipped)"),

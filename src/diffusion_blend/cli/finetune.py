@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from diffusion_blend.cli.args import (
     OUT,
@@ -21,6 +22,7 @@ from diffusion_blend.cli.args import (
 )
 from diffusion_blend.cli.sample import SIZE, check_size
 from diffusion_blend.errors import UsageError
+from diffusion_blend.finetune.config import FinetuneConfig
 
 RUN = (arg("--iterations", type=positive_int, default=None, help="training iterations"),
        arg("--batch-size", type=positive_int, default=None, help="trajectories per iteration"),
@@ -31,7 +33,7 @@ RUN = (arg("--iterations", type=positive_int, default=None, help="training itera
        SEED, OUT, arg("--resume", action="store_true"), OVERWRITE)
 
 
-def toy2d_config(a: argparse.Namespace, k: int, spec_alpha: float):
+def toy2d_config(a: argparse.Namespace, k: int, spec_alpha: float) -> FinetuneConfig:
     """The resolved fine-tuning config: preset, then the flags given."""
     from diffusion_blend.finetune.config import preset
 
@@ -92,7 +94,7 @@ def cmd_sd(a: argparse.Namespace) -> None:
                      a.overwrite, progress=not a.json), a.json)
 
 
-def register(sub) -> None:
+def register(sub: Any) -> None:
     dom = domains(sub, "finetune", "fine-tune experts (KL-regularised RL)")
     command(dom, "toy2d", cmd_toy2d, "on the exact testbed, against the analytic optimum",
             arg("--spec", default="bimodal"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 from diffusion_blend.cli.args import (
     EXTRAPOLATE,
@@ -123,7 +124,7 @@ PREFERENCE = (arg("--w", default=None, help="weights, e.g. 0.3,0.7 (default unif
               arg("--lam", default="1.0", help="KL-strength modifier lambda >= 0"), EXTRAPOLATE)
 
 
-def register(sub) -> None:
+def register(sub: Any) -> None:
     dom = domains(sub, "sample", "sample one method at one preference")
     command(dom, "toy2d", cmd_toy2d, "the exact testbed: a method against the exact target",
             arg("--spec", default="bimodal", help="preset name or JSON spec path"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from diffusion_blend.cli.args import (
     OUT,
@@ -19,8 +20,11 @@ from diffusion_blend.cli.args import (
 )
 from diffusion_blend.errors import UsageError
 
+if TYPE_CHECKING:
+    from diffusion_blend.evaluation.sweep import SweepConfig
 
-def sweep_config(a: argparse.Namespace):
+
+def sweep_config(a: argparse.Namespace) -> SweepConfig:
     """The ``SweepConfig`` of ``dblend sweep``'s flags."""
     from diffusion_blend.evaluation.methods import MethodConfig
     from diffusion_blend.evaluation.sweep import SweepConfig
@@ -85,7 +89,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     emit(write_report(a.dir, reference(a)) | {"report": str(Path(a.dir) / "report.md")}, a.json)
 
 
-def register(sub) -> None:
+def register(sub: Any) -> None:
     from diffusion_blend.evaluation.methods import METHODS
     from diffusion_blend.evaluation.sweep import DEFAULT_METHODS, DOMAINS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from diffusion_blend.cli.args import (
     OUT,
@@ -34,7 +35,7 @@ def cmd_digits(a: argparse.Namespace) -> None:
           "quality": summary["base"]["quality"]}, a.json)
 
 
-def register(sub) -> None:
+def register(sub: Any) -> None:
     dom = domains(sub, "train-base", "train a domain's base model (and its classifiers)")
     command(dom, "digits", cmd_digits, "the digits UNet, reward classifier and judge", OUT,
             arg("--iterations", type=positive_int, default=None), SEED, OVERWRITE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from diffusion_blend.cli.args import EXTRAPOLATE, arg, command, port_int, positive_int, threads
 from diffusion_blend.errors import UsageError
@@ -28,7 +29,7 @@ def cmd_ui(a: argparse.Namespace) -> None:
         server.stop()
 
 
-def register(sub) -> None:
+def register(sub: Any) -> None:
     command(sub, "ui", cmd_ui, "live sliders for w and lambda (a local web page)",
             arg("--experts", default=None, help="digits expert names or sd LoRA dirs"),
             arg("--sd-model", default=None, help="a local diffusers pipeline instead of digits"),

@@ -59,7 +59,7 @@ def check_class(c: int) -> int:
 # ---------------------------------------------------------------------------- the denoiser
 
 
-def build_unet():
+def build_unet() -> nn.Module:
     from diffusers import UNet2DModel
 
     return UNet2DModel(**UNET_CONFIG)
@@ -248,7 +248,7 @@ DEFAULT_STEPS = 10
 
 def sample_digits(denoiser: Denoiser, classes: torch.Tensor, seeds: list[int],
                   steps: int = DEFAULT_STEPS, guidance: float = 1.0, progress: bool = False,
-                  schedule=None) -> tuple[torch.Tensor, float]:
+                  schedule: Schedule | None = None) -> tuple[torch.Tensor, float]:
     """Images ``[B, 1, 8, 8]`` for per-sample classes and seeds (DDPM, ``steps`` steps)."""
     den = denoiser if guidance == 1.0 else Guided(denoiser, guidance, {"y": None})
     schedule = schedule or BaseConfig().schedule()

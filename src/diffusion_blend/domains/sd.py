@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from diffusion_blend.blend import Preference
 from diffusion_blend.errors import UsageError
 from diffusion_blend.offline import hub_offline
 from diffusion_blend.sampling import Schedule, to_eps
@@ -37,7 +39,7 @@ def default_device() -> torch.device:
 
 
 def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device | None = None):
+                  device: str | torch.device | None = None) -> Any:
     """A diffusers pipeline from a local directory or the local hub cache (never the network),
     on ``device`` (default: ``default_device()``)."""
     from diffusers import DiffusionPipeline
@@ -95,7 +97,8 @@ class UNetEps(nn.Module):
         self.unet, self.kind = unet, "eps" if prediction_type == "epsilon" else "v"
         self.abar = schedule.abar
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states=None, **_):
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None, **_) -> torch.Tensor:
         ehs = encoder_hidden_states
         if ehs.shape[0] == 1 and x.shape[0] > 1:
             ehs = ehs.expand(x.shape[0], *ehs.shape[1:])
@@ -139,13 +142,13 @@ class LatentReward:
         return self.reward(self.decode(latents), prompt=prompts)
 
 
-def latent_shape(pipe, height: int | None = None, width: int | None = None) -> tuple:
+def latent_shape(pipe: Any, height: int | None = None, width: int | None = None) -> tuple:
     scale = pipe.vae_scale_factor
     size = pipe.unet.config.sample_size * scale
     return (pipe.unet.config.in_channels, (height or size) // scale, (width or size) // scale)
 
 
-def schedule_of(pipe) -> Schedule:
+def schedule_of(pipe: Any) -> Schedule:
     return Schedule(pipe.scheduler.betas.double().clone())
 
 
@@ -159,7 +162,7 @@ def save_sd_expert(unet: nn.Module, out: str | Path, adapter: str = ADAPTER) -> 
     return Path(out) / "pytorch_lora_weights.safetensors"
 
 
-def load_experts(pipe, experts: Sequence[str | Path]) -> list[str]:
+def load_experts(pipe: Any, experts: Sequence[str | Path]) -> list[str]:
     """Load each LoRA directory onto the pipeline as adapter ``e0, e1, ...``."""
     names = []
     for i, path in enumerate(experts):
@@ -176,7 +179,8 @@ def load_experts(pipe, experts: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def sample_sd(model, experts: Sequence[str], pref, prompts: Sequence[str], steps: int = 50,
+def sample_sd(model: str | Path, experts: Sequence[str], pref: Preference,
+              prompts: Sequence[str], steps: int = 50,
               guidance: float = 7.5, seed: int = 0, n: int = 1, height: int | None = None,
               width: int | None = None) -> tuple[torch.Tensor, dict]:
     """``n`` images per prompt with the blended pipeline; sample ``i`` uses seed ``seed + i``

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_blend.blend import Preference
+from diffusion_blend.blend import Denoiser, Preference
 from diffusion_blend.domains import digits
 from diffusion_blend.domains.digits import DEFAULT_STEPS, sample_digits
 from diffusion_blend.errors import UsageError
@@ -28,6 +30,9 @@ from diffusion_blend.finetune.digits import (
 )
 from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_text
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 EXPERTS = ("ink", "symmetry", "crisp", "smooth")
 MORL = {w: morl_name(w) for w in MORL_GRID}
@@ -45,10 +50,10 @@ class DigitsModels:
         clf = digits.load_classifier("classifier", self.weights_dir)
         self.rewards = normalised_rewards(DIGIT_REWARDS, stats, clf)
 
-    def expert(self, name: str):
+    def expert(self, name: str) -> Denoiser:
         return self.experts[self.names.index(name)]
 
-    def blend(self, names: list[str], pref: Preference):
+    def blend(self, names: list[str], pref: Preference) -> Denoiser:
         """DB-MPA / DB-KLA of the named adapters in one routed forward per step (the base
         weights once; see ``pipelines.BlendedModel``); the last step stays the pretrained one,
         as the experts were trained."""
@@ -57,7 +62,8 @@ class DigitsModels:
 
         return FrozenLastStep(BlendedModel(self.base.model, list(names), pref), self.base)
 
-    def render(self, denoiser, classes: torch.Tensor, seeds: list[int]):
+    def render(self, denoiser: Denoiser, classes: torch.Tensor,
+               seeds: list[int]) -> tuple[torch.Tensor, float]:
         return sample_digits(denoiser, classes, seeds, DEFAULT_STEPS)
 
     def values(self, x0: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -71,14 +77,14 @@ class DigitsModels:
                 for r, m, e in zip(self.rewards, means, errs, strict=True)}
 
 
-def parse_class(c) -> int:
+def parse_class(c: int | str) -> int:
     try:
         return digits.check_class(int(c))
     except ValueError:
         raise UsageError(f"--class {c!r} is not allowed; digits classes are 0-9") from None
 
 
-def grid_rows(images, cols: int = 8) -> list[list]:
+def grid_rows(images: Sequence, cols: int = 8) -> list[list]:
     """Every image of ``images`` in rows of ``cols`` (the last row padded with blank cells)."""
     cols = min(cols, len(images))
     rows = [list(images[i:i + cols]) for i in range(0, len(images), cols)]
@@ -86,7 +92,8 @@ def grid_rows(images, cols: int = 8) -> list[list]:
     return rows
 
 
-def image_grid(rows: list[torch.Tensor], row_labels: list[str], col_labels: list[str], title: str):
+def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str],
+               title: str) -> Figure:
     """A matplotlib figure: ``rows[i][j]`` is one image (1xHxW digits or 3xHxW RGB) or
     ``None`` (a blank cell)."""
     import matplotlib
@@ -162,7 +169,7 @@ def _grids(out: Path, images: dict, grid_w: list[float], lams: list[float]) -> N
                 out / "grid_kla.png")
 
 
-def pareto_figure(rows: dict):
+def pareto_figure(rows: dict) -> Figure:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +178,7 @@ def pareto_figure(rows: dict):
     fig, ax = plt.subplots(figsize=(5, 4))
     a, b = PAIR
 
-    def pts(prefix):
+    def pts(prefix: str) -> list:
         keys = [k for k in rows if k.startswith(prefix)]
         return [rows[k][a]["mean"] for k in keys], [rows[k][b]["mean"] for k in keys]
 
@@ -232,7 +239,7 @@ def demo_report(rows: dict, cross: dict, seconds: float, n_per_class: int) -> st
         + ("\n".join(conflicts) or "none") + f"\n\nWall time: {seconds:.1f} s.\n")
 
 
-def run_sample(cls: int, w, lam: float, n: int, seed: int, experts: list[str],
+def run_sample(cls: int, w: Sequence[float], lam: float, n: int, seed: int, experts: list[str],
                allow_extrapolation: bool = False, weights_dir: Path | None = None,
                bench: DigitsModels | None = None) -> tuple:
     """One-off sampling for ``dblend sample digits`` (and the UI, which passes its loaded

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.hypervolume import hypervolume
 from diffusion_blend.evaluation.sweep import SweepConfig, sample_path
 from diffusion_blend.io import read_json, save_figure, write_json, write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def load_sweep(out: str | Path) -> tuple[SweepConfig, list[dict]]:
@@ -167,7 +171,7 @@ def _plt():
     return plt
 
 
-def pareto_figure(rows: list[dict], names: list[str], ref: list[float]):
+def pareto_figure(rows: list[dict], names: list[str], ref: list[float]) -> Figure:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for m in methods_of(rows):
@@ -186,7 +190,7 @@ def pareto_figure(rows: list[dict], names: list[str], ref: list[float]):
     return fig
 
 
-def ratio_figure(rows: list[dict]):
+def ratio_figure(rows: list[dict]) -> Figure:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for tag, style in (("main", "o-"), ("matched", "x--")):
@@ -202,7 +206,7 @@ def ratio_figure(rows: list[dict]):
     return fig
 
 
-def kla_figure(rows: list[dict], names: list[str]):
+def kla_figure(rows: list[dict], names: list[str]) -> Figure:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for m, style in (("db-kla", "o-"), ("morl", "s")):

@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 
 from diffusion_blend.blend import Preference
 from diffusion_blend.errors import UsageError
-from diffusion_blend.evaluation.methods import METHODS, MethodConfig, path_kl, run_method
+from diffusion_blend.evaluation.methods import (
+    METHODS,
+    MethodConfig,
+    SweepDomain,
+    path_kl,
+    run_method,
+)
 from diffusion_blend.evaluation.metrics import energy_distance, mean_and_stderr
 from diffusion_blend.io import (
     atomic_write,
@@ -171,7 +177,7 @@ class RowSpec:
         return f"{self.tag}|{self.method}|w={w}{lam}{gamma}"
 
 
-def make_domain(cfg: SweepConfig, out: Path):
+def make_domain(cfg: SweepConfig, out: Path) -> SweepDomain:
     """The domain object of ``cfg`` (see ``evaluation.sweep_domains``)."""
     from diffusion_blend.evaluation import sweep_domains
 
@@ -185,7 +191,8 @@ def make_domain(cfg: SweepConfig, out: Path):
     return sweep_domains.SdSweep(**cfg.sd, steps=cfg.steps)
 
 
-def measure_row(spec: RowSpec, domain, cfg: SweepConfig, seeds: list[int], out: Path) -> dict:
+def measure_row(spec: RowSpec, domain: SweepDomain, cfg: SweepConfig, seeds: list[int],
+                out: Path) -> dict:
     """Run one row and summarise it (rewards with 95% CIs, r_w, path KL, costs)."""
     pref = Preference(spec.w, spec.lam, allow_extrapolation=True)
     row = {"key": spec.key, "method": spec.method, "w": list(spec.w), "lam": spec.lam,
@@ -305,7 +312,7 @@ def open_sweep(cfg: SweepConfig, out: str | Path, overwrite: bool) -> Path:
 
 
 def run_sweep(cfg: SweepConfig, out: str | Path, overwrite: bool = False,
-              progress: bool = True, domain=None) -> Path:
+              progress: bool = True, domain: SweepDomain | None = None) -> Path:
     """Run (or resume) the sweep; returns the output directory with ``results.jsonl``."""
     cfg.check()
     out = open_sweep(cfg, out, overwrite)

@@ -99,7 +99,7 @@ class DigitsSweep:
 
         return {"y": classes_for(seeds)}
 
-    def rewards(self, x0: torch.Tensor, y=None, **_) -> torch.Tensor:
+    def rewards(self, x0: torch.Tensor, y: torch.Tensor | None = None, **_) -> torch.Tensor:
         return torch.stack([r(x0, y=y) for r in self.reward_fns], 1)
 
     def soup(self, coefs: list[float]) -> Denoiser:
@@ -192,7 +192,8 @@ class SdSweep:
     def cond(self, seeds: list[int]) -> dict:
         return self.bank(seeds)
 
-    def rewards(self, x0: torch.Tensor, prompt_idx=None, **_) -> torch.Tensor:
+    def rewards(self, x0: torch.Tensor, prompt_idx: torch.Tensor | None = None,
+                **_) -> torch.Tensor:
         return torch.stack([r(x0, prompt_idx=prompt_idx) for r in self.reward_fns], 1)
 
     def images(self, x0: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +24,9 @@ from diffusion_blend.evaluation.metrics import energy_distance, mean_and_stderr
 from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_text
 from diffusion_blend.sampling import SAMPLERS, sample
 from diffusion_blend.seeding import sample_uniforms, seed_range
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 METHODS = ("pretrained", "exact", "db-mpa", "db-mpa-ls", "smc")
@@ -149,7 +153,7 @@ def run_smc(problem: Toy2dProblem, pref: Preference, c: list[float], seeds: list
 
     coef = torch.tensor(c, dtype=torch.float64) / problem.alpha
 
-    def potential(x0, **_):
+    def potential(x0: torch.Tensor, **_) -> torch.Tensor:
         return problem.rewards_of(x0.double()) @ coef
 
     res = smc_sample(build_denoiser(problem, "db-mpa", pref, seeds, experts),
@@ -205,7 +209,8 @@ def save_sample_run(out: Path, cfg: Toy2dSampleConfig, summary: dict, x0: torch.
 # ---------------------------------------------------------------------------- plots
 
 
-def scatter_figure(x0: torch.Tensor, target: GaussianMixture, title: str, max_points: int = 3000):
+def scatter_figure(x0: torch.Tensor, target: GaussianMixture, title: str,
+                   max_points: int = 3000) -> Figure:
     """Samples (first two coordinates) over the target density's contours (2-D problems)."""
     import matplotlib
 
@@ -250,7 +255,7 @@ def run_gap(
     return rows
 
 
-def gap_figure(rows: list[dict]):
+def gap_figure(rows: list[dict]) -> Figure:
     """Each basis reward's mean under the blend (with 2-sigma bars) and under the exact target."""
     import matplotlib
 

@@ -9,6 +9,7 @@ in training and in sampling.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from diffusion_blend.rewards.digits import DIGIT_REWARDS
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
 
 
-def classes_for(seeds) -> torch.Tensor:
+def classes_for(seeds: Sequence[int]) -> torch.Tensor:
     """Training prompts: sample with seed s is digit ``s % 10`` (balanced, reproducible)."""
     return torch.tensor([int(s) % 10 for s in seeds], dtype=torch.long)
 
@@ -50,13 +51,14 @@ class FrozenLastStep(nn.Module):
     def nfe(self) -> float:
         return float(getattr(self.expert, "nfe", 1.0))
 
-    def forward(self, x, t, **cond):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         if bool((t.reshape(-1) == 0).all()):
             return self.base(x, t, **cond)
         return self.expert(x, t, **cond)
 
 
-def reward_stats(base: nn.Module, names, classifier, n: int = 500) -> dict:
+def reward_stats(base: nn.Module, names: Sequence[str], classifier: nn.Module,
+                 n: int = 500) -> dict:
     """Mean and std of each raw reward under the pretrained model (for normalisation)."""
     seeds = list(range(20_000, 20_000 + n))
     y = classes_for(seeds)
@@ -69,7 +71,7 @@ def reward_stats(base: nn.Module, names, classifier, n: int = 500) -> dict:
     return out
 
 
-def normalised_rewards(names, stats: dict, classifier) -> list:
+def normalised_rewards(names: Sequence[str], stats: dict, classifier: nn.Module) -> list:
     """The rewards ``names``, each normalised by its base mean and standard deviation."""
     return [get_reward(n, **_classifier_for(n, classifier), **stats[n]) for n in names]
 
@@ -90,7 +92,8 @@ class ExpertSpec:
     estimator: str
 
 
-def make_task(model: nn.Module, adapter: str, reward, cfg: FinetuneConfig) -> Task:
+def make_task(model: nn.Module, adapter: str, reward: Callable,
+              cfg: FinetuneConfig) -> Task:
     add_lora(model, adapter, cfg.lora_rank, LORA_TARGETS, seed=cfg.seed)
     policy, ref = AdapterView(model, adapter), AdapterView(model, None)
     return Task(policy, ref, reward, digits.BaseConfig().schedule(), digits.SHAPE,
@@ -127,13 +130,14 @@ PAIR = ("ink", "smooth")  # the pair with a two-way conflict: MORL and the demo 
 MORL_GRID = (0.25, 0.5, 0.75)
 
 
-def morl_name(w1: float, pair=PAIR) -> str:
+def morl_name(w1: float, pair: Sequence[str] = PAIR) -> str:
     """The MORL adapter of ``w = (w1, 1 - w1)`` on ``pair`` (adapter names take no ".")."""
     return f"morl_{pair[0]}_{pair[1]}_w{round(w1 * 100):03d}"
 
 
-def expert_specs(alpha: float, pair=PAIR, grid=MORL_GRID,
-                 kla=(0.5, 2.0)) -> list[tuple[ExpertSpec, str, dict]]:
+def expert_specs(alpha: float, pair: Sequence[str] = PAIR,
+                 grid: Sequence[float] = MORL_GRID,
+                 kla: Sequence[float] = (0.5, 2.0)) -> list[tuple[ExpertSpec, str, dict]]:
     """Every adapter of the recipe: one expert per fine-tuned reward (``class`` is kept as the
     "still a digit" check: its margin did not improve under fine-tuning here), MORL on a w
     grid of ``pair``, and lambda-specific fine-tunes (alpha / lambda) of ``pair[0]``."""
@@ -149,7 +153,8 @@ def expert_specs(alpha: float, pair=PAIR, grid=MORL_GRID,
     return out
 
 
-def run_train_experts(weights_dir: Path, out: Path, alpha: float = 0.5, iterations=None,
+def run_train_experts(weights_dir: Path, out: Path, alpha: float = 0.5,
+                      iterations: int | None = None,
                       progress: bool = True, only: list[str] | None = None) -> dict:
     """The experts recipe (``dblend finetune digits``); writes adapters + ``rewards.json``."""
     base, _ = digits.load_base(weights_dir)          # missing weights: error, nothing written

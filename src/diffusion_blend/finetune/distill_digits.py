@@ -133,7 +133,8 @@ def run_distill(weights_dir: Path, out: Path, cfg: DistillConfig | None = None,
 
 
 def load_amortised(weights_dir: Path | None = None, preference: Preference | None = None,
-                   path: Path | None = None, allow_extrapolation: bool = False):
+                   path: Path | None = None,
+                   allow_extrapolation: bool = False) -> AmortisedDenoiser:
     """The shipped (or ``path``) amortised blend as a denoiser (LoRA merged: one model's cost
     per step)."""
     weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)

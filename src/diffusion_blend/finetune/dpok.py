@@ -16,6 +16,7 @@ mean at that step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,8 +98,9 @@ class ValueNet(nn.Module):
 
 
 def advantages(ro: Rollout, G: torch.Tensor, cfg: FinetuneConfig,
-               value: ValueNet | None, value_opt, gen: torch.Generator,
-               sync=lambda params: None) -> torch.Tensor:
+               value: ValueNet | None, value_opt: torch.optim.Optimizer | None,
+               gen: torch.Generator,
+               sync: Callable = lambda params: None) -> torch.Tensor:
     """``G - baseline`` per step and trajectory; the value net is fitted after it is used."""
     if cfg.advantage == "batch" or value is None:
         return G - G.mean(1, keepdim=True)
@@ -133,8 +135,9 @@ def update_batches(ro: Rollout, cfg: FinetuneConfig, gen: torch.Generator) -> li
     return list(flat[torch.randperm(len(flat), generator=gen)].chunk(cfg.minibatches))
 
 
-def dpok_update(task: Task, cfg: FinetuneConfig, ro: Rollout, A: torch.Tensor, optimizer,
-                gen: torch.Generator, step) -> dict:
+def dpok_update(task: Task, cfg: FinetuneConfig, ro: Rollout, A: torch.Tensor,
+                optimizer: torch.optim.Optimizer, gen: torch.Generator,
+                step: Callable[[], None]) -> dict:
     """PPO epochs over the rollout; returns the mean clipped fraction and last loss."""
     S, B = ro.kl.shape
     flat = {"x": ro.states.flatten(0, 1), "a": ro.actions.flatten(0, 1),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from diffusion_blend.blend import Denoiser
 from diffusion_blend.errors import UsageError
 from diffusion_blend.sampling import Schedule, ddpm_mean_eps_coef, step_from_eps
 from diffusion_blend.seeding import sample_normals
+
+if TYPE_CHECKING:
+    from diffusion_blend.finetune.config import FinetuneConfig
 
 RewardFn = Callable[..., torch.Tensor]
 
@@ -54,11 +58,12 @@ def iteration_seeds(seed: int, iteration: int, n: int, offset: int = 0) -> list[
     return list(range(base, base + n))
 
 
-def timestep_tensor(t: int, b: int, device) -> torch.Tensor:
+def timestep_tensor(t: int, b: int, device: torch.device | str) -> torch.Tensor:
     return torch.full((b,), t, dtype=torch.long, device=device)
 
 
-def predictions(task: Task, x: torch.Tensor, t: torch.Tensor, cond: dict, frozen: bool = False):
+def predictions(task: Task, x: torch.Tensor, t: torch.Tensor, cond: dict,
+                frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(eps_policy, eps_reference)`` at ``x``; one shared evaluation when the policy offers
     ``pair`` (a correction on top of the reference), two forwards otherwise. ``frozen``: the
     policy takes the reference's step (used for a frozen last step)."""
@@ -70,7 +75,8 @@ def predictions(task: Task, x: torch.Tensor, t: torch.Tensor, cond: dict, frozen
     return task.policy(x, t, **cond), task.reference(x, t, **cond)
 
 
-def kl_step(policy_eps, ref_eps, x, abar_t, abar_s, noise):
+def kl_step(policy_eps: torch.Tensor, ref_eps: torch.Tensor, x: torch.Tensor, abar_t: float,
+            abar_s: float, noise: torch.Tensor) -> tuple:
     """One DDPM step with the policy; its KL to the reference's step at the same ``x``.
 
     The two means differ by ``coef * (eps_policy - eps_ref)`` (the step is affine in eps).
@@ -106,7 +112,7 @@ def evaluate(task: Task, seeds: Sequence[int], steps: int | None, alpha: float,
 
 
 def run_chain(task: Task, seeds: Sequence[int], steps: int | None, tracked_from: int = 0,
-              grad_checkpointing: bool = False):
+              grad_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Sample with the policy: final states, each trajectory's summed KL to the reference, and
     the conditioning. Steps before ``tracked_from`` run without gradient (truncated backprop);
     with ``grad_checkpointing`` each tracked step is recomputed in the backward pass."""
@@ -134,7 +140,8 @@ def _chain_step(task: Task, x, noise, t, a_t, a_s, cond, frozen):
     return out.x, kl
 
 
-def scaled_reward(task: Task, cfg, x0: torch.Tensor, cond: dict) -> torch.Tensor:
+def scaled_reward(task: Task, cfg: FinetuneConfig, x0: torch.Tensor,
+                  cond: dict) -> torch.Tensor:
     """``reward_scale * r(x0)``, clipped to ``[-reward_clip, reward_clip]`` when set."""
     r = cfg.reward_scale * task.reward(x0, **cond)
     return r if cfg.reward_clip is None else r.clamp(-cfg.reward_clip, cfg.reward_clip)

@@ -297,7 +297,7 @@ def _pathwise_iteration(task, cfg, seeds: list[int], step) -> dict:
     return totals | {"skipped_steps": step.skipped}
 
 
-def autocast(task, cfg):
+def autocast(task: Task, cfg: FinetuneConfig) -> torch.autocast:
     """Mixed-precision autocast on the task's device (a no-op for ``mixed_precision="no"``)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     return torch.autocast(torch.device(task.device).type, dtype=dtype,

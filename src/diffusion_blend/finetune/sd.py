@@ -4,13 +4,15 @@ LoRA format (``OUT/lora``) for ``dblend sample sd --experts``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from diffusion_blend.adapters import AdapterView, add_lora
-from diffusion_blend.blend import Guided
+from diffusion_blend.blend import Denoiser, Guided
 from diffusion_blend.domains import sd
 from diffusion_blend.finetune.config import FinetuneConfig
 from diffusion_blend.finetune.objective import Task
@@ -40,8 +42,9 @@ def finetune_sd(model: str | Path, prompts_file: str | Path, reward: str, cfg: F
     return result
 
 
-def make_sd_task(pipe, prompts: Sequence[str], reward, cfg, guidance: float = 7.5,
-                 height: int | None = None, width: int | None = None):
+def make_sd_task(pipe: Any, prompts: Sequence[str], reward: Callable, cfg: FinetuneConfig,
+                 guidance: float = 7.5, height: int | None = None,
+                 width: int | None = None) -> Task:
     """A fine-tuning ``Task`` on ``pipe``: a LoRA adapter on its UNet is the policy, the UNet
     without it the reference, both with classifier-free guidance ``guidance``."""
     unet, schedule = pipe.unet, sd.schedule_of(pipe)
@@ -50,7 +53,7 @@ def make_sd_task(pipe, prompts: Sequence[str], reward, cfg, guidance: float = 7.
     bank = sd.PromptBank(pipe, prompts)
     kind = pipe.scheduler.config.prediction_type
 
-    def guided(name):
+    def guided(name: str | None) -> Denoiser:
         den = sd.UNetEps(AdapterView(unet, name), schedule, kind)
         return den if guidance == 1.0 else Guided(den, guidance,
                                                   {"encoder_hidden_states": bank.uncond})
@@ -69,5 +72,5 @@ class _TrainableView(nn.Module):
         super().__init__()
         self.denoiser, self.unet = denoiser, unet
 
-    def forward(self, x, t, **cond):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return self.denoiser(x, t, **cond)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def _check_w(problem: Toy2dProblem, w) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def closed_form(problem: Toy2dProblem, w) -> dict:
+def closed_form(problem: Toy2dProblem, w: Sequence[float]) -> dict:
     """Optimum, pretrained objective, and the exact tilted target's reward and KL."""
     target, log_z = problem.tilted(list(w))
     w = list(w)
@@ -111,7 +112,8 @@ def closed_form(problem: Toy2dProblem, w) -> dict:
             "target_mean_rewards": tgt, "target_kl": tgt_rw / problem.alpha - log_z}
 
 
-def evaluate_expert(problem: Toy2dProblem, policy: nn.Module, w, n: int, seed: int,
+def evaluate_expert(problem: Toy2dProblem, policy: nn.Module, w: Sequence[float], n: int,
+                    seed: int,
             steps: int | None) -> dict:
     """The expert against the closed form, on ``n`` fresh trajectories."""
     task = Task(policy, problem.base_denoiser(), lambda x, **_: problem.rewards_of(
