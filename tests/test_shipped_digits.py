@@ -89,7 +89,7 @@ def test_two_reward_pairs_conflict(bench, samples):
 
 def test_the_shipped_amortised_blend_tracks_db_mpa_with_one_nfe_per_step(bench):
     """Over the w grid its r_w stays within 5% of the range of DB-MPA's r_w (paired seeds)."""
-    from diffusion_blend.finetune.digits import PAIR
+    from diffusion_blend.domains.digits import PAIR
     from diffusion_blend.finetune.distill_digits import load_amortised
 
     amortised = load_amortised()

@@ -366,7 +366,7 @@ def run_ui(experts: list[str] | None = None, out: str | Path = "dblend-ui",
     if sd_model:
         session = SdSession(sd_model, experts or [], steps, allow_extrapolation=allow_extrapolation)
     else:
-        from diffusion_blend.finetune.digits import PAIR
+        from diffusion_blend.domains.digits import PAIR
 
         session = DigitsSession(list(experts or PAIR), allow_extrapolation)
     return UiServer(session, Path(out), host, port, httpd)

@@ -6,9 +6,10 @@ import torch
 
 from diffusion_blend.blend import BlendedDenoiser, Preference
 from diffusion_blend.domains import digits
+from diffusion_blend.domains.digits import load_experts
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.digits import frechet_distance, run_train_base
-from diffusion_blend.finetune.digits import load_experts, run_train_experts
+from diffusion_blend.finetune.digits import run_train_experts
 
 
 def test_data_split_is_disjoint_and_scaled():

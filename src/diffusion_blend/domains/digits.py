@@ -3,6 +3,9 @@
 The "prompt" is the digit class 0-9; class 10 is the null class used for classifier-free
 guidance. Images are 1x8x8 in [-1, 1]. Everything here trains on 2 CPU cores in minutes, and
 the shipped weights under ``diffusion_blend/weights/digits`` are what the recipes produce.
+The domain also owns its experts by name (LoRA adapters on the one base, each refused if it was
+trained on another base), their normalised rewards and its 10-step chain, whose last step
+stays the pretrained map (``FrozenLastStep``), as the experts were trained.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusion_blend.adapters import AdapterView, adapter_names, add_lora, load_adapter_state
 from diffusion_blend.blend import Denoiser, Guided
 from diffusion_blend.errors import UsageError
 from diffusion_blend.io import load_weights as load_weight_file
+from diffusion_blend.rewards import get_reward
 from diffusion_blend.sampling import Schedule, sample
 
 log = logging.getLogger(__name__)
@@ -254,3 +260,77 @@ def sample_digits(denoiser: Denoiser, classes: torch.Tensor, seeds: list[int],
     schedule = schedule or BaseConfig().schedule()
     res = sample(den, schedule, seeds, SHAPE, steps, cond={"y": classes}, progress=progress)
     return res.x0, res.nfe_per_sample
+
+
+# ---------------------------------------------------------------------------- experts by name
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
+PAIR = ("ink", "smooth")  # the pair with a two-way conflict: MORL and the demo use it
+MORL_GRID = (0.25, 0.5, 0.75)
+
+
+def morl_name(w1: float, pair: Sequence[str] = PAIR) -> str:
+    """The MORL adapter of ``w = (w1, 1 - w1)`` on ``pair`` (adapter names take no ".")."""
+    return f"morl_{pair[0]}_{pair[1]}_w{round(w1 * 100):03d}"
+
+
+def classes_for(seeds: Sequence[int]) -> torch.Tensor:
+    """Training prompts: sample with seed s is digit ``s % 10`` (balanced, reproducible)."""
+    return torch.tensor([int(s) % 10 for s in seeds], dtype=torch.long)
+
+
+class FrozenLastStep(nn.Module):
+    """An expert whose last step (``t == 0``) is the pretrained model's, as it was trained."""
+
+    def __init__(self, expert: nn.Module, base: nn.Module):
+        super().__init__()
+        self.expert, self.base = expert, base
+
+    @property
+    def nfe(self) -> float:
+        return float(getattr(self.expert, "nfe", 1.0))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        if bool((t.reshape(-1) == 0).all()):
+            return self.base(x, t, **cond)
+        return self.expert(x, t, **cond)
+
+
+def normalised_rewards(names: Sequence[str], stats: dict, classifier: nn.Module) -> list:
+    """The rewards ``names``, each normalised by its base mean and standard deviation."""
+    return [get_reward(n, **reward_options(n, classifier), **stats[n]) for n in names]
+
+
+def reward_options(name: str, classifier: nn.Module) -> dict:
+    """Only the ``class`` reward reads the classifier."""
+    return {"classifier": classifier} if name == "class" else {}
+
+
+def load_experts(names: list[str], weights_dir: Path | None = None,
+                 experts_dir: Path | None = None) -> tuple[nn.Module, list, list[dict]]:
+    """Base plus named adapters on it, as denoisers: ``(base, [expert views], [metas])``.
+
+    An adapter whose recorded base hash differs from the loaded base is refused.
+    """
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    experts_dir = Path(experts_dir or weights_dir / "experts")
+    base, base_meta = load_base(weights_dir)
+    loaded = [attach_expert(base, base_meta, experts_dir / f"{n}.safetensors") for n in names]
+    base.requires_grad_(False)
+    return AdapterView(base, None), [v for v, _ in loaded], [m for _, m in loaded]
+
+
+def attach_expert(base: nn.Module, base_meta: dict, path: Path) -> tuple[nn.Module, dict]:
+    """Load the adapter file ``path`` onto ``base`` (named after the file) as a denoiser."""
+    name = Path(path).stem
+    state, meta = load_weights(Path(path), "expert")
+    if meta.get("base_sha256") != base_meta["sha256"]:
+        raise UsageError(f"expert {name!r} was trained on another base (base_sha256 "
+                         f"{str(meta.get('base_sha256'))[:12]}... != "
+                         f"{base_meta['sha256'][:12]}...); retrain it with "
+                         "`dblend finetune digits`")
+    if name not in adapter_names(base):   # loaded before (say, an expert that is also MORL's)
+        add_lora(base, name, meta["lora"]["rank"], meta["lora"]["targets"])
+    load_adapter_state(base, name, state)
+    base.requires_grad_(False)
+    return FrozenLastStep(AdapterView(base, name), AdapterView(base, None)), meta

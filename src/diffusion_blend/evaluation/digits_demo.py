@@ -18,16 +18,17 @@ from tqdm.auto import tqdm
 
 from diffusion_blend.blend import Denoiser, Preference
 from diffusion_blend.domains import digits
-from diffusion_blend.domains.digits import DEFAULT_STEPS, sample_digits
-from diffusion_blend.errors import UsageError
-from diffusion_blend.evaluation.metrics import mean_and_stderr
-from diffusion_blend.finetune.digits import (
+from diffusion_blend.domains.digits import (
+    DEFAULT_STEPS,
     MORL_GRID,
     PAIR,
     load_experts,
     morl_name,
     normalised_rewards,
+    sample_digits,
 )
+from diffusion_blend.errors import UsageError
+from diffusion_blend.evaluation.metrics import mean_and_stderr
 from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_text
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
 
@@ -57,7 +58,7 @@ class DigitsModels:
         """DB-MPA / DB-KLA of the named adapters in one routed forward per step (the base
         weights once; see ``pipelines.BlendedModel``); the last step stays the pretrained one,
         as the experts were trained."""
-        from diffusion_blend.finetune.digits import FrozenLastStep
+        from diffusion_blend.domains.digits import FrozenLastStep
         from diffusion_blend.pipelines import BlendedModel
 
         return FrozenLastStep(BlendedModel(self.base.model, list(names), pref), self.base)

@@ -156,7 +156,7 @@ def write_report(out: str | Path, ref: list[float] | None = None) -> dict:
 def _reward_names(cfg: SweepConfig, rows: list[dict]) -> list[str]:
     k = len(rows[0]["rewards"]) if rows else 0
     if cfg.domain == "digits":
-        from diffusion_blend.finetune.digits import PAIR
+        from diffusion_blend.domains.digits import PAIR
 
         return list(cfg.pair or PAIR)
     return [f"r{i + 1}" for i in range(k)]

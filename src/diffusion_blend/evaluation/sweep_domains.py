@@ -65,8 +65,8 @@ class DigitsSweep:
 
     def __init__(self, pair=None, steps: int | None = None, weights_dir: Path | None = None,
                  morl_dir: Path | None = None, train_morl: bool = False):
+        from diffusion_blend.domains.digits import PAIR, normalised_rewards
         from diffusion_blend.evaluation.digits import DEFAULT_STEPS
-        from diffusion_blend.finetune.digits import PAIR, normalised_rewards
 
         self.pair = tuple(pair or PAIR)
         self.weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
@@ -90,12 +90,12 @@ class DigitsSweep:
         if not path.exists():
             raise UsageError(f"no expert {name!r} at {path}; train it with "
                              "`dblend finetune digits`")
-        from diffusion_blend.finetune.digits import attach_expert
+        from diffusion_blend.domains.digits import attach_expert
 
         return attach_expert(self.model, self.base_meta, path)[0]
 
     def cond(self, seeds: list[int]) -> dict:
-        from diffusion_blend.finetune.digits import classes_for
+        from diffusion_blend.domains.digits import classes_for
 
         return {"y": classes_for(seeds)}
 
@@ -103,7 +103,7 @@ class DigitsSweep:
         return torch.stack([r(x0, y=y) for r in self.reward_fns], 1)
 
     def soup(self, coefs: list[float]) -> Denoiser:
-        from diffusion_blend.finetune.digits import FrozenLastStep
+        from diffusion_blend.domains.digits import FrozenLastStep
 
         return FrozenLastStep(LoraSoup(self.model, list(self.pair), coefs), self.base)
 
@@ -119,7 +119,7 @@ class DigitsSweep:
         return self._train_morl(name, pref)
 
     def _morl_name(self, pref: Preference) -> str | None:
-        from diffusion_blend.finetune.digits import morl_name
+        from diffusion_blend.domains.digits import morl_name
 
         w1 = pref.w[0]
         if pref.lam == 1.0 and w1 in (0.0, 1.0):

@@ -13,18 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from diffusion_blend.adapters import (
     AdapterView,
-    adapter_names,
     adapter_state,
     add_lora,
-    load_adapter_state,
 )
 from diffusion_blend.domains import digits
-from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.config import FinetuneConfig, preset
 from diffusion_blend.finetune.objective import Task, evaluate, iteration_seeds
 from diffusion_blend.finetune.run import train
@@ -32,53 +28,19 @@ from diffusion_blend.io import save_weights, write_json
 from diffusion_blend.rewards import WeightedSum, get_reward
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
-
-
-def classes_for(seeds: Sequence[int]) -> torch.Tensor:
-    """Training prompts: sample with seed s is digit ``s % 10`` (balanced, reproducible)."""
-    return torch.tensor([int(s) % 10 for s in seeds], dtype=torch.long)
-
-
-class FrozenLastStep(nn.Module):
-    """An expert whose last step (``t == 0``) is the pretrained model's, as it was trained."""
-
-    def __init__(self, expert: nn.Module, base: nn.Module):
-        super().__init__()
-        self.expert, self.base = expert, base
-
-    @property
-    def nfe(self) -> float:
-        return float(getattr(self.expert, "nfe", 1.0))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        if bool((t.reshape(-1) == 0).all()):
-            return self.base(x, t, **cond)
-        return self.expert(x, t, **cond)
-
 
 def reward_stats(base: nn.Module, names: Sequence[str], classifier: nn.Module,
                  n: int = 500) -> dict:
     """Mean and std of each raw reward under the pretrained model (for normalisation)."""
     seeds = list(range(20_000, 20_000 + n))
-    y = classes_for(seeds)
+    y = digits.classes_for(seeds)
     x0, _ = digits.sample_digits(base, y, seeds)
     out = {}
     for name in names:
-        r = get_reward(name, **_classifier_for(name, classifier))
+        r = get_reward(name, **digits.reward_options(name, classifier))
         v = r.raw(x0, y=y)
         out[name] = {"shift": float(v.mean()), "scale": float(v.std().clamp(min=1e-6))}
     return out
-
-
-def normalised_rewards(names: Sequence[str], stats: dict, classifier: nn.Module) -> list:
-    """The rewards ``names``, each normalised by its base mean and standard deviation."""
-    return [get_reward(n, **_classifier_for(n, classifier), **stats[n]) for n in names]
-
-
-def _classifier_for(name: str, classifier) -> dict:
-    """Only the ``class`` reward reads the classifier."""
-    return {"classifier": classifier} if name == "class" else {}
 
 
 @dataclass
@@ -94,10 +56,11 @@ class ExpertSpec:
 
 def make_task(model: nn.Module, adapter: str, reward: Callable,
               cfg: FinetuneConfig) -> Task:
-    add_lora(model, adapter, cfg.lora_rank, LORA_TARGETS, seed=cfg.seed)
+    add_lora(model, adapter, cfg.lora_rank, digits.LORA_TARGETS, seed=cfg.seed)
     policy, ref = AdapterView(model, adapter), AdapterView(model, None)
     return Task(policy, ref, reward, digits.BaseConfig().schedule(), digits.SHAPE,
-                cond=lambda seeds: {"y": classes_for(seeds)}, freeze_last_step=cfg.freeze_last_step)
+                cond=lambda seeds: {"y": digits.classes_for(seeds)},
+                freeze_last_step=cfg.freeze_last_step)
 
 
 def train_expert(weights_dir: Path, out: Path, spec: ExpertSpec, cfg: FinetuneConfig,
@@ -105,7 +68,7 @@ def train_expert(weights_dir: Path, out: Path, spec: ExpertSpec, cfg: FinetuneCo
     """Fine-tune one adapter on ``r_w`` (normalised rewards) and save it beside the base."""
     base, base_meta = digits.load_base(weights_dir)
     classifier = digits.load_classifier("classifier", weights_dir)
-    reward = WeightedSum(normalised_rewards(spec.rewards, stats, classifier), spec.w)
+    reward = WeightedSum(digits.normalised_rewards(spec.rewards, stats, classifier), spec.w)
     model = base  # the adapter is injected into the (frozen) base network
     task = make_task(model, spec.name, reward, cfg)
     meta = {"domain": "digits", "expert": spec.name, "rewards": spec.rewards, "w": spec.w,
@@ -119,31 +82,22 @@ def train_expert(weights_dir: Path, out: Path, spec: ExpertSpec, cfg: FinetuneCo
     return save_weights(out / f"{spec.name}.safetensors", adapter_state(model, spec.name), {
         "recipe": "dblend finetune digits", **meta, "config": cfg.to_dict(),
         "reward_stats": {n: stats[n] for n in spec.rewards}, "train_seconds": seconds,
-        "lora": {"rank": cfg.lora_rank, "targets": list(LORA_TARGETS)}, "eval": ev})
+        "lora": {"rank": cfg.lora_rank, "targets": list(digits.LORA_TARGETS)}, "eval": ev})
 
 
 FINETUNED = {"ink": "digits-pathwise", "symmetry": "digits-pathwise", "crisp": "digits-dpok",
              "smooth": "digits-pathwise"}
 
 
-PAIR = ("ink", "smooth")  # the pair with a two-way conflict: MORL and the demo use it
-MORL_GRID = (0.25, 0.5, 0.75)
-
-
-def morl_name(w1: float, pair: Sequence[str] = PAIR) -> str:
-    """The MORL adapter of ``w = (w1, 1 - w1)`` on ``pair`` (adapter names take no ".")."""
-    return f"morl_{pair[0]}_{pair[1]}_w{round(w1 * 100):03d}"
-
-
-def expert_specs(alpha: float, pair: Sequence[str] = PAIR,
-                 grid: Sequence[float] = MORL_GRID,
+def expert_specs(alpha: float, pair: Sequence[str] = digits.PAIR,
+                 grid: Sequence[float] = digits.MORL_GRID,
                  kla: Sequence[float] = (0.5, 2.0)) -> list[tuple[ExpertSpec, str, dict]]:
     """Every adapter of the recipe: one expert per fine-tuned reward (``class`` is kept as the
     "still a digit" check: its margin did not improve under fine-tuning here), MORL on a w
     grid of ``pair``, and lambda-specific fine-tunes (alpha / lambda) of ``pair[0]``."""
     out = [(ExpertSpec(r, [r], [1.0], alpha, p.split("-")[1]), p, {}) for r, p in FINETUNED.items()]
     for w1 in grid:
-        name = morl_name(w1, pair)
+        name = digits.morl_name(w1, pair)
         spec = ExpertSpec(name, list(pair), [w1, 1 - w1], alpha, "pathwise")
         out.append((spec, "digits-pathwise", {}))
     for lam in kla:
@@ -169,36 +123,3 @@ def run_train_experts(weights_dir: Path, out: Path, alpha: float = 0.5,
         cfg = preset(name, alpha=extra.get("alpha", alpha), iterations=iterations)
         done[spec.name] = train_expert(weights_dir, out, spec, cfg, stats, progress)
     return done
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def load_experts(names: list[str], weights_dir: Path | None = None,
-                 experts_dir: Path | None = None) -> tuple[nn.Module, list, list[dict]]:
-    """Base plus named adapters on it, as denoisers: ``(base, [expert views], [metas])``.
-
-    An adapter whose recorded base hash differs from the loaded base is refused.
-    """
-    weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
-    experts_dir = Path(experts_dir or weights_dir / "experts")
-    base, base_meta = digits.load_base(weights_dir)
-    loaded = [attach_expert(base, base_meta, experts_dir / f"{n}.safetensors") for n in names]
-    base.requires_grad_(False)
-    return AdapterView(base, None), [v for v, _ in loaded], [m for _, m in loaded]
-
-
-def attach_expert(base: nn.Module, base_meta: dict, path: Path) -> tuple[nn.Module, dict]:
-    """Load the adapter file ``path`` onto ``base`` (named after the file) as a denoiser."""
-    name = Path(path).stem
-    state, meta = digits.load_weights(Path(path), "expert")
-    if meta.get("base_sha256") != base_meta["sha256"]:
-        raise UsageError(f"expert {name!r} was trained on another base (base_sha256 "
-                         f"{str(meta.get('base_sha256'))[:12]}... != "
-                         f"{base_meta['sha256'][:12]}...); retrain it with "
-                         "`dblend finetune digits`")
-    if name not in adapter_names(base):   # loaded before (say, an expert that is also MORL's)
-        add_lora(base, name, meta["lora"]["rank"], meta["lora"]["targets"])
-    load_adapter_state(base, name, state)
-    base.requires_grad_(False)
-    return FrozenLastStep(AdapterView(base, name), AdapterView(base, None)), meta

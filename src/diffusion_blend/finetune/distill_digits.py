@@ -22,8 +22,8 @@ from diffusion_blend.amortised import (
 )
 from diffusion_blend.blend import Preference
 from diffusion_blend.domains import digits
+from diffusion_blend.domains.digits import LORA_TARGETS, PAIR, attach_expert, classes_for
 from diffusion_blend.errors import UsageError
-from diffusion_blend.finetune.digits import LORA_TARGETS, PAIR, attach_expert, classes_for
 from diffusion_blend.finetune.objective import iteration_seeds
 from diffusion_blend.finetune.run import load_checkpoint, save_checkpoint
 from diffusion_blend.io import load_weights, prepare_out_dir, save_weights
