@@ -21,6 +21,7 @@ from torch import nn
 from diffusion_blend.adapters import soup_adapters
 from diffusion_blend.blend import Denoiser, nfe_of
 from diffusion_blend.errors import UsageError
+from diffusion_blend.pipelines import repeat_batch
 from diffusion_blend.sampling import SampleResult, Schedule, predict_x0, step
 from diffusion_blend.seeding import sample_normals
 
@@ -95,12 +96,6 @@ class RewardGuided:
         return (eps - (1.0 - abar).sqrt() * self.gamma * grad).detach()
 
 
-def _repeat(v, n: int, b: int):
-    if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == b:
-        return v.repeat(n, *([1] * (v.ndim - 1)))
-    return v
-
-
 @torch.no_grad()
 def code_sample(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int],
                 shape: tuple[int, ...], steps: int | None, reward: RewardFn, n: int, block: int,
@@ -113,7 +108,7 @@ def code_sample(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int],
     pairs, b, cond = schedule.transitions(steps), len(seeds), cond or {}
     streams = ["noise"] + [f"code-{j}" for j in range(1, n)]
     noise = torch.cat([sample_normals(seeds, (len(pairs) + 1, *shape), s) for s in streams])
-    cond_n = {k: _repeat(v, n, b) for k, v in cond.items()}
+    cond_n = repeat_batch(cond, b, n)
     x, nfe, evals = noise[:b, 0], 0.0, 0.0
     for k0 in range(0, len(pairs), block):
         xs = x.repeat(n, *([1] * len(shape)))

@@ -207,14 +207,17 @@ class StochasticBlend:
         for i, expert in enumerate(self.experts):
             rows = (pick == i).nonzero(as_tuple=True)[0]
             if len(rows):
-                sub = {k: _rows(v, rows) for k, v in cond.items()}
-                out[rows] = expert(x[rows], _rows(t, rows), **sub).to(out.dtype)
+                b = x.shape[0]
+                sub = {k: select_rows(v, rows, b) for k, v in cond.items()}
+                out[rows] = expert(x[rows], select_rows(t, rows, b), **sub).to(out.dtype)
         return out
 
 
-def _rows(v, rows: torch.Tensor):
-    """Select ``rows`` of a per-row tensor; scalars and non-tensors pass through."""
-    if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] > 1:
+def select_rows(v: object, rows: torch.Tensor, batch: int) -> object:
+    """``rows`` of a per-row conditioning value (a tensor whose first dimension is the
+    ``batch``); anything else (scalars, a batch-1 tensor shared by every row, non-tensors)
+    passes through unchanged."""
+    if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch:
         return v[rows.to(v.device)]
     return v
 

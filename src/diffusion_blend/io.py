@@ -207,6 +207,20 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def image_row(images: Any, scale: int = 1) -> Any:
+    """Images ``[N, C, H, W]`` in [0, 1] (C = 1 or 3) side by side as one PIL image (diffusers'
+    ``make_image_grid``), each pixel drawn ``scale`` times larger."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    pix = (images.detach().clamp(0, 1) * 255).round().byte().cpu()
+    mode = "L" if pix.shape[1] == 1 else "RGB"
+    pil = [Image.fromarray(p[0].numpy() if mode == "L" else p.permute(1, 2, 0).numpy(), mode)
+           for p in pix]
+    row = make_image_grid(pil, rows=1, cols=len(pil))
+    return row.resize((row.width * scale, row.height * scale), Image.NEAREST) if scale > 1 else row
+
+
 def sha256_file(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

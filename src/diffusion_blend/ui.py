@@ -31,14 +31,9 @@ log = logging.getLogger(__name__)
 
 def images_png(x0: torch.Tensor, scale: int = 8) -> str:
     """Digits ``[N, 1, 8, 8]`` in [-1, 1] side by side as one PNG data URL (ink is dark)."""
-    from PIL import Image
+    from diffusion_blend.io import image_row
 
-    pix = ((1 - (x0[:, 0].clamp(-1, 1) + 1) / 2) * 255).round().byte()
-    pad = torch.full((pix.shape[0], pix.shape[1], 2), 255, dtype=torch.uint8)
-    row = torch.cat([pix, pad], 2).permute(1, 0, 2).reshape(pix.shape[1], -1)
-    img = Image.fromarray(row.numpy()).resize((row.shape[1] * scale, row.shape[0] * scale),
-                                              Image.NEAREST)
-    return _png_url(img)
+    return _png_url(image_row(1 - (x0.clamp(-1, 1) + 1) / 2, scale))
 
 
 def _png_url(img) -> str:

@@ -66,12 +66,10 @@ def _first(e: Exception) -> str:
 
 def save_image_row(images: torch.Tensor, path: str | Path) -> None:
     """Images ``[N, 3, H, W]`` in [0, 1] side by side in one PNG (written atomically)."""
-    from PIL import Image
+    from diffusion_blend.io import atomic_write, image_row
 
-    from diffusion_blend.io import atomic_write
-
-    row = (images.clamp(0, 1) * 255).round().byte().permute(2, 0, 3, 1).flatten(1, 2)
-    atomic_write(path, lambda p: Image.fromarray(row.cpu().numpy()).save(p, format="PNG"))
+    row = image_row(images)
+    atomic_write(path, lambda p: row.save(p, format="PNG"))
 
 
 def read_prompts(path: str | Path) -> list[str]:

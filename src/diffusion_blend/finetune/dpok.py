@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffusion_blend.blend import select_rows
 from diffusion_blend.finetune.config import FinetuneConfig
 from diffusion_blend.finetune.objective import Task, predictions, scaled_reward, timestep_tensor
 from diffusion_blend.sampling import ddpm_step, gaussian_kl, gaussian_logprob, step_from_eps
@@ -161,7 +162,7 @@ def _transition_loss(task, cfg, ro: Rollout, flat: dict, k_of, idx, B: int):
     shape = (-1,) + (1,) * len(task.shape)
     a_t, a_s = ro.abar_t[k].reshape(shape).to(task.device), ro.abar_s[k].reshape(shape).to(
         task.device)
-    cond = {n: _rows(v, idx % B) for n, v in ro.cond.items()}
+    cond = {n: select_rows(v, idx % B, B) for n, v in ro.cond.items()}
     eps = task.policy(flat["x"][idx], ro.timesteps[k].to(task.device), **cond)
     mean, var = ddpm_step(eps, flat["x"][idx], a_t.to(eps.dtype), a_s.to(eps.dtype))
     stoch = ro.stochastic[k].to(task.device)
@@ -177,12 +178,6 @@ def _transition_loss(task, cfg, ro: Rollout, flat: dict, k_of, idx, B: int):
     per = -pg + cfg.reward_scale * cfg.alpha * kl
     frac = float(((ratio - 1).abs() > cfg.ppo_clip)[stoch].float().mean()) if stoch.any() else 0.0
     return per.sum() / B, frac
-
-
-def _rows(v, rows):
-    if isinstance(v, torch.Tensor) and v.ndim > 0:
-        return v[rows.to(v.device)]
-    return v
 
 
 def dpok_stats(ro: Rollout, cfg: FinetuneConfig) -> dict:
