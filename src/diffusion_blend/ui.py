@@ -69,7 +69,7 @@ class DigitsSession:
         from diffusion_blend.evaluation.digits_demo import run_sample
 
         w = [_number(q, f"w{i}") for i in range(len(self.experts))]
-        x0, summary = run_sample(_text(q, "class", "0"), w, _number(q, "lam"), self.n,
+        summary, x0 = run_sample(_text(q, "class", "0"), w, _number(q, "lam"), self.n,
                                  int(_number(q, "seed")), self.experts, self.allow,
                                  bench=self.bench)
         return summary | {"image": images_png(x0), "pareto": self.pareto(summary)}

@@ -78,7 +78,7 @@ def cmd_digits(a: argparse.Namespace) -> None:
     w = parse_floats(a.w, "--w") if a.w else (1.0 / len(experts),) * len(experts)
     if a.out:
         check_out_file(a.out, ".png")
-    x0, summary = run_sample(int(a.cls), w, parse_finite(a.lam, "--lam"), a.n, a.seed, experts,
+    summary, x0 = run_sample(int(a.cls), w, parse_finite(a.lam, "--lam"), a.n, a.seed, experts,
                              a.allow_extrapolation)
     check_result(summary)
     if a.out:

@@ -242,9 +242,9 @@ def demo_report(rows: dict, cross: dict, seconds: float, n_per_class: int) -> st
 
 def run_sample(cls: int, w: Sequence[float], lam: float, n: int, seed: int, experts: list[str],
                allow_extrapolation: bool = False, weights_dir: Path | None = None,
-               bench: DigitsModels | None = None) -> tuple:
+               bench: DigitsModels | None = None) -> tuple[dict, torch.Tensor]:
     """One-off sampling for ``dblend sample digits`` (and the UI, which passes its loaded
-    ``bench``): images and a JSON summary."""
+    ``bench``): the JSON summary and the images, in the order ``sample toy2d``'s run returns."""
     cls = parse_class(cls)
     pref = Preference.for_experts(w, len(experts), lam, allow_extrapolation)
     if n < 1:
@@ -257,4 +257,4 @@ def run_sample(cls: int, w: Sequence[float], lam: float, n: int, seed: int, expe
                "n": n, "seed": seed, "nfe_per_sample": nfe,
                "mean_rewards": {k: v["mean"] for k, v in bench.score(x0, classes).items()},
                "seconds": time.perf_counter() - start}
-    return x0, summary
+    return summary, x0
