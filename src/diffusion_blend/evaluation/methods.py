@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -35,10 +35,14 @@ class SweepDomain(Protocol):
     steps: int
     base: Denoiser
     experts: list[Denoiser]
+    differentiable: bool  # the rewards have gradients (RGG needs them)
+    problem: Any          # toy2d: the exact problem (its target is known); else None
 
     def cond(self, seeds: list[int]) -> dict: ...
 
-    def rewards(self, x0: torch.Tensor, **cond) -> torch.Tensor: ...   # [B, K], differentiable
+    def rewards(self, x0: torch.Tensor, **cond) -> torch.Tensor: ...   # [B, K]
+
+    def images(self, x0: torch.Tensor) -> torch.Tensor: ...   # samples as shown (decoded)
 
     def soup(self, coefs: list[float]) -> Denoiser: ...
 
@@ -94,7 +98,7 @@ def chain_for(method: str, domain: SweepDomain, pref: Preference, seeds: list[in
     if method == "soup":
         return domain.soup(c), ["soup", "base"] + experts
     if method == "rgg":
-        if not getattr(domain, "differentiable", True):
+        if not domain.differentiable:
             return None, []   # RGG needs the reward's gradient
         return RewardGuided(domain.base, reward_w(domain, c), domain.schedule, mcfg.rgg_gamma,
                             mcfg.rgg_normalise), ["base"]

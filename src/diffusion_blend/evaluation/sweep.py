@@ -212,10 +212,9 @@ def measure_row(spec: RowSpec, domain: SweepDomain, cfg: SweepConfig, seeds: lis
                    "reward_evals_per_sample": res.reward_evals_per_sample,
                    "peak_memory_mb": res.peak_memory_mb, "added_memory_mb": res.added_memory_mb,
                    "params": res.params}
-    if hasattr(domain, "problem"):
+    if domain.problem is not None:
         row["target"] = _toy2d_target(domain, pref, res.x0, cfg)
-    shown = res.x0[:cfg.n_show]
-    _save_samples(out, spec, domain.images(shown) if hasattr(domain, "images") else shown)
+    _save_samples(out, spec, domain.images(res.x0[:cfg.n_show]))
     return row
 
 

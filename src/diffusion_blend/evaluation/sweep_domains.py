@@ -24,7 +24,7 @@ class Toy2dSweep:
     """toy2d: exact experts; MORL is the exact denoiser of the tilted target (the oracle a
     fine-tune converges to); the soup interpolates the experts' mixture parameters."""
 
-    name = "toy2d"
+    name, differentiable = "toy2d", True
 
     def __init__(self, spec: str | dict = "bimodal", steps: int | None = None):
         self.problem: Toy2dProblem = load_problem(spec)
@@ -36,6 +36,10 @@ class Toy2dSweep:
         self.experts = [self.problem.denoiser(m) for m in self.tilted]
         self.reward_names = [f"r{i + 1}" for i in range(self.problem.k)]
         self.alpha = self.problem.alpha
+
+    def images(self, x0: torch.Tensor) -> torch.Tensor:
+        """The samples as shown: these are images (or points) already."""
+        return x0
 
     def cond(self, seeds: list[int]) -> dict:
         return {}
@@ -61,7 +65,7 @@ class DigitsSweep:
     adapters (w on the MORL grid, or lambda-specific fine-tunes of ``pair[0]``), or trained
     into ``morl_dir`` by the fine-tuning engine when ``train_morl``."""
 
-    name = "digits"
+    name, differentiable, problem = "digits", True, None
 
     def __init__(self, pair=None, steps: int | None = None, weights_dir: Path | None = None,
                  morl_dir: Path | None = None, train_morl: bool = False):
@@ -93,6 +97,10 @@ class DigitsSweep:
         from diffusion_blend.domains.digits import attach_expert
 
         return attach_expert(self.model, self.base_meta, path)[0]
+
+    def images(self, x0: torch.Tensor) -> torch.Tensor:
+        """The samples as shown: these are images (or points) already."""
+        return x0
 
     def cond(self, seeds: list[int]) -> dict:
         from diffusion_blend.domains.digits import classes_for
@@ -155,7 +163,7 @@ class SdSweep:
     decoded latents with each sample's prompt (sample ``s`` gets prompt ``s % P``), classifier-
     free guidance on every model. MORL adapters are given as ``{w[0]: LoRA dir}``."""
 
-    name = "sd"
+    name, problem = "sd", None
 
     def __init__(self, model, experts, rewards, prompts, steps: int | None = None,
                  guidance: float = 7.5, reward_kwargs: list[dict] | None = None,
