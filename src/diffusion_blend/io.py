@@ -26,7 +26,15 @@ MARKER_VERSION = 1
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux says it (``os.umask`` can only
+    read by setting, which would race with other threads creating files, e.g. the UI's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -57,8 +65,6 @@ def check_out_dir(path: str | Path, overwrite: bool = False, kind: str = "output
                   flag: str = "--out") -> Path:
     """Validate an output directory without creating or deleting anything."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise UsageError(f"{flag} {path} is not empty; choose another directory or pass "
@@ -70,9 +76,7 @@ def check_out_dir(path: str | Path, overwrite: bool = False, kind: str = "output
         if marker["kind"] != kind:
             raise UsageError(f"--overwrite: {path} holds dblend {marker['kind']!r} output, not "
                              f"{kind!r}; refusing to delete it")
-    folder = path if path.is_dir() else Path(os.path.abspath(path)).parent
-    _check_writable_dir(folder, path, flag)
-    return path
+    return check_out_folder(path, flag)
 
 
 def check_out_file(path: str | Path, suffix: str | None = None, flag: str = "--out") -> Path:
@@ -109,11 +113,15 @@ def prepare_out_dir(path: str | Path, overwrite: bool = False, kind: str = "outp
             else:
                 entry.unlink()
     path.mkdir(parents=True, exist_ok=True)
+    write_marker(path, kind)
+    return path
+
+
+def write_marker(path: Path, kind: str) -> None:
+    """Mark ``path`` as this tool's output of ``kind`` (what ``--overwrite`` may empty)."""
     from diffusion_blend import __version__
 
-    write_json(path / MARKER, {"kind": kind, "version": MARKER_VERSION,
-                               "dblend": __version__})
-    return path
+    write_json(path / MARKER, {"kind": kind, "version": MARKER_VERSION, "dblend": __version__})
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], exclusive: bool = False) -> Path:
@@ -148,11 +156,7 @@ def fsync_dir_files(folder: str | Path) -> None:
 
 def check_finite_json(obj: Any, where: str = "output") -> None:
     """Refuse NaN or infinite numbers anywhere in ``obj`` (JSON has no spelling for them)."""
-    try:
-        json.dumps(obj, allow_nan=False)
-    except ValueError:
-        raise NonFiniteError(f"{where} contains NaN or infinite values "
-                             f"({_first_non_finite(obj)}); refusing to write them") from None
+    dumps(obj, where=where)
 
 
 def _first_non_finite(obj, key: str = "") -> str:
@@ -167,10 +171,16 @@ def _first_non_finite(obj, key: str = "") -> str:
     return ""
 
 
-def dumps(obj: Any, **kw) -> str:
-    """``json.dumps`` that refuses NaN / infinity with a one-line error."""
-    check_finite_json(obj)
-    return json.dumps(obj, allow_nan=False, **kw)
+def dumps(obj: Any, where: str = "output", **kw) -> str:
+    """``json.dumps`` that refuses NaN / infinity with a one-line error naming the value."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError:
+        found = _first_non_finite(obj)
+        if not found:   # another ValueError (a circular reference): not ours to rename
+            raise
+        raise NonFiniteError(f"{where} contains NaN or infinite values ({found}); refusing to "
+                             "write them") from None
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -172,9 +172,9 @@ def emit(obj: dict, as_json: bool) -> None:
     """Print a result: one JSON object, or ``key: value`` lines."""
     from diffusion_blend.io import dumps
 
-    check_result(obj)
+    text = dumps(obj, where="the result")   # NaN or infinity is an error, also without --json
     if as_json:
-        sys.stdout.write(dumps(obj) + "\n")
+        sys.stdout.write(text + "\n")
     else:
         for k, v in obj.items():
             sys.stdout.write(f"{k}: {v}\n")

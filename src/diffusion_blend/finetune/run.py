@@ -38,6 +38,7 @@ from diffusion_blend.io import (
     save_weights,
     sha256_file,
     write_json,
+    write_marker,
 )
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def prepare_run_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) 
     if not resume:
         prepare_out_dir(out, overwrite, RUN_KIND)
     elif read_marker(out) is None:   # a run written before markers existed
-        write_json(out / ".dblend-output.json", {"kind": RUN_KIND, "version": 1})
+        write_marker(out, RUN_KIND)
 
 
 def lr_at(cfg: FinetuneConfig, it: int) -> float:
@@ -251,7 +252,8 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
 def check_finite_run(iteration: int, stats: dict, params: list[torch.Tensor]) -> None:
     """Stop a run whose loss, metrics or weights became NaN or infinite (say, ``lr`` too big)."""
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
-    if bad or not all(bool(p.detach().isfinite().all()) for p in params):
+    weights_ok = bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+    if bad or not weights_ok:   # one device sync per iteration, not one per tensor
         what = f"metric {bad[0]!r}" if bad else "the weights"
         raise DivergedError(f"iteration {iteration}: {what} became NaN or infinite; the run "
                             "stopped (lower --lr, or check the reward); the last checkpoint "
