@@ -78,12 +78,8 @@ def test_distill_recipe_resumes_to_the_same_weights_and_the_loader_accepts_it(tm
     from safetensors.torch import load_file
 
     from diffusion_blend.domains import digits
-    from diffusion_blend.finetune.distill_digits import (
-        NAME,
-        DistillConfig,
-        load_amortised,
-        run_distill,
-    )
+    from diffusion_blend.domains.digits import load_amortised
+    from diffusion_blend.finetune.distill_digits import NAME, DistillConfig, run_distill
 
     cfg = dict(batch_size=4, checkpoint_every=1)
     run_distill(digits.WEIGHTS_DIR, tmp_path / "a", DistillConfig(iterations=2, **cfg),

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from diffusion_blend.adapters import AdapterView, add_lora
-from diffusion_blend.baselines import LoraSoup, RewardGuided, code_sample, mixture_soup
-from diffusion_blend.domains.toy2d import load_problem
+from diffusion_blend.adapters import AdapterView, LoraSoup, add_lora
+from diffusion_blend.baselines import RewardGuided, code_sample
+from diffusion_blend.domains.toy2d import load_problem, mixture_soup
 from diffusion_blend.errors import UsageError
 from diffusion_blend.sampling import sample
 from tests.test_adapters import Tiny, _perturb

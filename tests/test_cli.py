@@ -163,7 +163,8 @@ def test_sample_digits_json_and_png(capsys, tmp_path):
                        "--json", "--out", str(tmp_path / "g.png"))
     assert rc == 0, err
     res = json.loads(out)
-    assert res["nfe_per_sample"] == 20 and set(res["mean_rewards"]) >= {"class", "ink", "symmetry"}
+    assert res["nfe_per_sample"] == 20 and res["reward_names"] == ["ink", "smooth"]
+    assert len(res["mean_rewards"]) == len(res["stderr_rewards"]) == 2 and res["class"] == 3
     assert (tmp_path / "g.png").stat().st_size > 0
 
 

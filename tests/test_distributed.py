@@ -55,6 +55,10 @@ def test_two_processes_average_to_the_whole_batch_gradient(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(result)), nprocs=2)
     two = torch.load(result, weights_only=True)
     assert single.keys() == two.keys()
+    # Only the float32 summation order differs: a reordered sum of m terms is off by at most
+    # about m * eps of its scale, here m = 8 trajectories x 20 steps.
+    bound = torch.finfo(torch.float32).eps * 8 * CFG["sample_steps"]
     for k in single:
-        assert torch.allclose(single[k], two[k], rtol=1e-4, atol=1e-7), k
+        scale = float(single[k].abs().max())
+        assert float((single[k] - two[k]).abs().max()) <= bound * scale, k
     assert any(float(g.abs().max()) > 0 for g in single.values())

@@ -1,37 +1,54 @@
-"""The shipped digits weights: what `dblend demo` relies on, checked on fixed seeds."""
+"""The shipped digits weights: what `dblend demo` relies on, checked on fixed seeds, sampled
+through the one dispatcher (``run_method``) as every command does."""
 
 import pytest
 import torch
 
 from diffusion_blend.blend import Preference
 from diffusion_blend.domains import digits
-from diffusion_blend.evaluation.digits_demo import EXPERTS, DigitsModels, cross_rewards
+from diffusion_blend.domains.digits import PAIR, DigitsDomain, normalised_rewards
+from diffusion_blend.evaluation.digits_demo import EXPERTS, cross_rewards
+from diffusion_blend.evaluation.methods import run_method
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
+from diffusion_blend.sampling import sample
 
 pytestmark = pytest.mark.slow
 
-CLASSES = torch.arange(10).repeat(12)
-SEEDS = list(range(500, 500 + len(CLASSES)))
+SEEDS = list(range(500, 620))
+CLASSES = torch.arange(10).repeat(12)   # seed s draws digit s % 10
 AGREEMENT = 0.9  # the judge classifier must recognise the prompted digit this often
 
 
-@pytest.fixture(scope="module")
-def bench():
-    return DigitsModels(list(EXPERTS))
+def _on(*pairs) -> Preference:
+    """A preference over EXPERTS from ``(name, weight)`` pairs (the rest zero)."""
+    w = dict(pairs)
+    return Preference(tuple(float(w.get(n, 0.0)) for n in EXPERTS), 1.0)
 
 
 @pytest.fixture(scope="module")
-def samples(bench):
-    out = {"base": bench.render(bench.base, CLASSES, SEEDS)[0]}
+def dom():
+    return DigitsDomain(EXPERTS)
+
+
+def _x0(dom, method, pref, seeds=SEEDS):
+    return run_method(method, dom, pref, seeds).x0
+
+
+@pytest.fixture(scope="module")
+def samples(dom):
+    out = {"base": _x0(dom, "pretrained", _on(("ink", 1)))}
     for name in EXPERTS:
-        out[name] = bench.render(bench.expert(name), CLASSES, SEEDS)[0]
-    out["mpa"] = bench.render(bench.blend(["ink", "symmetry"], Preference((0.5, 0.5))), CLASSES,
-                              SEEDS)[0]
+        out[name] = _x0(dom, "db-mpa", _on((name, 1)))
+    out["mpa"] = _x0(dom, "db-mpa", _on(("ink", 0.5), ("symmetry", 0.5)))
     return out
 
 
-def _reward(bench, name):
-    return next(r for r in bench.rewards if r.name == name)
+def _reward(dom, name):
+    return dom.reward_fns[dom.names.index(name)]
+
+
+def test_the_domain_gives_each_seed_its_digit(dom):
+    assert torch.equal(dom.cond(SEEDS)["y"], CLASSES)
 
 
 def test_base_generates_the_prompted_digit(samples):
@@ -42,16 +59,16 @@ def test_base_generates_the_prompted_digit(samples):
 
 
 @pytest.mark.parametrize("name", EXPERTS)
-def test_each_expert_raises_its_own_reward(bench, samples, name):
-    r = _reward(bench, name)
+def test_each_expert_raises_its_own_reward(dom, samples, name):
+    r = _reward(dom, name)
     diff = (r(samples[name], y=CLASSES) - r(samples["base"], y=CLASSES)).double()
     se = diff.std() / len(diff) ** 0.5
     assert diff.mean() > 3 * se  # paired on the same seeds
 
 
-def test_interior_blend_lands_between_the_experts(bench, samples):
+def test_interior_blend_lands_between_the_experts(dom, samples):
     for name in ("ink", "symmetry"):
-        r = _reward(bench, name)
+        r = _reward(dom, name)
         vals = {k: r(samples[k], y=CLASSES).double() for k in ("ink", "symmetry", "mpa")}
         se = max(v.std() / len(v) ** 0.5 for v in vals.values())
         lo = min(vals["ink"].mean(), vals["symmetry"].mean()) - 2 * se
@@ -59,24 +76,29 @@ def test_interior_blend_lands_between_the_experts(bench, samples):
         assert lo <= vals["mpa"].mean() <= hi
 
 
-def test_lam_zero_is_the_base_and_unit_w_is_the_expert_exactly(bench, samples):
-    seeds, classes = SEEDS[:20], CLASSES[:20]
-    lam0 = bench.render(bench.blend(["ink", "symmetry"], Preference((0.4, 0.6), 0.0)), classes,
-                        seeds)[0]
-    assert torch.equal(lam0, bench.render(bench.base, classes, seeds)[0])
-    e2 = bench.render(bench.blend(["ink", "symmetry"], Preference((0.0, 1.0))), classes,
-                      seeds)[0]
-    assert torch.equal(e2, bench.render(bench.expert("symmetry"), classes, seeds)[0])
+def test_lam_zero_is_the_base_and_unit_w_is_the_expert_exactly(dom, samples):
+    seeds = SEEDS[:20]
+    lam0 = Preference(_on(("ink", 0.4), ("symmetry", 0.6)).w, 0.0)
+    assert torch.equal(_x0(dom, "db-mpa", lam0, seeds), _x0(dom, "pretrained", lam0, seeds))
+    e2 = _x0(dom, "db-mpa", _on(("symmetry", 1)), seeds)
+    alone = sample(dom.experts[EXPERTS.index("symmetry")], dom.schedule, seeds, dom.shape,
+                   dom.steps, cond=dom.cond(seeds)).x0
+    assert torch.equal(e2, alone)
     # the same seeds in a larger batch: the same noise; the network's float arithmetic may
     # differ in the last bits with the batch size (BLAS blocking), nothing more
     assert torch.allclose(e2, samples["symmetry"][:20], atol=1e-4)
 
 
-def test_two_reward_pairs_conflict(bench, samples):
+def test_two_reward_pairs_conflict(dom, samples):
     """The experts' cross-rewards: at least two (expert, other reward) pairs where the expert
     lowers the other reward below the base's, beyond a paired 95% CI."""
-    vals = {"pretrained": bench.values(samples["base"], CLASSES)}
-    vals |= {f"expert:{n}": bench.values(samples[n], CLASSES) for n in EXPERTS}
+    scorers = normalised_rewards(DIGIT_REWARDS, dom.stats, dom.classifier)
+
+    def values(x0):
+        return torch.stack([r(x0, y=CLASSES) for r in scorers], 1)
+
+    vals = {"pretrained": values(samples["base"])}
+    vals |= {f"expert:{n}": values(samples[n]) for n in EXPERTS}
     cross = cross_rewards(vals)
     pairs = {(c["expert"], c["lowers"]) for c in cross["conflicts"]}
     assert len(pairs) >= 2, cross["delta"]
@@ -87,22 +109,16 @@ def test_two_reward_pairs_conflict(bench, samples):
         assert diff.double().mean() + 1.96 * diff.double().std() / len(diff) ** 0.5 < 0
 
 
-def test_the_shipped_amortised_blend_tracks_db_mpa_with_one_nfe_per_step(bench):
+def test_the_shipped_amortised_blend_tracks_db_mpa_with_one_nfe_per_step():
     """Over the w grid its r_w stays within 5% of the range of DB-MPA's r_w (paired seeds)."""
-    from diffusion_blend.domains.digits import PAIR
-    from diffusion_blend.finetune.distill_digits import load_amortised
-
-    amortised = load_amortised()
-    rewards = [_reward(bench, n) for n in PAIR]
+    pair = DigitsDomain(PAIR)
     ours, blend = [], []
     for w1 in (0.0, 0.25, 0.5, 0.75, 1.0):
         pref = Preference((w1, 1.0 - w1))
-        amortised.preference = pref
-        x_a, nfe = bench.render(amortised, CLASSES, SEEDS)
-        x_b, _ = bench.render(bench.blend(list(PAIR), pref), CLASSES, SEEDS)
-        assert nfe == 10   # one network evaluation per step
-        for x, acc in ((x_a, ours), (x_b, blend)):
-            acc.append(float(sum(wi * r(x, y=CLASSES) for wi, r in
-                                 zip(pref.w, rewards, strict=True)).mean()))
+        amortised, mpa = (run_method(m, pair, pref, SEEDS) for m in ("amortised", "db-mpa"))
+        assert amortised.nfe_per_sample == 10   # one network evaluation per step
+        for res, acc in ((amortised, ours), (mpa, blend)):
+            r = pair.rewards(res.x0, **pair.cond(SEEDS)).double()
+            acc.append(float((r @ torch.tensor(pref.w, dtype=torch.float64)).mean()))
     span = max(blend) - min(blend)
     assert span > 0.5 and all(abs(a - b) <= 0.05 * span for a, b in zip(ours, blend, strict=True))

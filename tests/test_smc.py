@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from diffusion_blend.blend import BlendedDenoiser, Preference
-from diffusion_blend.domains.toy2d import load_problem, parse_spec
+from diffusion_blend.domains.toy2d import Toy2dDomain, load_problem, parse_spec
 from diffusion_blend.errors import UsageError
-from diffusion_blend.evaluation.toy2d import Toy2dSampleConfig, run_sample
+from diffusion_blend.evaluation.methods import MethodConfig
+from diffusion_blend.evaluation.sample import SampleConfig, run_sample
 from diffusion_blend.sampling import ddpm_step, gaussian_logprob
 from diffusion_blend.smc import smc_sample
 from tests.conftest import z_ok
@@ -33,7 +34,7 @@ def test_weights_equal_the_brute_force_path_density_ratio():
     pref = Preference((0.3, 0.7), 1.5, allow_extrapolation=True)
     proposal, base, pot = _setup(problem, pref)
     steps, p = 4, 8
-    res = smc_sample(proposal, base, pot, problem.schedule, list(range(3 * p)), (1,), steps, p,
+    res = smc_sample(proposal, base, pot, problem.schedule, list(range(3)), (1,), steps, p,
                      ess_threshold=0.0, record=True)
     pairs = problem.schedule.transitions(steps)
     log_ratio = torch.zeros(3 * p, dtype=torch.float64)
@@ -59,7 +60,7 @@ def test_an_exact_expert_as_proposal_leaves_the_weights_nearly_equal():
     discretisation), so every weight is ~1/P (a wrong weight formula spreads them widely)."""
     problem = load_problem("gaussian")
     proposal, base, pot = _setup(problem, Preference((1.0, 0.0)))
-    res = smc_sample(proposal, base, pot, problem.schedule, list(range(1024)), (2,), None, 64,
+    res = smc_sample(proposal, base, pot, problem.schedule, list(range(16)), (2,), None, 64,
                      ess_threshold=0.0)
     w = res.log_weights.exp() * 64
     assert float(w.std()) < 0.05 and res.ess_min > 0.99 * 64
@@ -67,9 +68,10 @@ def test_an_exact_expert_as_proposal_leaves_the_weights_nearly_equal():
 
 @pytest.mark.slow
 def test_smc_removes_the_jensen_gap_and_estimates_log_z():
-    cfg = dict(spec="bimodal-linear", w=(0.25, 0.75), n=4096, seed=3)
-    blend, _ = run_sample(Toy2dSampleConfig(method="db-mpa", **cfg))
-    smc, x0 = run_sample(Toy2dSampleConfig(method="smc", particles=64, **cfg))
+    domain = Toy2dDomain("bimodal-linear")
+    blend, _ = run_sample(domain, SampleConfig("db-mpa", (0.25, 0.75), n=4096, seed=3))
+    smc, x0 = run_sample(domain, SampleConfig("smc", (0.25, 0.75), n=64, seed=3),
+                         MethodConfig(smc_particles=64))
     truth = smc["target_mean_rewards"]
     gap = truth[0] - blend["mean_rewards"][0]
     assert gap > 6 * blend["stderr_rewards"][0]                      # the blend is biased
@@ -77,24 +79,26 @@ def test_smc_removes_the_jensen_gap_and_estimates_log_z():
         assert z_ok(est, t, se)                                        # SMC is not
     assert z_ok(smc["log_z_estimate"], smc["target_log_z"], smc["log_z_stderr"])
     assert smc["runs"] == 64 and smc["nfe_per_sample"] > blend["nfe_per_sample"]
-    assert x0.shape == (4096, 2)
+    assert x0.shape == (64, 2)   # one output per run
 
 
 def test_bad_smc_settings():
-    with pytest.raises(UsageError, match="--particles 100"):
-        Toy2dSampleConfig(method="smc", particles=100, n=4096).check()
+    with pytest.raises(UsageError, match="--particles 0"):
+        MethodConfig(smc_particles=0)
+    with pytest.raises(UsageError, match="--sampler ddpm"):
+        run_sample(Toy2dDomain("bimodal", 5), SampleConfig("smc", n=2), MethodConfig("ddim"))
     problem = load_problem("bimodal")
     proposal, base, pot = _setup(problem, Preference((0.5, 0.5)))
-    with pytest.raises(UsageError, match="particles=3"):
-        smc_sample(proposal, base, pot, problem.schedule, list(range(10)), (2,), 5, 3)
+    with pytest.raises(UsageError, match="particles=0"):
+        smc_sample(proposal, base, pot, problem.schedule, list(range(10)), (2,), 5, 0)
 
 
 def test_ess_collapse_is_reported_not_hidden():
     """A proposal far from the target (lam = 6 with the experts at lam = 1) in a short chain:
     the final weights sit on one particle; the summary says so and a warning is logged."""
-    cfg = Toy2dSampleConfig(spec="bimodal-linear", method="smc", w=(0.0, 1.0), lam=0.0, n=256,
-                            particles=64, steps=5, ess_threshold=0.0)
-    summary, _ = run_sample(cfg)
+    summary, _ = run_sample(Toy2dDomain("bimodal-linear", 5),
+                            SampleConfig("smc", (0.0, 1.0), 0.0, n=4),
+                            MethodConfig(smc_particles=64, smc_ess_threshold=0.0))
     assert summary["ess_collapsed_runs"] == 0 and summary["final_ess_min"] > 60  # lam = 0
     problem = load_problem("bimodal-linear")
     pref = Preference((0.5, 0.5))
@@ -103,6 +107,6 @@ def test_ess_collapse_is_reported_not_hidden():
     def steep(x0, **_):
         return 40.0 * problem.rewards_of(x0.double()).sum(1)
 
-    res = smc_sample(proposal, base, steep, problem.schedule, list(range(256)), (2,), 5, 64,
+    res = smc_sample(proposal, base, steep, problem.schedule, list(range(4)), (2,), 5, 64,
                      ess_threshold=0.0)
     assert res.collapsed_runs() > 0 and float(res.final_ess.min()) < 2

@@ -38,7 +38,8 @@ def get(server, path):
 def cli_sample(capsys, cls, w, lam, seed):
     assert main(["sample", "digits", "--class", str(cls), "--experts", "ink,smooth", "--w",
                  w, "--lam", str(lam), "--n", "8", "--seed", str(seed), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)["mean_rewards"]
+    out = json.loads(capsys.readouterr().out)
+    return dict(zip(out["reward_names"], out["mean_rewards"], strict=True))
 
 
 def test_render_matches_the_cli_and_bad_input_is_an_error_in_the_page(server, capsys):

@@ -134,3 +134,22 @@ def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tenso
     bad = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
     if bad:
         raise UsageError(f"adapter weights do not fit the model: unexpected {bad[:3]}")
+
+
+class LoraSoup(nn.Module):
+    """Rewarded soup of LoRA experts on one base: ``W = W0 + sum_i c_i dW_i`` in every layer.
+
+    It runs PEFT's multi-adapter forward with adapter ``i`` scaled by ``c_i`` (no weight is
+    copied); zero coefficients drop their adapter, so ``c = e_i`` is exactly expert ``i``.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], coefs: Sequence[float]):
+        super().__init__()
+        if len(names) != len(coefs):
+            raise UsageError(f"soup: {len(coefs)} coefficients for {len(names)} adapters")
+        self.model = model
+        self.terms = [(n, float(c)) for n, c in zip(names, coefs, strict=True) if c != 0.0]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        with soup_adapters(self.model, self.terms):
+            return self.model(x, t, **cond)

@@ -1,7 +1,7 @@
 """The baselines Diffusion Blend is compared with, as small pieces over any denoiser.
 
-- rewarded soup (RS): one network whose weights interpolate the experts' (``LoraSoup`` for LoRA
-  experts, ``mixture_soup`` for the exact toy2d experts, whose parameters are the mixture's);
+- rewarded soup (RS): one network whose weights interpolate the experts'; each domain makes its
+  own (``Domain.soup``: ``adapters.LoraSoup`` for LoRA experts, ``domains.toy2d.mixture_soup``);
 - reward-gradient guidance (RGG, DPS-style): ``RewardGuided`` adds ``gamma * grad r_w(x0_hat)``
   to the score, so ``eps' = eps - sqrt(1 - abar_t) * gamma * grad``;
 - CoDe: ``code_sample``, blockwise best-of-N over the predicted clean sample's reward.
@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
-from torch import nn
 
-from diffusion_blend.adapters import soup_adapters
 from diffusion_blend.blend import Denoiser, nfe_of
 from diffusion_blend.errors import UsageError
 from diffusion_blend.pipelines import repeat_batch
@@ -26,42 +23,6 @@ from diffusion_blend.sampling import SampleResult, Schedule, predict_x0, step
 from diffusion_blend.seeding import sample_normals
 
 RewardFn = Callable[..., torch.Tensor]
-
-
-class LoraSoup(nn.Module):
-    """Rewarded soup of LoRA experts on one base: ``W = W0 + sum_i c_i dW_i`` in every layer.
-
-    It runs PEFT's multi-adapter forward with adapter ``i`` scaled by ``c_i`` (no weight is
-    copied); zero coefficients drop their adapter, so ``c = e_i`` is exactly expert ``i``.
-    """
-
-    def __init__(self, model: nn.Module, names: Sequence[str], coefs: Sequence[float]):
-        super().__init__()
-        if len(names) != len(coefs):
-            raise UsageError(f"soup: {len(coefs)} coefficients for {len(names)} adapters")
-        self.model = model
-        self.terms = [(n, float(c)) for n, c in zip(names, coefs, strict=True) if c != 0.0]
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        with soup_adapters(self.model, self.terms):
-            return self.model(x, t, **cond)
-
-
-def mixture_soup(base: Any, experts: Sequence, coefs: Sequence[float]) -> Any:
-    """Soup of exact toy2d experts (``GaussianMixture``): ``theta_0 + sum_i c_i (theta_i -
-    theta_0)`` over log-weights (renormalised), means and covariances."""
-    from diffusion_blend.domains.toy2d import GaussianMixture
-
-    def mix(get: Callable) -> torch.Tensor:
-        out = get(base)
-        return out + sum(c * (get(e) - get(base)) for c, e in zip(coefs, experts, strict=True))
-
-    covs = mix(lambda m: m.covs)
-    if bool((torch.linalg.eigvalsh(covs) <= 0).any()):
-        raise UsageError(f"soup coefficients {list(coefs)} give a covariance that is not "
-                         "positive definite; use smaller lam")
-    return GaussianMixture(torch.softmax(mix(lambda m: m.weights.log()), 0),
-                           mix(lambda m: m.means), covs)
 
 
 class RewardGuided:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusion_blend.blend import Denoiser, nfe_of
+from diffusion_blend.blend import Denoiser, nfe_of, select_rows
 from diffusion_blend.errors import UsageError
 from diffusion_blend.sampling import Schedule, ddpm_step, gaussian_logprob, predict_x0
 from diffusion_blend.seeding import sample_normals, sample_uniforms
@@ -39,6 +39,7 @@ class SmcResult:
     ess_min: float
     resampling_count: float       # mean number of resampling events per run
     nfe_per_particle: float
+    cond: dict                     # the final particles' conditioning (one row each)
     paths: list[torch.Tensor] | None = None
 
     @property
@@ -92,31 +93,29 @@ def draw_one(logw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cum, u.to(cum.dtype)[:, None])[:, 0].clamp(max=logw.shape[1] - 1)
 
 
-def _gather(v, flat_idx: torch.Tensor, n: int):
-    if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n:
-        return v[flat_idx.to(v.device)]
-    return v
-
-
 @torch.no_grad()
 def smc_sample(proposal: Denoiser, base: Denoiser, potential: Callable[..., torch.Tensor],
                schedule: Schedule, seeds: Sequence[int], shape: tuple[int, ...],
                steps: int | None, particles: int, ess_threshold: float = 0.5,
                cond: dict | None = None, record: bool = False) -> SmcResult:
-    """Run ``len(seeds) // particles`` independent SMC runs (consecutive seeds form a run).
+    """One independent SMC run of ``particles`` particles per seed (its noise, resampling and
+    particles all keyed by that seed, so a run does not depend on the batch it is in).
 
-    ``potential(x0, **cond) -> [N]`` is ``lam * r_w(x0) / alpha``. ``record`` keeps the paths
-    (states before each step, then the final particles), for checking the weights.
+    ``potential(x0, **cond) -> [N]`` is ``lam * r_w(x0) / alpha``; ``cond`` is per run (one row
+    per seed). ``record`` keeps the paths (states before each step, then the final particles).
     """
-    n, p = len(seeds), int(particles)
-    if p < 1 or n % p or not 0 <= ess_threshold <= 1:
-        raise UsageError(f"smc: {n} seeds, particles={particles}, ess_threshold={ess_threshold}:"
-                         " need particles >= 1 dividing the seeds and 0 <= threshold <= 1")
-    r, pairs, cond = n // p, schedule.transitions(steps), dict(cond or {})
+    r, p = len(seeds), int(particles)
+    if p < 1 or r < 1 or not 0 <= ess_threshold <= 1:
+        raise UsageError(f"smc: {r} runs, particles={particles}, ess_threshold={ess_threshold}:"
+                         " need particles >= 1, a seed per run and 0 <= threshold <= 1")
+    pairs, n = schedule.transitions(steps), r * p
     if pairs[-1][2] != 1.0:
         raise UsageError("smc needs the chain to end with the noise-free step")
-    noise = sample_normals(seeds, (len(pairs) + 1, *shape))
-    u = sample_uniforms(list(seeds[::p]), (len(pairs),), stream="smc-resample")
+    rows = torch.arange(r).repeat_interleave(p)
+    cond = {k: select_rows(v, rows, r) for k, v in (cond or {}).items()}
+    noise = sample_normals(seeds, (p, len(pairs) + 1, *shape), stream="smc-particles")
+    noise = noise.reshape(n, len(pairs) + 1, *shape)
+    u = sample_uniforms(list(seeds), (len(pairs),), stream="smc-resample")
     x, logw, logz = noise[:, 0], torch.full((r, p), -math.log(p), dtype=torch.float64), \
         torch.zeros(r, dtype=torch.float64)
     psi_prev = ratio = None
@@ -141,7 +140,7 @@ def smc_sample(proposal: Denoiser, base: Denoiser, potential: Callable[..., torc
             anc = torch.where(redo[:, None], anc, keep)
             flat = (anc + p * torch.arange(r)[:, None]).reshape(-1)
             x, psi, eps_p = x[flat], psi[flat], eps_p[flat]
-            cond = {key: _gather(v, flat, n) for key, v in cond.items()}
+            cond = {key: select_rows(v, flat, n) for key, v in cond.items()}
             logw = torch.where(redo[:, None], torch.full_like(logw, -math.log(p)), logw)
             resamples += redo.float()
         eps_q = proposal(x, tt, **cond)
@@ -153,4 +152,4 @@ def smc_sample(proposal: Denoiser, base: Denoiser, potential: Callable[..., torc
     if record:
         paths.append(x)
     nfe = len(pairs) * nfe_of(base) + (len(pairs) - 1) * nfe_of(proposal)
-    return SmcResult(x, logw, logz, ess_min, float(resamples.mean()), nfe, paths)
+    return SmcResult(x, logw, logz, ess_min, float(resamples.mean()), nfe, cond, paths)

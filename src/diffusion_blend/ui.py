@@ -43,35 +43,42 @@ def _png_url(img) -> str:
 
 
 class DigitsSession:
-    """The shipped digits base and experts, loaded once; renders like ``dblend sample digits``."""
+    """The shipped digits base and experts, loaded once; renders like ``dblend sample digits``
+    (the same dispatcher, so the numbers shown equal the command's for the same seed)."""
 
     kind, n = "digits", 8
 
     def __init__(self, experts: list[str], allow_extrapolation: bool = False):
-        from diffusion_blend.evaluation.digits_demo import DigitsModels
+        from diffusion_blend.domains.digits import DigitsDomain
 
         self.experts, self.allow = list(experts), allow_extrapolation
-        self.bench = DigitsModels(self.experts)
+        self.domain = DigitsDomain(self.experts)
         self.front = self._expert_points()
 
     def _expert_points(self) -> dict[str, list[float]]:
         """Mean rewards of the pretrained model and each expert (for the Pareto plot)."""
-        classes = torch.arange(10).repeat(5)
-        seeds = list(range(900_000, 900_000 + len(classes)))
-        dens = {"pretrained": self.bench.base} | {e: self.bench.expert(e) for e in self.experts}
-        out = {}
-        for name, den in dens.items():
-            scores = self.bench.score(self.bench.render(den, classes, seeds)[0], classes)
-            out[name] = [scores[r]["mean"] for r in self.experts[:2]]
+        from diffusion_blend.evaluation.sample import SampleConfig, run_sample
+
+        k, out = len(self.experts), {}
+        for name, method, i in [("pretrained", "pretrained", 0)] + [
+                (e, "db-mpa", i) for i, e in enumerate(self.experts)]:
+            w = tuple(float(j == i) for j in range(k))
+            summary, _ = run_sample(self.domain, SampleConfig(method, w, n=50, seed=900_000))
+            out[name] = summary["mean_rewards"][:2]
         return out
 
     def render(self, q: dict) -> dict:
-        from diffusion_blend.evaluation.digits_demo import run_sample
+        from diffusion_blend.domains.digits import check_class
+        from diffusion_blend.evaluation.sample import SampleConfig, run_sample
 
-        w = [_number(q, f"w{i}") for i in range(len(self.experts))]
-        summary, x0 = run_sample(_text(q, "class", "0"), w, _number(q, "lam"), self.n,
-                                 int(_number(q, "seed")), self.experts, self.allow,
-                                 bench=self.bench)
+        w = tuple(_number(q, f"w{i}") for i in range(len(self.experts)))
+        cfg = SampleConfig("db-mpa", w, _number(q, "lam"), self.allow, self.n,
+                           int(_number(q, "seed")))
+        cls = check_class(_text(q, "class", "0"))
+        seeds = range(cfg.seed, cfg.seed + cfg.n)
+        summary, x0 = run_sample(self.domain, cfg, cond=self.domain.cond(seeds, cls))
+        summary |= {"class": cls, "experts": self.experts, "mean_rewards": dict(zip(
+            self.experts, summary["mean_rewards"], strict=True))}
         return summary | {"image": images_png(x0), "pareto": self.pareto(summary)}
 
     def pareto(self, summary: dict) -> dict | None:

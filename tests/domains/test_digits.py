@@ -6,7 +6,7 @@ import torch
 
 from diffusion_blend.blend import BlendedDenoiser, Preference
 from diffusion_blend.domains import digits
-from diffusion_blend.domains.digits import load_experts
+from diffusion_blend.domains.digits import DigitsDomain
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.digits import frechet_distance, run_train_base
 from diffusion_blend.finetune.digits import run_train_experts
@@ -46,16 +46,16 @@ def test_shortened_recipe_is_deterministic_and_loadable(tiny_recipe, tmp_path):
         a = json.loads((tiny_recipe / "w" / f"{name}.json").read_text())["sha256"]
         b = json.loads((tmp_path / "again" / f"{name}.json").read_text())["sha256"]
         assert a == b, name  # same seed -> the same weights, bit for bit
-    base, experts, metas = load_experts(["ink", "symmetry"], tiny_recipe / "w")
+    dom = DigitsDomain(["ink", "symmetry"], weights_dir=tiny_recipe / "w")
+    base, experts = dom.base, dom.experts
     x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 500)
     y = torch.arange(4)
-    # lam = 0 is the base, w = e_i is expert i: exactly
-    assert torch.equal(BlendedDenoiser(base, experts, Preference((0.3, 0.7), 0.0))(x, t, y=y),
-                       base(x, t, y=y))
-    assert torch.equal(BlendedDenoiser(base, experts, Preference((0.0, 1.0)))(x, t, y=y),
-                       experts[1](x, t, y=y))
-    assert metas[0]["base_sha256"] == json.loads((tiny_recipe / "w" / "base.json").read_text())[
-        "sha256"]
+    # lam = 0 is the base, w = e_i is expert i: exactly, in both blends
+    for blend in (dom.blend, lambda p: BlendedDenoiser(base, experts, p)):
+        assert torch.equal(blend(Preference((0.3, 0.7), 0.0))(x, t, y=y), base(x, t, y=y))
+        assert torch.equal(blend(Preference((0.0, 1.0)))(x, t, y=y), experts[1](x, t, y=y))
+    base_json = json.loads((tiny_recipe / "w" / "base.json").read_text())
+    assert dom.metas["ink"]["base_sha256"] == base_json["sha256"]
 
 
 def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_path):
@@ -65,9 +65,9 @@ def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_pa
                    progress=False, classifier_epochs=1, quality_per_class=1)
     shutil.copytree(tiny_recipe / "w" / "experts", other / "experts", dirs_exist_ok=True)
     with pytest.raises(UsageError, match="another base"):
-        load_experts(["ink"], other)
+        DigitsDomain(["ink"], weights_dir=other)
     with pytest.raises(UsageError, match="missing.*finetune digits"):
-        load_experts(["crisp"], tiny_recipe / "w")
+        DigitsDomain(["crisp"], weights_dir=tiny_recipe / "w")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_recipe / "w", broken)
     p = broken / "base.safetensors"

@@ -8,9 +8,11 @@ import torch
 
 from diffusion_blend.blend import Preference
 from diffusion_blend.cli import main
-from diffusion_blend.domains.sd import sample_sd
+from diffusion_blend.domains.sd import SdDomain
+from diffusion_blend.evaluation.methods import run_method
 from diffusion_blend.finetune.config import preset
 from diffusion_blend.finetune.sd import finetune_sd
+from diffusion_blend.sampling import sample
 from tests.tiny_sd import save_tiny_clip, tiny_sd_pipeline
 
 TINY = dict(batch_size=4, sample_steps=3, checkpoint_every=1, eval_trajectories=4)
@@ -70,20 +72,25 @@ def _head(d):
     return d / "head.pth"
 
 
-def test_sample_sd_cli_and_lam_zero_is_the_base(model_dir, expert, capsys):
+def test_sample_sd_cli_and_the_blends_endpoints_are_exact(model_dir, expert, capsys):
     lora = str(expert / "lora")
     out = model_dir / "img.png"
     rc = main(["sample", "sd", "--model", str(model_dir / "pipe"), "--experts", f"{lora},{lora}",
                "--w", "0.3,0.7", "--prompt", "a red apple", "--steps", "3", "--guidance", "3",
                "--n", "2", "--out", str(out), "--json"])
     summary = json.loads(capsys.readouterr().out)
-    assert rc == 0 and out.stat().st_size > 0 and summary["nfe_per_step"] == 2.0  # no base term
-    imgs, _ = sample_sd(model_dir / "pipe", [lora], Preference((1.0,), 0.0), ["a red apple"],
-                        steps=3, guidance=3.0, seed=5)
-    plain = tiny_sd_pipeline(model_dir / "tok2")
-    base = plain(["a red apple"], num_inference_steps=3, guidance_scale=3.0,
-                 generator=[torch.Generator().manual_seed(5)], output_type="pt").images
-    assert torch.allclose(imgs, base, atol=1e-6)
+    # two LoRA terms, no base term, in one routed forward; guided: 2 x 2 per step
+    assert rc == 0 and out.stat().st_size > 0 and summary["nfe_per_sample"] == 3 * 4.0
+    dom = SdDomain(model_dir / "pipe", [lora], ["a red apple"], steps=3, guidance=3.0)
+    seeds = [5, 6]
+
+    def x0(method, pref):
+        return run_method(method, dom, pref, seeds).x0
+
+    assert torch.equal(x0("db-mpa", Preference((1.0,), 0.0)), x0("pretrained", Preference((1.0,))))
+    alone = sample(dom.experts[0], dom.schedule, seeds, dom.shape, 3, cond=dom.cond(seeds)).x0
+    assert torch.equal(x0("db-mpa", Preference((1.0,))), alone)
+    assert not torch.equal(alone, x0("pretrained", Preference((1.0,))))   # the expert moved
     assert main(["sample", "sd", "--model", str(model_dir / "pipe"), "--experts", lora,
                  "--w", "0.5,0.5", "--out", str(model_dir / "x.png")]) == 2
 

@@ -108,8 +108,9 @@ def test_matched_lam_inverts_a_quadratic_kl():
 def test_bad_config_is_refused_before_anything_is_written(tmp_path):
     from diffusion_blend.evaluation.methods import MethodConfig
 
+    with pytest.raises(UsageError, match="--particles 0"):
+        MethodConfig(smc_particles=0)
     for bad, msg in (({"methods": ("nope",)}, "not known"),
-                     ({"baselines": MethodConfig(smc_particles=0)}, "--particles 0"),
                      ({"w_grid": "0:2:1"}, "in \\[0, 1\\]"),
                      ({"domain": "mnist"}, "'mnist'"), ({"seeds": 1}, "--seeds")):
         with pytest.raises(UsageError, match=msg):

@@ -1,8 +1,9 @@
 """``dblend bench smc``: the SMC-corrected blend's error against the exact target as the number
 of particles grows, next to the plain blend's (the Jensen gap), on one toy2d problem.
 
-The same total number of particles for every P (``n // P`` independent runs), so the standard
-error of each estimate is comparable; the error is the Euclidean distance of the mean rewards
+The same total number of particles for every P (``n // P`` independent runs, one output sample
+each; the estimate is the mean of the runs' weighted estimates), so the standard error of each
+estimate is comparable; the error is the Euclidean distance of the mean rewards
 to the closed-form target, and ``log Z`` is compared with its closed form.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusion_blend.evaluation.toy2d import Toy2dSampleConfig, run_sample
+from diffusion_blend.domains.toy2d import Toy2dDomain
+from diffusion_blend.evaluation.methods import MethodConfig
+from diffusion_blend.evaluation.sample import SampleConfig, run_sample
 from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_text
 
 
@@ -27,12 +30,13 @@ def bench_smc(spec: str = "bimodal-linear", w=(0.25, 0.75), n: int = 65536,
               particles=(16, 64, 256, 1024), steps: int = 1000, seed: int = 0,
               out: str | Path | None = None, overwrite: bool = False) -> dict:
     """Rows for the plain blend and each P; a plot and a table in ``out`` when given."""
-    base = dict(spec=spec, w=tuple(w), n=n, steps=steps, seed=seed)
-    blend, _ = run_sample(Toy2dSampleConfig(method="db-mpa", **base))
+    domain = Toy2dDomain(spec, steps)
+    blend, _ = run_sample(domain, SampleConfig("db-mpa", tuple(w), n=n, seed=seed))
     rows = [{"method": "blend", "particles": 1, "error": _error(blend),
              "error_stderr": _stderr(blend), "seconds": blend["seconds"]}]
     for p in particles:
-        s, _ = run_sample(Toy2dSampleConfig(method="smc", particles=p, **base))
+        s, _ = run_sample(domain, SampleConfig("smc", tuple(w), n=n // p, seed=seed),
+                          MethodConfig(smc_particles=p))
         rows.append({"method": "smc", "particles": p, "error": _error(s),
                      "error_stderr": _stderr(s), "log_z_estimate": s["log_z_estimate"],
                      "log_z_stderr": s["log_z_stderr"], "ess_min": s["ess_min"],

@@ -1,9 +1,10 @@
-"""``dblend sample toy2d|digits|sd``: one method at one preference, with its summary."""
+"""``dblend sample toy2d|digits|sd``: one method at one preference, with its summary; every
+domain goes through the one dispatcher (``evaluation.sample.run_sample``)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from diffusion_blend.cli.args import (
@@ -21,93 +22,96 @@ from diffusion_blend.cli.args import (
     threads,
 )
 from diffusion_blend.errors import UsageError
+from diffusion_blend.evaluation.methods import METHODS
 
-TOY2D_METHODS = ("pretrained", "exact", "db-mpa", "db-mpa-ls", "smc")
+
+def configs(a: argparse.Namespace):
+    """The run's ``SampleConfig`` and ``MethodConfig`` (both validated on construction)."""
+    from diffusion_blend.evaluation.methods import MethodConfig
+    from diffusion_blend.evaluation.sample import SampleConfig
+
+    cfg = SampleConfig(a.method, parse_floats(a.w, "--w") if a.w else None,
+                       parse_finite(a.lam, "--lam"), a.allow_extrapolation, a.n, a.seed)
+    mcfg = MethodConfig(a.sampler, a.eta, smc_particles=a.particles,
+                        smc_ess_threshold=a.ess_threshold)
+    return cfg, mcfg
 
 
 def cmd_toy2d(a: argparse.Namespace) -> None:
-    from diffusion_blend.domains.toy2d import load_problem
-    from diffusion_blend.evaluation.toy2d import (
-        Toy2dSampleConfig,
-        check_memory,
-        run_sample,
-        save_sample_run,
-    )
+    from diffusion_blend.domains.toy2d import Toy2dDomain, load_problem
+    from diffusion_blend.evaluation.sample import run_sample
+    from diffusion_blend.evaluation.toy2d import check_memory, save_sample_run
     from diffusion_blend.io import check_out_dir, prepare_out_dir
 
     threads(a.threads)
-    cfg = Toy2dSampleConfig(
-        spec=a.spec, method=a.method, w=parse_floats(a.w, "--w") if a.w else None,
-        lam=parse_finite(a.lam, "--lam"), n=a.n, steps=a.steps, sampler=a.sampler, eta=a.eta,
-        seed=a.seed, allow_extrapolation=a.allow_extrapolation,
-        experts=tuple(a.experts.split(",")) if a.experts else (), particles=a.particles,
-        ess_threshold=a.ess_threshold)
-    cfg.check()
-    problem = load_problem(cfg.spec)
-    experts = _learned_experts(cfg.experts, problem) if cfg.experts else None
-    cfg.preference(len(experts) if experts else problem.k)  # validate before writing anything
-    check_memory(cfg, problem)
+    cfg, mcfg = configs(a)
+    problem = load_problem(a.spec)
+    trained = [_trained(d, problem) for d in a.experts.split(",")] if a.experts else ()
+    domain = Toy2dDomain(problem, a.steps, trained)
+    cfg.preference(len(domain.experts))   # validate before writing anything
+    check_memory(cfg.n * (mcfg.smc_particles if cfg.method == "smc" else 1), a.steps, problem)
     if a.out:
         check_out_dir(a.out, a.overwrite, "toy2d-sample")
-    summary, x0 = run_sample(cfg, problem, progress=not a.json, learned=experts)
+    summary, x0 = run_sample(domain, cfg, mcfg, progress=not a.json)
+    pref = cfg.preference(len(domain.experts))
+    summary |= {"sampler": mcfg.sampler, "target_coefficients": domain.coefficients(pref)}
+    summary |= {"experts": a.experts.split(",")} if trained else {}
     check_result(summary)
     if a.out:
-        save_sample_run(prepare_out_dir(a.out, a.overwrite, "toy2d-sample"), cfg, summary, x0,
-                        problem)
+        config = asdict(cfg) | asdict(mcfg) | {"steps": a.steps, "experts": a.experts}
+        save_sample_run(prepare_out_dir(a.out, a.overwrite, "toy2d-sample"), config, summary,
+                        x0, domain)
     emit(summary, a.json)
 
 
-def _learned_experts(dirs: Sequence[str], problem) -> list:
+def _trained(path: str, problem):
     from diffusion_blend.finetune.toy2d import load_expert
 
-    return [load_expert(d, problem) for d in dirs]
+    return load_expert(path, problem)
 
 
 def cmd_digits(a: argparse.Namespace) -> None:
-    from diffusion_blend.evaluation.digits_demo import (
-        grid_rows,
-        image_grid,
-        parse_class,
-        run_sample,
-    )
-    from diffusion_blend.io import check_out_file, save_figure
+    from diffusion_blend.domains.digits import DigitsDomain, check_class
+    from diffusion_blend.evaluation.digits_demo import save_sample_grid
+    from diffusion_blend.evaluation.sample import run_sample
+    from diffusion_blend.io import check_out_file
 
     threads(a.threads)
-    parse_class(a.cls)
-    experts = a.experts.split(",")
-    w = parse_floats(a.w, "--w") if a.w else (1.0 / len(experts),) * len(experts)
+    cls = check_class(a.cls)
+    cfg, mcfg = configs(a)
     if a.out:
         check_out_file(a.out, ".png")
-    summary, x0 = run_sample(int(a.cls), w, parse_finite(a.lam, "--lam"), a.n, a.seed, experts,
-                             a.allow_extrapolation)
+    domain = DigitsDomain(a.experts.split(","))
+    summary, x0 = run_sample(domain, cfg, mcfg, cond=domain.cond(range(a.seed, a.seed + a.n),
+                                                                  cls))
+    summary |= {"class": cls, "experts": domain.names}
     check_result(summary)
     if a.out:
-        rows = grid_rows(x0)
-        save_figure(image_grid(rows, [""] * len(rows), [""] * len(rows[0]),
-                               f"digit {a.cls}, w={summary['w']}, lam={summary['lam']}"), a.out)
+        save_sample_grid(x0, f"digit {cls}, w={summary['w']}, lam={summary['lam']}", a.out)
         summary["out"] = a.out
     emit(summary, a.json)
 
 
 def cmd_sd(a: argparse.Namespace) -> None:
-    from diffusion_blend.blend import Preference
-    from diffusion_blend.domains.sd import read_prompts, sample_sd, save_image_row
+    from diffusion_blend.domains.sd import SdDomain, read_prompts, save_image_row
+    from diffusion_blend.evaluation.sample import run_sample
     from diffusion_blend.io import check_out_file
 
     experts = [e for e in (a.experts or "").split(",") if e]
     if not experts:
         raise UsageError("--experts: give one or more LoRA directories, comma-separated")
     prompts = read_prompts(a.prompts) if a.prompts else [a.prompt]
-    w = parse_floats(a.w, "--w") if a.w else (1.0 / len(experts),) * len(experts)
-    pref = Preference.for_experts(w, len(experts), parse_finite(a.lam, "--lam"),
-                                  a.allow_extrapolation)
+    cfg, mcfg = configs(a)
+    cfg.preference(len(experts))
+    guidance = parse_finite(a.guidance, "--guidance")
     check_size(a)
     check_out_file(a.out, ".png")
-    images, summary = sample_sd(a.model, experts, pref, prompts, a.steps,
-                                parse_finite(a.guidance, "--guidance"), a.seed, a.n, a.height,
-                                a.width)
-    save_image_row(images, a.out)
-    emit(summary | {"out": a.out}, a.json)
+    domain = SdDomain(a.model, experts, prompts, steps=a.steps, guidance=guidance,
+                      height=a.height, width=a.width)
+    summary, x0 = run_sample(domain, cfg, mcfg, progress=not a.json)
+    save_image_row(domain.images(x0), a.out)
+    emit(summary | {"model": a.model, "experts": experts, "prompts": prompts,
+                    "guidance": guidance, "out": a.out}, a.json)
 
 
 def check_size(a: argparse.Namespace) -> None:
@@ -124,27 +128,31 @@ PREFERENCE = (arg("--w", default=None, help="weights, e.g. 0.3,0.7 (default unif
               arg("--lam", default="1.0", help="KL-strength modifier lambda >= 0"), EXTRAPOLATE)
 
 
+def method_args(default_n: int) -> tuple:
+    """The flags every domain's ``sample`` shares: method, preference, sampler, SMC, seeds."""
+    return (arg("--method", default="db-mpa", choices=METHODS), *PREFERENCE,
+            arg("--n", type=positive_int, default=default_n, help="output samples"), SEED,
+            arg("--sampler", default="ddpm", choices=("ddpm", "ddim")),
+            arg("--eta", type=finite_float, default=1.0, help="ddim: 0 deterministic"),
+            arg("--particles", type=positive_int, default=64,
+                help="smc: particles per output sample"),
+            arg("--ess-threshold", type=finite_float, default=0.5, help="smc: resample below"))
+
+
 def register(sub: Any) -> None:
     dom = domains(sub, "sample", "sample one method at one preference")
     command(dom, "toy2d", cmd_toy2d, "the exact testbed: a method against the exact target",
             arg("--spec", default="bimodal", help="preset name or JSON spec path"),
-            arg("--method", default="db-mpa", choices=TOY2D_METHODS),
             arg("--experts", default=None, help="fine-tuned expert dirs (default: the exact "
               "experts); one dir with --w 1 is that fine-tuned model"),
-            *PREFERENCE, arg("--n", type=positive_int, default=20000),
-            arg("--steps", type=positive_int, default=1000),
-            arg("--sampler", default="ddpm", choices=("ddpm", "ddim")),
-            arg("--eta", type=finite_float, default=1.0), SEED,
-            arg("--particles", type=positive_int, default=64, help="smc: particles per run"),
-            arg("--ess-threshold", type=finite_float, default=0.5, help="smc: resample below"),
+            *method_args(20000), arg("--steps", type=positive_int, default=1000),
             arg("--out", default=None), arg("--overwrite", action="store_true"))
-    command(dom, "digits", cmd_digits, "DB-MPA / DB-KLA with the shipped digits experts",
+    command(dom, "digits", cmd_digits, "a method with the shipped digits experts",
             arg("--class", dest="cls", default="0"), arg("--experts", default="ink,smooth"),
-            *PREFERENCE, arg("--n", type=positive_int, default=16), SEED,
-            arg("--out", default=None, help="a .png of the images"))
-    command(dom, "sd", cmd_sd, "DB-MPA / DB-KLA on a local diffusers pipeline",
+            *method_args(16), arg("--out", default=None, help="a .png of the images"))
+    command(dom, "sd", cmd_sd, "a method on a local diffusers pipeline with LoRA experts",
             arg("--model", required=True, help="local pipeline dir or cached hub id"),
-            arg("--experts", required=True, help="LoRA dirs, comma-separated"), *PREFERENCE,
+            arg("--experts", required=True, help="LoRA dirs, comma-separated"),
             arg("--prompt", default="a photo of an apple"), arg("--prompts", default=None),
-            arg("--steps", type=positive_int, default=50), arg("--guidance", default="7.5"), SEED,
-            arg("--n", type=positive_int, default=1), *SIZE, arg("--out", default="sd.png"))
+            arg("--steps", type=positive_int, default=50), arg("--guidance", default="7.5"),
+            *method_args(1), *SIZE, arg("--out", default="sd.png"))

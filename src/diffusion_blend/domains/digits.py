@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +21,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffusion_blend.adapters import AdapterView, adapter_names, add_lora, load_adapter_state
-from diffusion_blend.blend import Denoiser, Guided
+from diffusion_blend.adapters import (
+    AdapterView,
+    LoraSoup,
+    adapter_names,
+    add_lora,
+    load_adapter_state,
+)
+from diffusion_blend.amortised import AmortisedDenoiser, PrefEmbedding, merged_copy
+from diffusion_blend.blend import Denoiser, Guided, Preference
 from diffusion_blend.errors import UsageError
 from diffusion_blend.io import load_weights as load_weight_file
+from diffusion_blend.io import read_json
+from diffusion_blend.pipelines import BlendedModel
 from diffusion_blend.rewards import get_reward
 from diffusion_blend.sampling import Schedule, sample
 
@@ -56,10 +65,15 @@ def load_data(split_seed: int = 0, test_fraction: float = 0.2) -> dict[str, torc
     return {"train_x": x[train], "train_y": y[train], "test_x": x[test], "test_y": y[test]}
 
 
-def check_class(c: int) -> int:
-    if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 9:
+def check_class(c: int | str) -> int:
+    """A digit class 0-9 (``"3"`` as typed is accepted); anything else is a ``UsageError``."""
+    try:
+        v = int(c) if isinstance(c, str) else c
+    except ValueError:
+        v = None
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 9:
         raise UsageError(f"--class {c!r} is not allowed; digits classes are 0-9")
-    return c
+    return v
 
 
 # ---------------------------------------------------------------------------- the denoiser
@@ -306,20 +320,6 @@ def reward_options(name: str, classifier: nn.Module) -> dict:
     return {"classifier": classifier} if name == "class" else {}
 
 
-def load_experts(names: list[str], weights_dir: Path | None = None,
-                 experts_dir: Path | None = None) -> tuple[nn.Module, list, list[dict]]:
-    """Base plus named adapters on it, as denoisers: ``(base, [expert views], [metas])``.
-
-    An adapter whose recorded base hash differs from the loaded base is refused.
-    """
-    weights_dir = Path(weights_dir or WEIGHTS_DIR)
-    experts_dir = Path(experts_dir or weights_dir / "experts")
-    base, base_meta = load_base(weights_dir)
-    loaded = [attach_expert(base, base_meta, experts_dir / f"{n}.safetensors") for n in names]
-    base.requires_grad_(False)
-    return AdapterView(base, None), [v for v, _ in loaded], [m for _, m in loaded]
-
-
 def attach_expert(base: nn.Module, base_meta: dict, path: Path) -> tuple[nn.Module, dict]:
     """Load the adapter file ``path`` onto ``base`` (named after the file) as a denoiser."""
     name = Path(path).stem
@@ -334,3 +334,134 @@ def attach_expert(base: nn.Module, base_meta: dict, path: Path) -> tuple[nn.Modu
     load_adapter_state(base, name, state)
     base.requires_grad_(False)
     return FrozenLastStep(AdapterView(base, name), AdapterView(base, None)), meta
+
+
+# ---------------------------------------------------------------------------- the domain
+
+AMORTISED_ADAPTER = "amortised"
+AMORTISED = f"amortised_{PAIR[0]}_{PAIR[1]}"
+
+
+def load_amortised(weights_dir: Path | None = None, preference: Preference | None = None,
+                   path: Path | None = None,
+                   allow_extrapolation: bool = False) -> AmortisedDenoiser:
+    """The shipped (or ``path``) amortised blend of ``PAIR`` as a denoiser (LoRA merged: one
+    model's cost per step); made by ``dblend distill digits``."""
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    model, base_meta = load_base(weights_dir)
+    state, meta = load_weight_file(path or weights_dir / "experts" / f"{AMORTISED}.safetensors",
+                                   "dblend distill digits")
+    if meta.get("base_sha256") != base_meta["sha256"]:
+        raise UsageError(f"{AMORTISED} was distilled on another base; rerun "
+                         "`dblend distill digits`")
+    add_lora(model, AMORTISED_ADAPTER, meta["lora"]["rank"], meta["lora"]["targets"])
+    load_adapter_state(model, AMORTISED_ADAPTER, {k[5:]: v for k, v in state.items()
+                                                  if k.startswith("lora.")})
+    emb = PrefEmbedding(len(meta["pair"]), model.unet.time_embedding.linear_2.out_features,
+                        meta["config"]["hidden"])
+    emb.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("pref.")})
+    net = merged_copy(model, AMORTISED_ADAPTER)
+    return AmortisedDenoiser(net, emb.requires_grad_(False), net.unet.time_embedding,
+                             preference or Preference((0.5, 0.5)), meta["config"]["lam_max"],
+                             allow_extrapolation)
+
+
+class DigitsDomain:
+    """digits as a ``Domain``: the shipped base with the named LoRA experts on it (the base
+    weights held once), each expert's reward normalised by the base's mean and standard
+    deviation, the 10-step DDPM chain. Seed ``s`` draws digit ``s % 10`` unless a class is
+    given to ``cond``. MORL: the shipped (or ``morl_dir``) adapters of the first two experts,
+    or trained there on demand by ``morl_trainer(domain, name, pref) -> directory``."""
+
+    name, differentiable = "digits", True
+
+    def __init__(self, experts: Sequence[str] = PAIR, steps: int | None = None,
+                 weights_dir: Path | None = None, morl_dir: Path | None = None,
+                 morl_trainer: Callable[[DigitsDomain, str, Preference], Path] | None = None):
+        self.weights_dir = Path(weights_dir or WEIGHTS_DIR)
+        self.experts_dir = self.weights_dir / "experts"
+        self.names, self.reward_names = list(experts), list(experts)
+        self.model, self.base_meta = load_base(self.weights_dir)
+        self.model.requires_grad_(False)
+        self.base = AdapterView(self.model, None)
+        self.metas = {}
+        self.experts = [self.adapter(n) for n in self.names]
+        self.alpha = float(self.metas[self.names[0]]["alpha"])
+        self.stats = read_json(self.experts_dir / "rewards.json", "reward statistics")
+        self.classifier = load_classifier("classifier", self.weights_dir)
+        self.reward_fns = normalised_rewards(self.names, self.stats, self.classifier)
+        self.schedule, self.shape = BaseConfig().schedule(), SHAPE
+        self.steps = steps or DEFAULT_STEPS
+        self.morl_dir, self.morl_trainer, self._amortised = morl_dir, morl_trainer, None
+
+    def adapter(self, name: str, directory: Path | None = None) -> Denoiser:
+        """The adapter ``name`` (an expert, a MORL or lambda-specific fine-tune) as a denoiser."""
+        path = (directory or self.experts_dir) / f"{name}.safetensors"
+        if not path.exists():
+            raise UsageError(f"expert {name!r} is missing ({path}); train it with "
+                             "`dblend finetune digits`")
+        den, self.metas[name] = attach_expert(self.model, self.base_meta, path)
+        return den
+
+    def cond(self, seeds: Sequence[int], cls: int | None = None) -> dict:
+        if cls is None:
+            return {"y": classes_for(seeds)}
+        return {"y": torch.full((len(seeds),), check_class(cls), dtype=torch.long)}
+
+    def rewards(self, x0: torch.Tensor, y: torch.Tensor | None = None, **_) -> torch.Tensor:
+        return torch.stack([r(x0, y=y) for r in self.reward_fns], 1)
+
+    def images(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0
+
+    def blend(self, pref: Preference) -> Denoiser:
+        """All terms in one routed forward (``pipelines.BlendedModel``); the last step stays
+        the pretrained one, as the experts were trained."""
+        return FrozenLastStep(BlendedModel(self.model, self.names, pref), self.base)
+
+    def soup(self, coefs: list[float]) -> Denoiser:
+        return FrozenLastStep(LoraSoup(self.model, self.names, coefs), self.base)
+
+    def morl(self, pref: Preference) -> Denoiser | None:
+        name = self._morl_name(pref)
+        if name is None:
+            return None
+        for directory in (self.experts_dir, self.morl_dir):
+            if directory is not None and (directory / f"{name}.safetensors").exists():
+                return self.adapter(name, directory)
+        if self.morl_trainer is None or pref.lam != 1.0:
+            return None
+        return self.adapter(name, self.morl_trainer(self, name, pref))
+
+    def _morl_name(self, pref: Preference) -> str | None:
+        if len(self.names) != 2:
+            return None
+        w1 = pref.w[0]
+        if pref.lam == 1.0 and w1 in (0.0, 1.0):
+            return self.names[0 if w1 == 1.0 else 1]
+        if w1 == 1.0:
+            return f"kla_{self.names[0]}_lam{pref.lam:g}".replace(".", "p")
+        return morl_name(w1, self.names) if pref.lam == 1.0 else None
+
+    def amortised(self, pref: Preference) -> Denoiser | None:
+        """The distilled ``PAIR`` blend (``dblend distill digits``), where it was shipped."""
+        path = self.experts_dir / f"{AMORTISED}.safetensors"
+        if tuple(self.names) != PAIR or not path.exists():
+            return None
+        if self._amortised is None:
+            self._amortised = load_amortised(self.weights_dir, pref, allow_extrapolation=True)
+        self._amortised.preference = pref
+        return self._amortised
+
+    def target(self, pref: Preference) -> None:
+        return None
+
+    def params(self, parts: list[str]) -> int:
+        """Base weights once, plus the LoRA weights of each adapter used."""
+        total = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" not in n)
+        for part in parts:
+            if part.startswith("expert"):
+                name = self.names[int(part[len("expert"):])]
+                total += sum(p.numel() for n, p in self.model.named_parameters()
+                             if f".{name}." in n)
+        return total

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_blend.blend import Preference
+from diffusion_blend.adapters import AdapterView, LoraSoup, adapter_names
+from diffusion_blend.blend import Denoiser, Guided, Preference, nfe_of
 from diffusion_blend.errors import UsageError
 from diffusion_blend.offline import hub_offline
+from diffusion_blend.pipelines import BlendedModel
 from diffusion_blend.sampling import Schedule, to_eps
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,10 @@ class UNetEps(nn.Module):
         self.unet, self.kind = unet, "eps" if prediction_type == "epsilon" else "v"
         self.abar = schedule.abar
 
+    @property
+    def nfe(self) -> float:
+        return nfe_of(self.unet)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 encoder_hidden_states: torch.Tensor | None = None, **_) -> torch.Tensor:
         ehs = encoder_hidden_states
@@ -129,15 +135,17 @@ class LatentReward:
         self.name = getattr(reward, "name", "reward")
         self.differentiable = getattr(reward, "differentiable", False)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        img = self.vae.decode(z.to(self.vae.dtype)).sample
-        return ((img.float() + 1) / 2).clamp(0, 1)
-
     def __call__(self, latents: torch.Tensor, prompt_idx=None, **_) -> torch.Tensor:
         prompts = [self.prompts[int(i)] for i in prompt_idx]
-        return self.reward(self.decode(latents), prompt=prompts)
+        return self.reward(decode_latents(self.vae, latents), prompt=prompts)
+
+
+def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] from the pipeline's latents (its VAE's scaling and shift undone)."""
+    cfg = vae.config
+    z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    img = vae.decode(z.to(vae.dtype)).sample
+    return ((img.float() + 1) / 2).clamp(0, 1)
 
 
 def latent_shape(pipe: Any, height: int | None = None, width: int | None = None) -> tuple:
@@ -177,27 +185,88 @@ def load_experts(pipe: Any, experts: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def sample_sd(model: str | Path, experts: Sequence[str], pref: Preference,
-              prompts: Sequence[str], steps: int = 50,
-              guidance: float = 7.5, seed: int = 0, n: int = 1, height: int | None = None,
-              width: int | None = None) -> tuple[torch.Tensor, dict]:
-    """``n`` images per prompt with the blended pipeline; sample ``i`` uses seed ``seed + i``
-    (its own generator), so it does not depend on the batch it is in."""
-    import time
+class SdDomain:
+    """sd as a ``Domain``: a local diffusers pipeline with one LoRA expert per reward (loaded
+    as adapters ``e0, e1, ...`` on the one UNet), classifier-free guidance on every model, image
+    rewards of the decoded latents with each sample's prompt (seed ``s`` gets prompt
+    ``s % P``). MORL adapters are given as ``{w[0]: LoRA dir}``. Rewards are optional for
+    plain sampling (``reward_names`` is then empty)."""
 
-    from diffusion_blend.pipelines import blend_pipeline
+    name = "sd"
 
-    pipe = load_pipeline(model)
-    names = load_experts(pipe, experts)
-    pref.check_k(len(names))
-    model_ = blend_pipeline(pipe, names, pref)
-    batch = [p for p in prompts for _ in range(n)]
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(batch))]
-    start = time.perf_counter()
-    images = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                  height=height, width=width, output_type="pt").images
-    summary = {"model": str(model), "experts": [str(e) for e in experts], "w": list(pref.w),
-               "lam": pref.lam, "prompts": list(prompts), "n": len(batch), "seed": seed,
-               "steps": steps, "guidance": guidance, "nfe_per_step": model_.nfe,
-               "seconds": time.perf_counter() - start}
-    return images, summary
+    def __init__(self, model, experts, prompts, rewards=(), steps: int | None = None,
+                 guidance: float = 7.5, reward_kwargs: list[dict] | None = None,
+                 morl: dict[float, str] | None = None, height=None, width=None,
+                 alpha: float = 0.01):
+        from diffusion_blend.rewards import get_reward
+
+        if rewards and len(experts) != len(rewards):
+            raise UsageError(f"--experts ({len(experts)}) and --rewards ({len(rewards)}) must "
+                             "pair up: one expert per reward")
+        self.pipe = load_pipeline(model)
+        self.unet, self.guidance, self.alpha = self.pipe.unet, guidance, alpha
+        self.names = load_experts(self.pipe, experts)
+        self.bank = PromptBank(self.pipe, prompts)
+        self.schedule, self.steps = schedule_of(self.pipe), steps or 50
+        self.shape = latent_shape(self.pipe, height, width)
+        kwargs = reward_kwargs or [{} for _ in rewards]
+        self.reward_fns = [LatentReward(self.pipe.vae, get_reward(r, **kw), prompts)
+                           for r, kw in zip(rewards, kwargs, strict=True)]
+        self.reward_names = list(rewards)
+        self.differentiable = bool(rewards) and all(r.differentiable for r in self.reward_fns)
+        self.base = self._guided(AdapterView(self.unet, None))
+        self.experts = [self._guided(AdapterView(self.unet, n)) for n in self.names]
+        self.morl_dirs = {float(k): v for k, v in (morl or {}).items()}
+
+    def _guided(self, module: nn.Module) -> Denoiser:
+        den = UNetEps(module, self.schedule, self.pipe.scheduler.config.prediction_type)
+        return Guided(den, self.guidance, {"encoder_hidden_states": self.bank.uncond})
+
+    def cond(self, seeds: list[int]) -> dict:
+        return self.bank(seeds)
+
+    def rewards(self, x0: torch.Tensor, prompt_idx: torch.Tensor | None = None,
+                **_) -> torch.Tensor:
+        if not self.reward_fns:
+            return torch.zeros(len(x0), 0)
+        return torch.stack([r(x0, prompt_idx=prompt_idx) for r in self.reward_fns], 1)
+
+    def images(self, x0: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return decode_latents(self.pipe.vae, x0)
+
+    def blend(self, pref: Preference) -> Denoiser:
+        """Every term in one routed UNet forward, guided once (the blend commutes with
+        guidance: its coefficients sum to one)."""
+        return self._guided(BlendedModel(self.unet, self.names, pref))
+
+    def soup(self, coefs: list[float]) -> Denoiser:
+        return self._guided(LoraSoup(self.unet, self.names, coefs))
+
+    def morl(self, pref: Preference) -> Denoiser | None:
+        if pref.lam == 1.0 and max(pref.w) == 1.0:
+            return self.experts[pref.w.index(1.0)]
+        path = self.morl_dirs.get(pref.w[0]) if pref.lam == 1.0 else None
+        if path is None:
+            return None
+        name = f"morl{len(self.morl_dirs)}_{round(pref.w[0] * 100):03d}"
+        if name not in adapter_names(self.unet):
+            with hub_offline():
+                self.pipe.load_lora_weights(str(path), adapter_name=name)
+        return self._guided(AdapterView(self.unet, name))
+
+    def amortised(self, pref: Preference) -> None:
+        return None
+
+    def target(self, pref: Preference) -> None:
+        return None
+
+    def params(self, parts: list[str]) -> int:
+        """The UNet's weights once, plus the LoRA weights of each adapter used."""
+        total = sum(p.numel() for n, p in self.unet.named_parameters() if "lora_" not in n)
+        for part in parts:
+            if part.startswith("expert"):
+                name = self.names[int(part[len("expert"):])]
+                total += sum(p.numel() for n, p in self.unet.named_parameters()
+                             if f".{name}." in n)
+        return total

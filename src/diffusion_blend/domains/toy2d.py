@@ -10,15 +10,17 @@ dimension comes from the means.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from diffusion_blend.blend import Preference
+from diffusion_blend.blend import BlendedDenoiser, Denoiser, Preference
+from diffusion_blend.domains.base import ExactTarget
 from diffusion_blend.errors import UsageError
 from diffusion_blend.sampling import Schedule
 from diffusion_blend.seeding import sample_normals, sample_uniforms
@@ -217,6 +219,10 @@ class Toy2dProblem:
     def base_denoiser(self) -> MixtureDenoiser:
         return self.denoiser(self.mixture)
 
+    def with_alpha(self, alpha: float) -> Toy2dProblem:
+        """The same problem at another KL strength (fine-tuned experts carry their own)."""
+        return dataclasses.replace(self, alpha=float(alpha), spec=self.spec | {"alpha": alpha})
+
     def expert_denoiser(self, i: int) -> MixtureDenoiser:
         """Exact expert ``i``: the exact denoiser of the base tilted by ``r_i`` at ``alpha``."""
         return self.denoiser(self.tilted([1.0 if j == i else 0.0 for j in range(self.k)])[0])
@@ -362,3 +368,116 @@ def _parse_reward(r, i: int, d: int) -> Reward:
             raise SpecError(f"spec field '{name}.Q'={Q.tolist()} must be symmetric")
         return Reward.quadratic(_tensor(r["c"], f"{name}.c", (d,)), Q)
     raise SpecError(f"spec field '{name}.type'={kind!r} is not known; use 'linear' or 'quadratic'")
+
+
+# ---------------------------------------------------------------------------- the domain
+
+
+def mixture_soup(base: GaussianMixture, experts: Sequence[GaussianMixture],
+                 coefs: Sequence[float]) -> GaussianMixture:
+    """Soup of exact experts: ``theta_0 + sum_i c_i (theta_i - theta_0)`` over the mixture's
+    log-weights (renormalised), means and covariances."""
+    def mix(get: Callable) -> torch.Tensor:
+        out = get(base)
+        return out + sum(c * (get(e) - get(base)) for c, e in zip(coefs, experts, strict=True))
+
+    covs = mix(lambda m: m.covs)
+    if bool((torch.linalg.eigvalsh(covs) <= 0).any()):
+        raise UsageError(f"soup coefficients {list(coefs)} give a covariance that is not "
+                         "positive definite; use smaller lam")
+    return GaussianMixture(torch.softmax(mix(lambda m: m.weights.log()), 0),
+                           mix(lambda m: m.means), covs)
+
+
+@dataclass
+class TrainedExpert:
+    """A fine-tuned toy2d model: its denoiser, the reward weights and alpha it was trained for."""
+
+    denoiser: Denoiser
+    w: list[float]
+    alpha: float
+    path: Path
+
+
+class Toy2dDomain:
+    """toy2d as a ``Domain``: the exact experts (or fine-tuned ones, ``trained``); MORL is the
+    exact denoiser of the tilted target (the oracle a fine-tune converges to); the soup
+    interpolates the exact experts' mixture parameters.
+
+    Expert ``i`` fine-tuned for reward weights ``W_i`` makes the blend's basis reward
+    ``r_i = W_i . r``, so the target of ``(w, lam)`` is the base tilted by ``lam * w @ W``.
+    """
+
+    name, differentiable = "toy2d", True
+
+    def __init__(self, problem: Toy2dProblem | str | dict = "bimodal", steps: int | None = None,
+                 trained: Sequence[TrainedExpert] = ()):
+        problem = problem if isinstance(problem, Toy2dProblem) else load_problem(problem)
+        self.problem, self.basis = _with_trained(problem, list(trained))
+        self.trained = list(trained)
+        self.schedule, self.steps = problem.schedule, steps or problem.schedule.T
+        self.shape = (problem.mixture.dim,)
+        self.base = problem.base_denoiser()
+        self.tilted = [self.problem.tilted(row)[0] for row in self.basis.tolist()]
+        self.experts = ([e.denoiser for e in self.trained] if trained else
+                        [self.problem.denoiser(m) for m in self.tilted])
+        self.reward_names = [f"r{i + 1}" for i in range(len(self.experts))]
+        self.alpha = self.problem.alpha
+
+    def cond(self, seeds: list[int]) -> dict:
+        return {}
+
+    def rewards(self, x0: torch.Tensor, **_) -> torch.Tensor:
+        r = self.problem.rewards_of(x0.double())
+        return r @ self.basis.T if self.trained else r
+
+    def images(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0
+
+    def blend(self, pref: Preference) -> Denoiser:
+        return BlendedDenoiser(self.base, self.experts, pref)
+
+    def soup(self, coefs: list[float]) -> Denoiser:
+        if self.trained:
+            raise UsageError("the soup of fine-tuned toy2d experts is not defined here; "
+                             "use the exact experts (no --experts)")
+        return self.problem.denoiser(mixture_soup(self.problem.mixture, self.tilted, coefs))
+
+    def coefficients(self, pref: Preference) -> list[float]:
+        """The tilt of ``pref`` on the problem's rewards: ``lam * w @ W``."""
+        pref.check_k(len(self.experts))
+        return (pref.lam * torch.tensor(pref.w, dtype=F64) @ self.basis).tolist()
+
+    def mixture(self, pref: Preference) -> tuple[GaussianMixture, float]:
+        """The exact target of ``pref`` as a mixture, and its ``log Z``."""
+        return self.problem.tilted(self.coefficients(pref))
+
+    def morl(self, pref: Preference) -> Denoiser:
+        return self.problem.denoiser(self.mixture(pref)[0])
+
+    def amortised(self, pref: Preference) -> None:
+        return None
+
+    def target(self, pref: Preference) -> ExactTarget:
+        target, log_z = self.mixture(pref)
+        means = torch.tensor(self.problem.expected_rewards(target), dtype=F64)
+        means = means @ self.basis.T if self.trained else means
+        return ExactTarget(lambda seeds: target.sample(seeds).float(), means.tolist(), log_z)
+
+    def params(self, parts: list[str]) -> int:
+        """Mixture parameters (weights, means, covariances) of each distinct model held."""
+        k, d = len(self.problem.mixture.weights), self.problem.mixture.dim
+        held = 1 if "soup" in parts else len(parts)
+        return held * (k + k * d + k * d * d)
+
+
+def _with_trained(problem: Toy2dProblem, trained: list[TrainedExpert]):
+    """The problem at the experts' alpha, and the basis ``W`` (one row of reward weights per
+    expert; the identity for the exact experts)."""
+    if not trained:
+        return problem, torch.eye(problem.k, dtype=F64)
+    alphas = {e.alpha for e in trained}
+    if len(alphas) != 1:
+        raise UsageError(f"--experts were trained at different alphas {sorted(alphas)}; "
+                         "blend experts trained at one alpha")
+    return problem.with_alpha(alphas.pop()), torch.tensor([e.w for e in trained], dtype=F64)

@@ -1,4 +1,4 @@
-"""``dblend demo`` and ``dblend sample digits``: DB-MPA and DB-KLA on the shipped digits experts.
+"""``dblend demo``: DB-MPA and DB-KLA on the shipped digits experts, next to the fine-tunes.
 
 Everything renders the same seeds, so a row of a grid shows one digit moving along the
 trade-off. Rewards are reported normalised (0 = the pretrained mean, 1 = its standard
@@ -7,7 +7,6 @@ deviation) with 95% confidence intervals.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,18 +15,16 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_blend.blend import Denoiser, Preference
-from diffusion_blend.domains import digits
+from diffusion_blend.blend import Preference
 from diffusion_blend.domains.digits import (
     DEFAULT_STEPS,
     MORL_GRID,
     PAIR,
-    load_experts,
+    DigitsDomain,
     morl_name,
     normalised_rewards,
-    sample_digits,
 )
-from diffusion_blend.errors import UsageError
+from diffusion_blend.evaluation.methods import run_method
 from diffusion_blend.evaluation.metrics import mean_and_stderr
 from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_text
 from diffusion_blend.rewards.digits import DIGIT_REWARDS
@@ -40,49 +37,17 @@ MORL = {w: morl_name(w) for w in MORL_GRID}
 KLA = {0.5: "kla_ink_lam0p5", 2.0: "kla_ink_lam2"}
 
 
-class DigitsModels:
-    """The shipped base, experts and rewards, loaded once."""
-
-    def __init__(self, experts: list[str], weights_dir: Path | None = None):
-        self.weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
-        self.names = experts
-        self.base, self.experts, self.metas = load_experts(experts, self.weights_dir)
-        stats = json.loads((self.weights_dir / "experts" / "rewards.json").read_text())
-        clf = digits.load_classifier("classifier", self.weights_dir)
-        self.rewards = normalised_rewards(DIGIT_REWARDS, stats, clf)
-
-    def expert(self, name: str) -> Denoiser:
-        return self.experts[self.names.index(name)]
-
-    def blend(self, names: list[str], pref: Preference) -> Denoiser:
-        """DB-MPA / DB-KLA of the named adapters in one routed forward per step (the base
-        weights once; see ``pipelines.BlendedModel``); the last step stays the pretrained one,
-        as the experts were trained."""
-        from diffusion_blend.domains.digits import FrozenLastStep
-        from diffusion_blend.pipelines import BlendedModel
-
-        return FrozenLastStep(BlendedModel(self.base.model, list(names), pref), self.base)
-
-    def render(self, denoiser: Denoiser, classes: torch.Tensor,
-               seeds: list[int]) -> tuple[torch.Tensor, float]:
-        return sample_digits(denoiser, classes, seeds, DEFAULT_STEPS)
-
-    def values(self, x0: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Every normalised reward of every image, ``[n, len(DIGIT_REWARDS)]``."""
-        return torch.stack([r(x0, y=classes) for r in self.rewards], 1)
-
-    def score(self, x0: torch.Tensor, classes: torch.Tensor) -> dict:
-        """Mean and 95% CI half-width of every normalised reward."""
-        means, errs = mean_and_stderr(self.values(x0, classes))
-        return {r.name: {"mean": m, "ci95": 1.96 * e}
-                for r, m, e in zip(self.rewards, means, errs, strict=True)}
+def score(values: torch.Tensor) -> dict:
+    """Mean and 95% CI half-width of every normalised reward (``values``: ``[n, K]``)."""
+    means, errs = mean_and_stderr(values)
+    return {r: {"mean": m, "ci95": 1.96 * e}
+            for r, m, e in zip(DIGIT_REWARDS, means, errs, strict=True)}
 
 
-def parse_class(c: int | str) -> int:
-    try:
-        return digits.check_class(int(c))
-    except ValueError:
-        raise UsageError(f"--class {c!r} is not allowed; digits classes are 0-9") from None
+def save_sample_grid(x0: torch.Tensor, title: str, path: str | Path) -> None:
+    """Digits in rows of eight, as one figure (``dblend sample digits --out``)."""
+    rows = grid_rows(x0)
+    save_figure(image_grid(rows, [""] * len(rows), [""] * len(rows[0]), title), path)
 
 
 def grid_rows(images: Sequence, cols: int = 8) -> list[list]:
@@ -124,33 +89,47 @@ def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str],
     return fig
 
 
+def _jobs(grid_w: list[float], lams: list[float]) -> list[tuple[str, str, Preference]]:
+    """``(label, method, preference over EXPERTS)`` of every row of the demo; the MORL and
+    lambda-specific fine-tunes are sampled as the ``morl`` method of a ``PAIR`` domain."""
+    a, b = (EXPERTS.index(n) for n in PAIR)
+
+    def on_pair(w: float, lam: float = 1.0) -> Preference:
+        v = [0.0] * len(EXPERTS)
+        v[a], v[b] = w, round(1 - w, 10)
+        return Preference(tuple(v), lam, True)
+
+    eye = [tuple(float(i == j) for j in range(len(EXPERTS))) for i in range(len(EXPERTS))]
+    jobs = [("pretrained", "pretrained", Preference(eye[0]))]
+    jobs += [(f"expert:{n}", "db-mpa", Preference(e)) for n, e in zip(EXPERTS, eye, strict=True)]
+    jobs += [(f"db-mpa:{w}", "db-mpa", on_pair(w)) for w in grid_w]
+    jobs += [(f"morl:{w}", "morl", Preference((w, round(1 - w, 10)))) for w in MORL]
+    jobs += [(f"db-kla:{lam}", "db-kla", on_pair(1.0, lam)) for lam in lams]
+    jobs += [(f"kla-finetune:{lam}", "morl", Preference((1.0, 0.0), lam, True)) for lam in KLA]
+    return jobs
+
+
 def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n_per_class: int = 10,
              progress: bool = True, weights_dir: Path | None = None) -> Path:
     """Grids over w (DB-MPA) and lambda (DB-KLA), a Pareto plot and ``report.md``."""
     out = prepare_out_dir(out, overwrite, "digits-demo")
     start = time.perf_counter()
-    names = [*EXPERTS, *MORL.values(), *KLA.values()]
-    bench = DigitsModels(names, weights_dir)
-    classes = torch.arange(10).repeat(n_per_class)
-    seeds = list(range(len(classes)))
-    grid_w = [round(0.1 * i, 1) for i in range(11)]
-    rows: dict[str, dict] = {}
-    jobs = [("pretrained", bench.base)] + [(f"expert:{n}", bench.expert(n)) for n in EXPERTS]
-    jobs += [(f"db-mpa:{w}", bench.blend(list(PAIR), Preference((w, 1 - w)))) for w in grid_w]
-    jobs += [(f"morl:{w}", bench.expert(m)) for w, m in MORL.items()]
-    lams = [0.0, 0.5, 1.0, 1.5, 2.0]
-    jobs += [(f"db-kla:{lam}", bench.blend([PAIR[0]], Preference((1.0,), lam, True)))
-             for lam in lams]
-    jobs += [(f"kla-finetune:{lam}", bench.expert(n)) for lam, n in KLA.items()]
-    images = {}
-    for label, den in tqdm(jobs, disable=not progress, desc="demo"):
-        x0, nfe = bench.render(den, classes, seeds)
-        rows[label] = bench.score(x0, classes) | {"nfe_per_sample": nfe}
-        images[label] = x0
+    every, pair = DigitsDomain(EXPERTS, weights_dir=weights_dir), DigitsDomain(
+        PAIR, weights_dir=weights_dir)
+    seeds = list(range(10 * n_per_class))   # seed s draws digit s % 10
+    grid_w, lams = [round(0.1 * i, 1) for i in range(11)], [0.0, 0.5, 1.0, 1.5, 2.0]
+    scorers = normalised_rewards(DIGIT_REWARDS, every.stats, every.classifier)
+    y = every.cond(seeds)["y"]
+    rows, images, values = {}, {}, {}
+    for label, method, pref in tqdm(_jobs(grid_w, lams), disable=not progress, desc="demo"):
+        res = run_method(method, pair if method == "morl" else every, pref, seeds)
+        values[label] = torch.stack([r(res.x0, y=y) for r in scorers], 1)
+        rows[label] = score(values[label]) | {"nfe_per_sample": res.nfe_per_sample}
+        images[label] = res.x0
     _grids(out, images, grid_w, lams)
     save_figure(pareto_figure(rows), out / "pareto.png")
-    cross = cross_rewards({k: bench.values(images[k], classes)
-                           for k in ("pretrained", *(f"expert:{e}" for e in EXPERTS))})
+    cross = cross_rewards({k: values[k] for k in ("pretrained",
+                                                  *(f"expert:{e}" for e in EXPERTS))})
     seconds = time.perf_counter() - start
     write_json(out / "results.json", {"rows": rows, "cross_rewards": cross, "seconds": seconds,
                                       "n_per_class": n_per_class, "steps": DEFAULT_STEPS})
@@ -238,23 +217,3 @@ def demo_report(rows: dict, cross: dict, seconds: float, n_per_class: int) -> st
         + "\n".join(_table("expert", cross["delta"]))
         + "\n\n## Conflicts (an expert lowers another reward, beyond the 95% CI)\n\n"
         + ("\n".join(conflicts) or "none") + f"\n\nWall time: {seconds:.1f} s.\n")
-
-
-def run_sample(cls: int, w: Sequence[float], lam: float, n: int, seed: int, experts: list[str],
-               allow_extrapolation: bool = False, weights_dir: Path | None = None,
-               bench: DigitsModels | None = None) -> tuple[dict, torch.Tensor]:
-    """One-off sampling for ``dblend sample digits`` (and the UI, which passes its loaded
-    ``bench``): the JSON summary and the images, in the order ``sample toy2d``'s run returns."""
-    cls = parse_class(cls)
-    pref = Preference.for_experts(w, len(experts), lam, allow_extrapolation)
-    if n < 1:
-        raise UsageError(f"--n {n} is not allowed; use >= 1")
-    bench = bench or DigitsModels(list(experts), weights_dir)
-    classes = torch.full((n,), cls, dtype=torch.long)
-    start = time.perf_counter()
-    x0, nfe = bench.render(bench.blend(list(experts), pref), classes, list(range(seed, seed + n)))
-    summary = {"class": cls, "experts": list(experts), "w": list(pref.w), "lam": pref.lam,
-               "n": n, "seed": seed, "nfe_per_sample": nfe,
-               "mean_rewards": {k: v["mean"] for k, v in bench.score(x0, classes).items()},
-               "seconds": time.perf_counter() - start}
-    return summary, x0

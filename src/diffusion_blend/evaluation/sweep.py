@@ -11,7 +11,6 @@ grows about linearly with ``lam``).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -20,14 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_blend.blend import Preference
+from diffusion_blend.domains.base import Domain, ExactTarget
 from diffusion_blend.errors import UsageError
-from diffusion_blend.evaluation.methods import (
-    METHODS,
-    MethodConfig,
-    SweepDomain,
-    path_kl,
-    run_method,
-)
+from diffusion_blend.evaluation.methods import METHODS, MethodConfig, path_kl, run_method
 from diffusion_blend.evaluation.metrics import energy_distance, mean_and_stderr
 from diffusion_blend.io import (
     atomic_write,
@@ -73,20 +67,12 @@ class SweepConfig:
         if bad or not self.methods:
             raise UsageError(f"--methods {','.join(bad) or '(none)'} not known; use some of "
                              f"{','.join(METHODS)}")
-        if self.baselines.smc_particles < 1:
-            raise UsageError(f"--particles {self.baselines.smc_particles} is not allowed; "
-                             "use >= 1")
         if self.seeds < 2:
             raise UsageError(f"--seeds {self.seeds} is not allowed; use >= 2 (for the CIs)")
         if not 0 <= self.seed <= MAX_SEED - self.seeds:
             raise UsageError(f"--seed {self.seed} is not allowed; use 0 ... 2**64 - --seeds")
         if self.steps is not None and self.steps < 1:
             raise UsageError(f"--steps {self.steps} is not allowed; use >= 1")
-        b = self.baselines
-        if b.code_n < 1 or (b.code_block is not None and b.code_block < 1):
-            raise UsageError(f"--code-n {b.code_n} / --code-block {b.code_block}: use >= 1")
-        if not (math.isfinite(b.rgg_gamma) and b.rgg_gamma >= 0):
-            raise UsageError(f"--rgg-gamma {b.rgg_gamma} is not allowed; use a finite value >= 0")
         self._check_pair()
         if any(not 0 <= lam <= 10 for lam in self.lam_grid):
             raise UsageError(f"--lam-grid {list(self.lam_grid)}: each lambda must be in [0, 10]")
@@ -177,21 +163,45 @@ class RowSpec:
         return f"{self.tag}|{self.method}|w={w}{lam}{gamma}"
 
 
-def make_domain(cfg: SweepConfig, out: Path) -> SweepDomain:
-    """The domain object of ``cfg`` (see ``evaluation.sweep_domains``)."""
-    from diffusion_blend.evaluation import sweep_domains
-
+def make_domain(cfg: SweepConfig, out: Path) -> Domain:
+    """The domain of ``cfg``; on digits, missing MORL adapters are trained into ``out/morl``
+    when ``cfg.train_morl``."""
     if cfg.domain == "toy2d":
-        return sweep_domains.Toy2dSweep(cfg.spec, cfg.steps)
+        from diffusion_blend.domains.toy2d import Toy2dDomain
+
+        return Toy2dDomain(cfg.spec, cfg.steps)
     if cfg.domain == "digits":
-        return sweep_domains.DigitsSweep(cfg.pair, cfg.steps, morl_dir=out / "morl",
-                                         train_morl=cfg.train_morl)
+        from diffusion_blend.domains.digits import PAIR, DigitsDomain
+
+        trainer = morl_trainer(out / "morl") if cfg.train_morl else None
+        return DigitsDomain(cfg.pair or PAIR, cfg.steps, morl_dir=out / "morl",
+                            morl_trainer=trainer)
     if not cfg.sd:
         raise UsageError("sweep sd needs --model, --experts, --rewards and --prompts")
-    return sweep_domains.SdSweep(**cfg.sd, steps=cfg.steps)
+    from diffusion_blend.domains.sd import SdDomain
+
+    return SdDomain(**cfg.sd, steps=cfg.steps)
 
 
-def measure_row(spec: RowSpec, domain: SweepDomain, cfg: SweepConfig, seeds: list[int],
+def morl_trainer(out: Path):
+    """A digits MORL trainer: the adapter for ``r_w`` fine-tuned by the engine (the experts'
+    recipe and alpha) into ``out``, which it returns."""
+    def train(domain, name: str, pref: Preference) -> Path:
+        import logging
+
+        from diffusion_blend.finetune.config import preset
+        from diffusion_blend.finetune.digits import ExpertSpec, train_expert
+
+        spec = ExpertSpec(name, domain.names, list(pref.w), domain.alpha, "pathwise")
+        logging.getLogger(__name__).info("training the MORL adapter %s (about 2 minutes)", name)
+        train_expert(domain.weights_dir, out, spec, preset("digits-pathwise",
+                                                           alpha=domain.alpha), domain.stats)
+        return out
+
+    return train
+
+
+def measure_row(spec: RowSpec, domain: Domain, cfg: SweepConfig, seeds: list[int],
                 out: Path) -> dict:
     """Run one row and summarise it (rewards with 95% CIs, r_w, path KL, costs)."""
     pref = Preference(spec.w, spec.lam, allow_extrapolation=True)
@@ -212,8 +222,9 @@ def measure_row(spec: RowSpec, domain: SweepDomain, cfg: SweepConfig, seeds: lis
                    "reward_evals_per_sample": res.reward_evals_per_sample,
                    "peak_memory_mb": res.peak_memory_mb, "added_memory_mb": res.added_memory_mb,
                    "params": res.params}
-    if domain.problem is not None:
-        row["target"] = _toy2d_target(domain, pref, res.x0, cfg)
+    target = domain.target(pref)
+    if target is not None:
+        row["target"] = _target_row(target, res.x0, cfg)
     _save_samples(out, spec, domain.images(res.x0[:cfg.n_show]))
     return row
 
@@ -233,11 +244,10 @@ def _stats(name: str, v: torch.Tensor) -> dict:
     return {name: means, f"{name}_ci95": ci}
 
 
-def _toy2d_target(domain, pref: Preference, x0: torch.Tensor, cfg: SweepConfig) -> dict:
+def _target_row(target: ExactTarget, x0: torch.Tensor, cfg: SweepConfig) -> dict:
     """Distance to the exact target of ``(w, lam)``: its expected rewards, energy distance."""
-    target, log_z = domain.problem.target(pref)
     ref = target.sample(seed_range(REFERENCE_SEED + cfg.seed, min(4000, max(len(x0), 500))))
-    return {"mean_rewards": domain.problem.expected_rewards(target), "log_z": log_z,
+    return {"mean_rewards": target.mean_rewards, "log_z": target.log_z,
             "energy_distance": energy_distance(x0, ref)}
 
 
@@ -311,7 +321,7 @@ def open_sweep(cfg: SweepConfig, out: str | Path, overwrite: bool) -> Path:
 
 
 def run_sweep(cfg: SweepConfig, out: str | Path, overwrite: bool = False,
-              progress: bool = True, domain: SweepDomain | None = None) -> Path:
+              progress: bool = True, domain: Domain | None = None) -> Path:
     """Run (or resume) the sweep; returns the output directory with ``results.jsonl``."""
     cfg.check()
     out = open_sweep(cfg, out, overwrite)

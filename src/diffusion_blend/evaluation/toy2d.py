@@ -1,209 +1,56 @@
-"""Sampling runs on the exact testbed: every method measured against the closed-form target.
-
-``run_sample`` is what ``dblend sample toy2d`` prints; ``run_gap`` sweeps ``w`` and measures the
-Jensen gap (blend against exact target); ``run_demo`` writes the toy2d demo report.
+"""Reports on the exact testbed: ``run_gap`` sweeps ``w`` and measures the Jensen gap (blend
+against exact target); ``run_demo`` writes the toy2d demo report; ``save_sample_run`` keeps a
+``dblend sample toy2d`` run with a scatter plot over the target's density.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_blend.blend import BlendedDenoiser, Denoiser, Preference, StochasticBlend
-from diffusion_blend.domains.toy2d import PRESETS, GaussianMixture, Toy2dProblem, load_problem
-from diffusion_blend.errors import UsageError
-from diffusion_blend.evaluation.metrics import energy_distance, mean_and_stderr
+from diffusion_blend.blend import Preference
+from diffusion_blend.domains.toy2d import (
+    PRESETS,
+    GaussianMixture,
+    Toy2dDomain,
+    Toy2dProblem,
+    load_problem,
+)
+from diffusion_blend.evaluation.sample import SampleConfig, run_sample
 from diffusion_blend.io import prepare_out_dir, save_figure, write_json, write_text
-from diffusion_blend.sampling import SAMPLERS, sample
-from diffusion_blend.seeding import sample_uniforms, seed_range
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-log = logging.getLogger(__name__)
-METHODS = ("pretrained", "exact", "db-mpa", "db-mpa-ls", "smc")
-REFERENCE_SEED_OFFSET = 1_000_000_000  # exact reference samples use seeds disjoint from runs
 
 
-@dataclass
-class Toy2dSampleConfig:
-    """One sampling run on a toy2d problem (``w`` defaults to uniform over the rewards)."""
-
-    spec: str | dict = "bimodal"
-    method: str = "db-mpa"
-    w: tuple[float, ...] | None = None
-    lam: float = 1.0
-    n: int = 20000
-    steps: int = 1000
-    sampler: str = "ddpm"
-    eta: float = 1.0
-    seed: int = 0
-    allow_extrapolation: bool = False
-    experts: tuple[str, ...] = ()
-    particles: int = 64            # smc: particles per run (n // particles runs)
-    ess_threshold: float = 0.5     # smc: resample when ESS < threshold * particles
-
-    def preference(self, k: int) -> Preference:
-        w = self.w if self.w is not None else (1.0 / k,) * k
-        return Preference.for_experts(w, k, self.lam, self.allow_extrapolation)
-
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"--method {self.method!r} is not known; use one of {METHODS}")
-        if self.sampler not in SAMPLERS:
-            raise UsageError(f"--sampler {self.sampler!r} is not known; use one of {SAMPLERS}")
-        for name in ("n", "steps"):
-            if int(getattr(self, name)) < 1:
-                raise UsageError(f"--{name} {getattr(self, name)} is not allowed; use >= 1")
-        if self.seed < 0:
-            raise UsageError(f"--seed {self.seed} is not allowed; use >= 0")
-        if not 0.0 <= self.eta <= 1.0:
-            raise UsageError(f"--eta {self.eta} is not allowed; use 0 <= eta <= 1")
-        if self.method == "smc" and (self.particles < 1 or self.n % self.particles
-                                     or self.sampler != "ddpm"):
-            raise UsageError(f"--method smc: --particles {self.particles} must be >= 1 and "
-                             f"divide --n {self.n}, with --sampler ddpm")
-
-
-def check_memory(cfg: Toy2dSampleConfig, problem: Toy2dProblem) -> None:
+def check_memory(n: int, steps: int, problem: Toy2dProblem) -> None:
     """Refuse a run that cannot fit: the chain draws all its noise up front (float32, one
     draw per step and sample), and the reference and rewards hold a few copies of the output."""
     from diffusion_blend.io import require_memory
 
-    per_sample = problem.mixture.dim * (4 * (cfg.steps + 2) + 8 * 16)
-    require_memory(cfg.n * per_sample, f"--n {cfg.n} with --steps {cfg.steps}")
+    per_sample = problem.mixture.dim * (4 * (steps + 2) + 8 * 16)
+    require_memory(n * per_sample, f"--n {n} with --steps {steps}")
 
 
-def build_denoiser(
-    problem: Toy2dProblem, method: str, pref: Preference, seeds: list[int],
-    experts: list[Denoiser] | None = None,
-) -> Denoiser:
-    """The denoiser a method samples with (exact experts unless learned ones are given)."""
-    base = problem.base_denoiser()
-    if method == "pretrained":
-        return base
-    experts = experts or [problem.expert_denoiser(i) for i in range(problem.k)]
-    if method == "db-mpa":
-        return BlendedDenoiser(base, experts, pref)
-    c_pre, c = pref.coefficients()
-    return StochasticBlend([base, *experts], [max(c_pre, 0.0), *c], seeds, problem.schedule.T)
-
-
-def run_sample(
-    cfg: Toy2dSampleConfig, problem: Toy2dProblem | None = None, progress: bool = False,
-    learned: list | None = None,
-) -> tuple[dict, torch.Tensor]:
-    """Sample ``cfg.n`` points with ``cfg.method``; summary against the exact target, samples.
-
-    ``learned``: fine-tuned experts (``finetune.toy2d.LearnedExpert``) replacing the exact ones;
-    expert i was trained for reward weights ``W_i``, so the target of ``(w, lam)`` is the base
-    tilted by ``lam * sum_i w_i W_i . r``.
-    """
-    cfg.check()
-    problem = problem or load_problem(cfg.spec)
-    check_memory(cfg, problem)
-    problem, basis = _with_learned(problem, learned)
-    pref = cfg.preference(basis.shape[0])
-    c = (pref.lam * torch.tensor(pref.w, dtype=torch.float64) @ basis).tolist()
-    target, log_z = problem.tilted(c)
-    seeds = seed_range(cfg.seed, cfg.n)
-    start, extra = time.perf_counter(), {}
-    experts = [e.denoiser for e in learned] if learned else None
-    if cfg.method == "exact":
-        x0, nfe = target.sample(seeds).float(), 0.0
-    elif cfg.method == "smc":
-        x0, nfe, extra = run_smc(problem, pref, c, seeds, cfg, experts)
-    else:
-        den = build_denoiser(problem, cfg.method, pref, seeds, experts)
-        res = sample(den, problem.schedule, seeds, (problem.mixture.dim,), cfg.steps,
-                     cfg.sampler, cfg.eta, progress=progress)
-        x0, nfe = res.x0, res.nfe_per_sample
-    seconds = time.perf_counter() - start
-    means, errs = mean_and_stderr(problem.rewards_of(x0.double()))
-    if extra:   # smc: the weighted estimate of each run, then its spread over the runs
-        means, errs = extra.pop("mean_rewards"), extra.pop("stderr_rewards")
-    reference = target.sample(seed_range(REFERENCE_SEED_OFFSET + cfg.seed, min(cfg.n, 4000)))
-    summary = {
-        "method": cfg.method, "w": list(pref.w), "lam": pref.lam, "n": cfg.n,
-        "steps": cfg.steps, "sampler": cfg.sampler, "seed": cfg.seed,
-        "nfe_per_sample": nfe, "mean_rewards": means, "stderr_rewards": errs,
-        "target_mean_rewards": problem.expected_rewards(target), "target_log_z": log_z,
-        "target_coefficients": c, "energy_distance": energy_distance(x0, reference),
-        "seconds": seconds, **extra,
-    }
-    if learned:
-        summary["experts"] = [str(e.path) for e in learned]
-    return summary, x0
-
-
-def run_smc(problem: Toy2dProblem, pref: Preference, c: list[float], seeds: list[int],
-            cfg: Toy2dSampleConfig, experts: list | None) -> tuple[torch.Tensor, float, dict]:
-    """SMC with the blend as proposal towards the base tilted by ``c . r / alpha``: equally
-    weighted samples (each run resampled by its final weights), NFE per particle, and the
-    weighted estimates with their diagnostics."""
-    from diffusion_blend.smc import smc_sample, systematic
-
-    coef = torch.tensor(c, dtype=torch.float64) / problem.alpha
-
-    def potential(x0: torch.Tensor, **_) -> torch.Tensor:
-        return problem.rewards_of(x0.double()) @ coef
-
-    res = smc_sample(build_denoiser(problem, "db-mpa", pref, seeds, experts),
-                     problem.base_denoiser(), potential, problem.schedule, seeds,
-                     (problem.mixture.dim,), cfg.steps, cfg.particles, cfg.ess_threshold)
-    means, errs = mean_and_stderr(res.weighted_mean(problem.rewards_of(res.x0.double())))
-    r, p = res.log_weights.shape
-    u = sample_uniforms(seeds[::p], (), stream="smc-output")
-    flat = (systematic(res.log_weights, u) + p * torch.arange(r)[:, None]).reshape(-1)
-    collapsed = res.collapsed_runs()
-    if collapsed:
-        log.warning("smc: %d of %d runs ended with fewer than 2 effective particles: their "
-                    "estimates are unreliable (use more --particles)", collapsed, r)
-    return res.x0[flat], res.nfe_per_particle, {
-        "final_ess_min": float(res.final_ess.min()), "ess_collapsed_runs": collapsed,
-        "mean_rewards": means, "stderr_rewards": errs, "particles": p, "runs": r,
-        "ess_min": res.ess_min, "resampling_count": res.resampling_count,
-        "log_z_estimate": res.log_z_estimate(),
-        "log_z_stderr": float(res.log_z.exp().std() / res.log_z.exp().mean() / r**0.5)}
-
-
-def _with_learned(problem: Toy2dProblem, learned: list | None):
-    """The problem at the experts' alpha, and the basis ``W`` (one row of reward weights per
-    expert; the identity for the exact experts)."""
-    if not learned:
-        return problem, torch.eye(problem.k, dtype=torch.float64)
-    alphas = {e.alpha for e in learned}
-    if len(alphas) != 1:
-        raise UsageError(f"--experts were trained at different alphas {sorted(alphas)}; "
-                         "blend experts trained at one alpha")
-    from diffusion_blend.finetune.toy2d import with_alpha
-
-    return with_alpha(problem, alphas.pop()), torch.tensor([e.w for e in learned],
-                                                           dtype=torch.float64)
-
-
-def save_sample_run(out: Path, cfg: Toy2dSampleConfig, summary: dict, x0: torch.Tensor,
-                    problem: Toy2dProblem) -> None:
+def save_sample_run(out: Path, config: dict, summary: dict, x0: torch.Tensor,
+                    domain: Toy2dDomain) -> None:
     """Samples (safetensors), resolved config, summary and a scatter plot over the target."""
     from safetensors.torch import save_file
 
     from diffusion_blend.io import atomic_write
 
     atomic_write(out / "samples.safetensors", lambda p: save_file({"x0": x0.contiguous()}, p))
-    resolved = dataclasses.asdict(cfg) | {"spec": problem.spec, "w": summary["w"]}
-    write_json(out / "config.json", resolved)
+    write_json(out / "config.json", config | {"spec": domain.problem.spec, "w": summary["w"]})
     write_json(out / "result.json", summary)
-    target, _ = problem.tilted(summary["target_coefficients"])
-    title = f"{cfg.method}  w={summary['w']}  lam={summary['lam']}"
-    save_figure(scatter_figure(x0, target, title), out / "scatter.png")
+    pref = Preference(summary["w"], summary["lam"], allow_extrapolation=True)
+    title = f"{summary['method']}  w={summary['w']}  lam={summary['lam']}"
+    save_figure(scatter_figure(x0, domain.mixture(pref)[0], title), out / "scatter.png")
 
 
 # ---------------------------------------------------------------------------- plots
@@ -245,10 +92,10 @@ def run_gap(
     divisions: int = 10, progress: bool = False,
 ) -> list[dict]:
     """Blend against exact target over a ``w`` grid at ``lam = 1`` (the Jensen gap)."""
-    rows = []
+    rows, domain = [], Toy2dDomain(problem, steps)
+    check_memory(n, steps, problem)
     for w in tqdm(simplex_grid(problem.k, divisions), disable=not progress, desc="w grid"):
-        cfg = Toy2dSampleConfig(spec=problem.spec, w=w, n=n, steps=steps, seed=seed)
-        summary, _ = run_sample(cfg, problem)
+        summary, _ = run_sample(domain, SampleConfig(w=w, n=n, seed=seed))
         gap = [m - t for m, t in zip(summary["mean_rewards"], summary["target_mean_rewards"],
                                      strict=True)]
         rows.append(summary | {"gap": gap})
@@ -329,15 +176,13 @@ def run_demo(out: str | Path = "dblend-demo", overwrite: bool = False, n: int = 
 
 
 def _demo_scatters(out: Path, problem: Toy2dProblem, spec: str, n: int, steps: int) -> list[str]:
-    names = []
+    names, domain = [], Toy2dDomain(problem, steps)
     for w in [(1.0, 0.0), (0.5, 0.5), (0.25, 0.75)]:
         for method in ("db-mpa", "exact"):
-            cfg = Toy2dSampleConfig(spec=problem.spec, w=w, method=method, n=min(n, 3000),
-                                    steps=steps)
-            summary, x0 = run_sample(cfg, problem)
+            summary, x0 = run_sample(domain, SampleConfig(method, w, n=min(n, 3000)))
             name = f"scatter_{spec}_{method}_w{w[0]:.2f}.png"
             rew = [round(v, 2) for v in summary["mean_rewards"]]
-            fig = scatter_figure(x0, problem.target(cfg.preference(2))[0],
+            fig = scatter_figure(x0, domain.mixture(Preference(w))[0],
                                  f"{spec}: {method}  w={list(w)}  E[r]={rew}")
             save_figure(fig, out / name)
             names.append(name)

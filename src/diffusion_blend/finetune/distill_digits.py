@@ -11,26 +11,29 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_blend.adapters import AdapterView, adapter_state, add_lora, load_adapter_state
+from diffusion_blend.adapters import AdapterView, adapter_state, add_lora
 from diffusion_blend.amortised import (
-    AmortisedDenoiser,
     PrefEmbedding,
     coefficients,
-    merged_copy,
     per_row_blend,
     sample_preferences,
 )
-from diffusion_blend.blend import Preference
 from diffusion_blend.domains import digits
-from diffusion_blend.domains.digits import LORA_TARGETS, PAIR, attach_expert, classes_for
+from diffusion_blend.domains.digits import (
+    AMORTISED,
+    AMORTISED_ADAPTER,
+    LORA_TARGETS,
+    PAIR,
+    attach_expert,
+    classes_for,
+)
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.objective import iteration_seeds
 from diffusion_blend.finetune.run import load_checkpoint, save_checkpoint
-from diffusion_blend.io import load_weights, prepare_out_dir, save_weights
+from diffusion_blend.io import prepare_out_dir, save_weights
 from diffusion_blend.sampling import sample
 
-ADAPTER = "amortised"
-NAME = f"amortised_{PAIR[0]}_{PAIR[1]}"
+ADAPTER, NAME = AMORTISED_ADAPTER, AMORTISED
 
 
 @dataclass
@@ -130,26 +133,3 @@ def run_distill(weights_dir: Path, out: Path, cfg: DistillConfig | None = None,
         "base_sha256": base_meta["sha256"], "final_loss": loss,
         "lora": {"rank": cfg.lora_rank, "targets": list(LORA_TARGETS)},
         "train_seconds": time.perf_counter() - t0})
-
-
-def load_amortised(weights_dir: Path | None = None, preference: Preference | None = None,
-                   path: Path | None = None,
-                   allow_extrapolation: bool = False) -> AmortisedDenoiser:
-    """The shipped (or ``path``) amortised blend as a denoiser (LoRA merged: one model's cost
-    per step)."""
-    weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
-    model, base_meta = digits.load_base(weights_dir)
-    state, meta = load_weights(path or weights_dir / "experts" / f"{NAME}.safetensors",
-                               "dblend distill digits")
-    if meta.get("base_sha256") != base_meta["sha256"]:
-        raise UsageError(f"{NAME} was distilled on another base; rerun `dblend distill digits`")
-    add_lora(model, ADAPTER, meta["lora"]["rank"], meta["lora"]["targets"])
-    load_adapter_state(model, ADAPTER, {k[5:]: v for k, v in state.items()
-                                        if k.startswith("lora.")})
-    emb = PrefEmbedding(len(meta["pair"]), model.unet.time_embedding.linear_2.out_features,
-                        meta["config"]["hidden"])
-    emb.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("pref.")})
-    net = merged_copy(model, ADAPTER)
-    return AmortisedDenoiser(net, emb.requires_grad_(False), net.unet.time_embedding,
-                             preference or Preference((0.5, 0.5)), meta["config"]["lam_max"],
-                             allow_extrapolation)

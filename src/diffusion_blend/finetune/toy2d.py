@@ -8,19 +8,17 @@ control is learned. The optimum of ``E[r_w] - alpha * KL`` is ``alpha * log E_pr
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from diffusion_blend.domains.toy2d import MixtureDenoiser, Toy2dProblem
+from diffusion_blend.domains.toy2d import MixtureDenoiser, Toy2dProblem, TrainedExpert
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.config import FinetuneConfig
 from diffusion_blend.finetune.objective import Task, evaluate, iteration_seeds
@@ -71,10 +69,6 @@ def base_hash(problem: Toy2dProblem) -> str:
     """Identity of the pretrained model: the base mixture and the noise schedule."""
     spec = {"mixture": problem.spec["mixture"], "schedule": problem.spec["schedule"]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def with_alpha(problem: Toy2dProblem, alpha: float) -> Toy2dProblem:
-    return dataclasses.replace(problem, alpha=float(alpha), spec=problem.spec | {"alpha": alpha})
 
 
 def make_task(problem: Toy2dProblem, cfg: FinetuneConfig) -> Task:
@@ -136,7 +130,7 @@ def finetune_toy2d(problem: Toy2dProblem, cfg: FinetuneConfig, out: str | Path,
                    resume: bool = False, overwrite: bool = False, progress: bool = True,
                    stop_after: int | None = None) -> dict:
     """Train an expert for ``r_w`` at ``cfg.alpha``, save it, and measure it (the CLI's JSON)."""
-    problem = with_alpha(problem, cfg.alpha)
+    problem = problem.with_alpha(cfg.alpha)
     task = make_task(problem, cfg)
     meta = {"domain": "toy2d", "spec": problem.spec, "w": list(cfg.w), "alpha": cfg.alpha,
             "base_sha256": base_hash(problem)}
@@ -155,17 +149,7 @@ def finetune_toy2d(problem: Toy2dProblem, cfg: FinetuneConfig, out: str | Path,
     return result
 
 
-@dataclass
-class LearnedExpert:
-    """A fine-tuned toy2d model: its denoiser, the reward weights and alpha it was trained for."""
-
-    denoiser: nn.Module
-    w: list[float]
-    alpha: float
-    path: Path
-
-
-def load_expert(path: str | Path, problem: Toy2dProblem) -> LearnedExpert:
+def load_expert(path: str | Path, problem: Toy2dProblem) -> TrainedExpert:
     """Load ``expert.safetensors`` from a run directory; refuse one trained on another base."""
     path = Path(path)
     state, meta = load_weights(path / "expert.safetensors", "dblend finetune toy2d --out DIR")
@@ -177,4 +161,4 @@ def load_expert(path: str | Path, problem: Toy2dProblem) -> LearnedExpert:
                           cfg.hidden)
     load_trainable(model, state)
     model.eval().requires_grad_(False)
-    return LearnedExpert(model, list(meta["w"]), float(meta["alpha"]), path)
+    return TrainedExpert(model, list(meta["w"]), float(meta["alpha"]), path)
