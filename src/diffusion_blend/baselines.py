@@ -19,8 +19,16 @@ import torch
 from diffusion_blend.blend import Denoiser, nfe_of
 from diffusion_blend.errors import UsageError
 from diffusion_blend.pipelines import repeat_batch
-from diffusion_blend.sampling import SampleResult, Schedule, predict_x0, step
-from diffusion_blend.seeding import sample_normals
+from diffusion_blend.sampling import (
+    SampleResult,
+    Schedule,
+    Step,
+    chain_noise,
+    chain_steps,
+    predict_x0,
+    run_steps,
+    step,
+)
 
 RewardFn = Callable[..., torch.Tensor]
 
@@ -66,31 +74,30 @@ def code_sample(denoiser: Denoiser, schedule: Schedule, seeds: Sequence[int],
     noise, so ``n = 1`` is plain DDPM sampling. Returns the result and reward evals per sample."""
     if n < 1 or block < 1:
         raise UsageError(f"code: n={n} and block={block} must both be >= 1")
-    pairs, b, cond = schedule.transitions(steps), len(seeds), cond or {}
-    streams = ["noise"] + [f"code-{j}" for j in range(1, n)]
-    noise = torch.cat([sample_normals(seeds, (len(pairs) + 1, *shape), s) for s in streams])
-    cond_n = repeat_batch(cond, b, n)
-    x, nfe, evals = noise[:b, 0], 0.0, 0.0
-    for k0 in range(0, len(pairs), block):
-        xs = x.repeat(n, *([1] * len(shape)))
-        for k in range(k0, min(k0 + block, len(pairs))):
-            t, abar_t, abar_s = pairs[k]
-            xs = step(denoiser, xs, t, abar_t, abar_s, noise[:, k + 1], cond=cond_n).x
-            nfe += n * nfe_of(denoiser)
-        if n == 1:
-            x = xs
-            continue
-        x0_hat, extra = _predicted_x0(denoiser, xs, pairs, k0 + block, cond_n)
-        nfe, evals = nfe + n * extra, evals + n
+    plan, b = chain_steps(schedule, steps), len(seeds)
+    noise = torch.cat([chain_noise(seeds, len(plan), shape, s)
+                       for s in ["noise"] + [f"code-{j}" for j in range(1, n)]])
+    cond_n, evals = repeat_batch(cond or {}, b, n), [0.0]
+
+    def one(st: Step, xs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return step(denoiser, xs, st.t, st.abar_t, st.abar_s, z, cond=cond_n).x
+
+    def select(st: Step, xs: torch.Tensor) -> torch.Tensor | None:
+        """At a block's end: the best continuation of each sample, repeated for the next."""
+        if n == 1 or not (st.last or (st.k + 1) % block == 0):
+            return None
+        x0_hat = xs if st.last else _predicted_x0(denoiser, xs, plan[st.k + 1], cond_n)
+        evals[0] += n
         best = reward(x0_hat, **cond_n).reshape(n, b).argmax(0)
-        x = xs.reshape(n, b, *shape)[best, torch.arange(b)]
-    return SampleResult(x0=x, nfe_per_sample=nfe), evals
+        return xs.reshape(n, b, *shape)[best, torch.arange(b)].repeat(n, *([1] * len(shape)))
+
+    x = run_steps(one, noise[:b, 0].repeat(n, *([1] * len(shape))), plan, noise, select)
+    blocks = -(-len(plan) // block)
+    nfe = n * nfe_of(denoiser) * (len(plan) + (blocks - 1 if n > 1 else 0))
+    return SampleResult(x0=x[:b], nfe_per_sample=nfe), evals[0]
 
 
-def _predicted_x0(denoiser, xs, pairs, k_next: int, cond) -> tuple[torch.Tensor, float]:
-    """``x0_hat`` of states about to take step ``k_next`` (the states themselves at the end)."""
-    if k_next >= len(pairs):
-        return xs, 0.0
-    t, abar_t, _ = pairs[k_next]
-    eps = denoiser(xs, torch.full((xs.shape[0],), t, dtype=torch.long), **cond)
-    return predict_x0(eps, xs, abar_t), nfe_of(denoiser)
+def _predicted_x0(denoiser: Denoiser, xs: torch.Tensor, nxt: Step, cond: dict) -> torch.Tensor:
+    """``x0_hat`` of states about to take step ``nxt``."""
+    eps = denoiser(xs, nxt.timesteps(xs.shape[0]), **cond)
+    return predict_x0(eps, xs, nxt.abar_t)

@@ -11,7 +11,7 @@ which policy-gradient fine-tuning needs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -180,6 +180,54 @@ def step_from_eps(eps: torch.Tensor, x: torch.Tensor, abar_t: float, abar_s: flo
 # ---------------------------------------------------------------------------- whole chains
 
 
+@dataclass(frozen=True)
+class Step:
+    """One transition of a chain: index ``k`` (0 is the noisiest), timestep ``t``, ``abar_t``,
+    ``abar_s`` (1 after the last step) and whether it is the last."""
+
+    k: int
+    t: int
+    abar_t: float
+    abar_s: float
+    last: bool
+
+    def timesteps(self, b: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``t`` for a batch of ``b`` rows (what a denoiser is called with)."""
+        return torch.full((b,), self.t, dtype=torch.long, device=device)
+
+
+def chain_steps(schedule: Schedule, steps: int | None) -> list[Step]:
+    """The ``Step`` of each transition of a ``steps``-step chain, noisiest first."""
+    pairs = schedule.transitions(steps)
+    return [Step(k, t, a_t, a_s, k == len(pairs) - 1) for k, (t, a_t, a_s) in enumerate(pairs)]
+
+
+def chain_noise(seeds: Sequence[int], n_steps: int, shape: tuple[int, ...],
+                stream: str = "noise", dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each seed's noise for a chain, ``[B, n_steps + 1, *shape]``: the initial state ``x_T``,
+    then one draw per step (drawn at once, so a sample does not depend on its batch)."""
+    return sample_normals(seeds, (n_steps + 1, *shape), stream, dtype).to(device)
+
+
+StepFn = Callable[[Step, torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[Step, torch.Tensor], torch.Tensor | None]
+
+
+def run_steps(step_fn: StepFn, x: torch.Tensor, steps: list[Step], noise: torch.Tensor,
+              callback: Callback | None = None, progress: bool = False,
+              desc: str = "sampling") -> torch.Tensor:
+    """The one reverse-chain loop (k-diffusion's habit): ``x = step_fn(step, x, noise_k)`` for
+    each step, noisiest first, then ``callback(step, x)``, which may return a replacement state
+    (CoDe's selection) or ``None``. Sampling, SMC, CoDe, DPOK's rollouts and the fine-tuning
+    chains are all this loop with their own step."""
+    for st in tqdm(steps, disable=not progress, desc=desc):
+        x = step_fn(st, x, noise[:, st.k + 1])
+        new = None if callback is None else callback(st, x)
+        x = x if new is None else new
+    return x
+
+
 @dataclass
 class SampleResult:
     """Final samples, cost, and per-step log-probs / KLs (``[steps, B]``) when asked for."""
@@ -197,30 +245,33 @@ def sample(
     steps: int | None = None, sampler: str = "ddpm", eta: float = 1.0,
     cond: dict | None = None, reference: Denoiser | None = None, record: bool = False,
     clip_x0: float | None = None, dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu", progress: bool = False,
+    device: torch.device | str = "cpu", progress: bool = False, callback: Callback | None = None,
 ) -> SampleResult:
     """Run the reverse chain from per-sample seeded noise.
 
     ``reference``: also return the per-step KL to that denoiser's step (costs its NFE too).
     ``record``: also return per-step log-probs and the visited states ``x_T, ..., x_0``.
+    ``callback(step, x)``: called after each step (see ``run_steps``).
     """
     if sampler not in SAMPLERS:
         raise UsageError(f"sampler {sampler!r} is not known; use one of {SAMPLERS}")
-    pairs = schedule.transitions(steps)
-    noise = sample_normals(seeds, (len(pairs) + 1, *shape), dtype=dtype).to(device)
-    x = noise[:, 0]
-    logps, kls, states, nfe = [], [], [x] if record else [], 0.0
-    for k, (t, abar_t, abar_s) in enumerate(tqdm(pairs, disable=not progress, desc="sampling")):
-        out = step(denoiser, x, t, abar_t, abar_s, noise[:, k + 1], eta, sampler, clip_x0, cond)
-        nfe += nfe_of(denoiser)
+    plan = chain_steps(schedule, steps)
+    noise = chain_noise(seeds, len(plan), shape, dtype=dtype, device=device)
+    logps, kls, states = [], [], [noise[:, 0]] if record else []
+
+    def one(st: Step, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        out = step(denoiser, x, st.t, st.abar_t, st.abar_s, z, eta, sampler, clip_x0, cond)
         if reference is not None:
-            ref = step(reference, x, t, abar_t, abar_s, None, eta, sampler, clip_x0, cond)
+            ref = step(reference, x, st.t, st.abar_t, st.abar_s, None, eta, sampler, clip_x0,
+                       cond)
             kls.append(gaussian_kl(out.mean, ref.mean, out.kl_var))
-            nfe += nfe_of(reference)
         if record:
             logps.append(_step_logprob(out))
             states.append(out.x)
-        x = out.x
+        return out.x
+
+    x = run_steps(one, noise[:, 0], plan, noise, callback, progress)
+    nfe = len(plan) * (nfe_of(denoiser) + (nfe_of(reference) if reference is not None else 0))
     return SampleResult(
         x0=x, nfe_per_sample=nfe,
         logprobs=torch.stack(logps) if record else None,

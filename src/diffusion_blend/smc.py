@@ -24,8 +24,17 @@ import torch
 
 from diffusion_blend.blend import Denoiser, nfe_of, select_rows
 from diffusion_blend.errors import UsageError
-from diffusion_blend.sampling import Schedule, ddpm_step, gaussian_logprob, predict_x0
-from diffusion_blend.seeding import sample_normals, sample_uniforms
+from diffusion_blend.sampling import (
+    Schedule,
+    Step,
+    chain_noise,
+    chain_steps,
+    ddpm_step,
+    gaussian_logprob,
+    predict_x0,
+    run_steps,
+)
+from diffusion_blend.seeding import sample_uniforms
 
 
 @dataclass
@@ -108,48 +117,72 @@ def smc_sample(proposal: Denoiser, base: Denoiser, potential: Callable[..., torc
     if p < 1 or r < 1 or not 0 <= ess_threshold <= 1:
         raise UsageError(f"smc: {r} runs, particles={particles}, ess_threshold={ess_threshold}:"
                          " need particles >= 1, a seed per run and 0 <= threshold <= 1")
-    pairs, n = schedule.transitions(steps), r * p
-    if pairs[-1][2] != 1.0:
+    plan, n = chain_steps(schedule, steps), r * p
+    if plan[-1].abar_s != 1.0:
         raise UsageError("smc needs the chain to end with the noise-free step")
-    rows = torch.arange(r).repeat_interleave(p)
-    cond = {k: select_rows(v, rows, r) for k, v in (cond or {}).items()}
-    noise = sample_normals(seeds, (p, len(pairs) + 1, *shape), stream="smc-particles")
-    noise = noise.reshape(n, len(pairs) + 1, *shape)
-    u = sample_uniforms(list(seeds), (len(pairs),), stream="smc-resample")
-    x, logw, logz = noise[:, 0], torch.full((r, p), -math.log(p), dtype=torch.float64), \
-        torch.zeros(r, dtype=torch.float64)
-    psi_prev = ratio = None
-    ess_min, resamples, paths = float(p), torch.zeros(r), [] if record else None
-    for k, (t, a_t, a_s) in enumerate(pairs):
+    noise = chain_noise(seeds, len(plan), (p, *shape), "smc-particles")   # [R, S + 1, P, ...]
+    noise = noise.transpose(1, 2).reshape(n, len(plan) + 1, *shape)      # particle s * P + j
+    state = _Runs(r, p, ess_threshold, {k: select_rows(v, torch.arange(r).repeat_interleave(p),
+                                                       r) for k, v in (cond or {}).items()},
+                  sample_uniforms(list(seeds), (len(plan),), stream="smc-resample"))
+    paths = [] if record else None
+
+    def one(st: Step, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if record:
             paths.append(x)
-        tt = torch.full((n,), t, dtype=torch.long)
-        eps_p = base(x, tt, **cond)
-        psi = potential(predict_x0(eps_p, x, a_t), **cond).double()
-        inc = psi if k == 0 else ratio + psi - psi_prev
-        logw, logz = _reweight(logw, logz, inc.reshape(r, p))
-        if k == len(pairs) - 1:                      # x0 by the pretrained last map
-            x = ddpm_step(eps_p, x, a_t, a_s)[0]
-            break
-        e = ess(logw)
-        ess_min = min(ess_min, float(e.min()))
-        redo = e < ess_threshold * p
-        if bool(redo.any()):
-            anc = systematic(logw, u[:, k])
-            keep = torch.arange(p).expand(r, p)
-            anc = torch.where(redo[:, None], anc, keep)
-            flat = (anc + p * torch.arange(r)[:, None]).reshape(-1)
-            x, psi, eps_p = x[flat], psi[flat], eps_p[flat]
-            cond = {key: select_rows(v, flat, n) for key, v in cond.items()}
-            logw = torch.where(redo[:, None], torch.full_like(logw, -math.log(p)), logw)
-            resamples += redo.float()
-        eps_q = proposal(x, tt, **cond)
-        mean_q, var = ddpm_step(eps_q, x, a_t, a_s)
-        mean_p, _ = ddpm_step(eps_p, x, a_t, a_s)
-        x_new = mean_q + math.sqrt(var) * noise[:, k + 1]
-        ratio = (gaussian_logprob(x_new, mean_p, var) - gaussian_logprob(x_new, mean_q, var))
-        ratio, psi_prev, x = ratio.double(), psi, x_new
+        eps_p = base(x, st.timesteps(n), **state.cond)
+        psi = potential(predict_x0(eps_p, x, st.abar_t), **state.cond).double()
+        state.reweight(psi, st.k)
+        if st.last:                                  # x0 by the pretrained last map
+            return ddpm_step(eps_p, x, st.abar_t, st.abar_s)[0]
+        x, psi, eps_p = state.resample(st.k, x, psi, eps_p)
+        mean_q, var = ddpm_step(proposal(x, st.timesteps(n), **state.cond), x, st.abar_t,
+                                st.abar_s)
+        mean_p, _ = ddpm_step(eps_p, x, st.abar_t, st.abar_s)
+        x_new = mean_q + math.sqrt(var) * z
+        state.ratio = (gaussian_logprob(x_new, mean_p, var)
+                       - gaussian_logprob(x_new, mean_q, var)).double()
+        state.psi_prev = psi
+        return x_new
+
+    x = run_steps(one, noise[:, 0], plan, noise)
     if record:
         paths.append(x)
-    nfe = len(pairs) * nfe_of(base) + (len(pairs) - 1) * nfe_of(proposal)
-    return SmcResult(x, logw, logz, ess_min, float(resamples.mean()), nfe, cond, paths)
+    nfe = len(plan) * nfe_of(base) + (len(plan) - 1) * nfe_of(proposal)
+    return SmcResult(x, state.logw, state.logz, state.ess_min, float(state.resamples.mean()),
+                     nfe, state.cond, paths)
+
+
+class _Runs:
+    """``R`` runs of ``P`` particles between steps: normalised log-weights, ``log Z``, the
+    potentials and proposal ratio of the last move, the particles' conditioning."""
+
+    def __init__(self, r: int, p: int, threshold: float, cond: dict, u: torch.Tensor):
+        self.r, self.p, self.threshold, self.cond, self.u = r, p, threshold, cond, u
+        self.logw = torch.full((r, p), -math.log(p), dtype=torch.float64)
+        self.logz = torch.zeros(r, dtype=torch.float64)
+        self.psi_prev = self.ratio = None
+        self.ess_min, self.resamples = float(p), torch.zeros(r)
+
+    def reweight(self, psi: torch.Tensor, k: int) -> None:
+        """Weights times ``p_pre / q`` of the last move and ``exp(psi - psi_prev)``."""
+        inc = psi if k == 0 else self.ratio + psi - self.psi_prev
+        self.logw, self.logz = _reweight(self.logw, self.logz, inc.reshape(self.r, self.p))
+
+    def resample(self, k: int, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Systematic resampling of the runs whose ESS fell below the threshold; ``rows``
+        (and the conditioning) follow their particles."""
+        e = ess(self.logw)
+        self.ess_min = min(self.ess_min, float(e.min()))
+        redo = e < self.threshold * self.p
+        if not bool(redo.any()):
+            return rows
+        r, p = self.r, self.p
+        anc = torch.where(redo[:, None], systematic(self.logw, self.u[:, k]),
+                          torch.arange(p).expand(r, p))
+        flat = (anc + p * torch.arange(r)[:, None]).reshape(-1)
+        self.cond = {key: select_rows(v, flat, r * p) for key, v in self.cond.items()}
+        self.logw = torch.where(redo[:, None], torch.full_like(self.logw, -math.log(p)),
+                                self.logw)
+        self.resamples += redo.float()
+        return tuple(v[flat] for v in rows)

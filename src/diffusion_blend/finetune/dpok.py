@@ -24,9 +24,17 @@ from torch import nn
 
 from diffusion_blend.blend import select_rows
 from diffusion_blend.finetune.config import FinetuneConfig
-from diffusion_blend.finetune.objective import Task, predictions, scaled_reward, timestep_tensor
-from diffusion_blend.sampling import ddpm_step, gaussian_kl, gaussian_logprob, step_from_eps
-from diffusion_blend.seeding import sample_normals
+from diffusion_blend.finetune.objective import Task, predictions, scaled_reward
+from diffusion_blend.sampling import (
+    Step,
+    chain_noise,
+    chain_steps,
+    ddpm_step,
+    gaussian_kl,
+    gaussian_logprob,
+    run_steps,
+    step_from_eps,
+)
 
 
 @dataclass
@@ -49,16 +57,16 @@ class Rollout:
 @torch.no_grad()
 def rollout(task: Task, cfg: FinetuneConfig, seeds: list[int]) -> Rollout:
     """Sample trajectories with the current policy and record what the update needs."""
-    pairs = task.schedule.transitions(cfg.sample_steps)
-    noise = sample_normals(seeds, (len(pairs) + 1, *task.shape)).to(task.device)
+    plan = chain_steps(task.schedule, cfg.sample_steps)
+    noise = chain_noise(seeds, len(plan), task.shape, device=task.device)
     cond = task.conditioning(seeds)
-    x = noise[:, 0]
     rec = {k: [] for k in ("states", "actions", "old_logp", "ref_means", "kl", "stochastic")}
-    for k, (t, a_t, a_s) in enumerate(pairs):
-        tt = timestep_tensor(t, len(seeds), task.device)
-        eps, eps_ref = predictions(task, x, tt, cond, task.freeze_last_step and k == len(pairs) - 1)
-        out = step_from_eps(eps, x, a_t, a_s, noise[:, k + 1])
-        ref = step_from_eps(eps_ref, x, a_t, a_s, None)
+
+    def one(st: Step, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        tt = st.timesteps(len(seeds), task.device)
+        eps, eps_ref = predictions(task, x, tt, cond, task.freeze_last_step and st.last)
+        out = step_from_eps(eps, x, st.abar_t, st.abar_s, z)
+        ref = step_from_eps(eps_ref, x, st.abar_t, st.abar_s, None)
         lp = gaussian_logprob(out.x, out.mean, out.var) if out.var > 0 else torch.zeros_like(
             out.x.flatten(1)[:, 0])
         for key, v in (("states", x), ("actions", out.x), ("old_logp", lp),
@@ -66,13 +74,14 @@ def rollout(task: Task, cfg: FinetuneConfig, seeds: list[int]) -> Rollout:
                                                                    out.kl_var)),
                        ("stochastic", out.var > 0)):
             rec[key].append(v)
-        x = out.x
-    r = scaled_reward(task, cfg, x, cond)
-    ts = [p[0] for p in pairs]
+        return out.x
+
+    r = scaled_reward(task, cfg, run_steps(one, noise[:, 0], plan, noise), cond)
     return Rollout(
         **{k: torch.stack(v) if k != "stochastic" else torch.tensor(v) for k, v in rec.items()},
-        reward=r, timesteps=torch.tensor(ts), abar_t=torch.tensor([p[1] for p in pairs]),
-        abar_s=torch.tensor([p[2] for p in pairs]), cond=cond)
+        reward=r, timesteps=torch.tensor([st.t for st in plan]),
+        abar_t=torch.tensor([st.abar_t for st in plan]),
+        abar_s=torch.tensor([st.abar_s for st in plan]), cond=cond)
 
 
 def returns(ro: Rollout, cfg: FinetuneConfig) -> torch.Tensor:

@@ -17,8 +17,15 @@ from torch.utils.checkpoint import checkpoint
 
 from diffusion_blend.blend import Denoiser
 from diffusion_blend.errors import UsageError
-from diffusion_blend.sampling import Schedule, ddpm_mean_eps_coef, step_from_eps
-from diffusion_blend.seeding import sample_normals
+from diffusion_blend.sampling import (
+    Schedule,
+    Step,
+    chain_noise,
+    chain_steps,
+    ddpm_mean_eps_coef,
+    run_steps,
+    step_from_eps,
+)
 
 if TYPE_CHECKING:
     from diffusion_blend.finetune.config import FinetuneConfig
@@ -56,10 +63,6 @@ def iteration_seeds(seed: int, iteration: int, n: int, offset: int = 0) -> list[
         raise UsageError(f"seed={seed} is not allowed; a run's seed is 0 ... 2**24 - 1")
     base = (int(seed) << 40) + offset + iteration * n
     return list(range(base, base + n))
-
-
-def timestep_tensor(t: int, b: int, device: torch.device | str) -> torch.Tensor:
-    return torch.full((b,), t, dtype=torch.long, device=device)
 
 
 def predictions(task: Task, x: torch.Tensor, t: torch.Tensor, cond: dict,
@@ -116,27 +119,29 @@ def run_chain(task: Task, seeds: Sequence[int], steps: int | None, tracked_from:
     """Sample with the policy: final states, each trajectory's summed KL to the reference, and
     the conditioning. Steps before ``tracked_from`` run without gradient (truncated backprop);
     with ``grad_checkpointing`` each tracked step is recomputed in the backward pass."""
-    pairs = task.schedule.transitions(steps)
-    noise = sample_normals(seeds, (len(pairs) + 1, *task.shape)).to(task.device)
+    plan = chain_steps(task.schedule, steps)
+    noise = chain_noise(seeds, len(plan), task.shape, device=task.device)
     cond = task.conditioning(seeds)
-    x, total = noise[:, 0], torch.zeros(len(seeds), device=task.device)
-    grad = torch.is_grad_enabled()
-    for k, (t, a_t, a_s) in enumerate(pairs):
-        tracked = grad and k >= tracked_from
-        frozen = task.freeze_last_step and k == len(pairs) - 1
-        args = (x, noise[:, k + 1], t, a_t, a_s, cond, frozen)
+    total, grad = [torch.zeros(len(seeds), device=task.device)], torch.is_grad_enabled()
+
+    def one(st: Step, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        tracked = grad and st.k >= tracked_from
+        args = (x, z, st, cond, task.freeze_last_step and st.last)
         with torch.set_grad_enabled(tracked):
             if tracked and grad_checkpointing:
                 x, kl = checkpoint(_chain_step, task, *args, use_reentrant=False)
             else:
                 x, kl = _chain_step(task, *args)
-        total = total + kl
-    return x, total, cond
+        total[0] = total[0] + kl
+        return x
+
+    x = run_steps(one, noise[:, 0], plan, noise)
+    return x, total[0], cond
 
 
-def _chain_step(task: Task, x, noise, t, a_t, a_s, cond, frozen):
-    tt = timestep_tensor(t, x.shape[0], x.device)
-    out, kl = kl_step(*predictions(task, x, tt, cond, frozen), x, a_t, a_s, noise)
+def _chain_step(task: Task, x, noise, st: Step, cond, frozen):
+    tt = st.timesteps(x.shape[0], x.device)
+    out, kl = kl_step(*predictions(task, x, tt, cond, frozen), x, st.abar_t, st.abar_s, noise)
     return out.x, kl
 
 
