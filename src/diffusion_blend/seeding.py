@@ -49,9 +49,14 @@ def sample_uniforms(seeds: Sequence[int], shape: tuple[int, ...], stream: str) -
     return torch.from_numpy(out)
 
 
-def seed_range(seed: int, n: int) -> list[int]:
-    """The per-sample seeds of a run: ``seed, seed + 1, ..., seed + n - 1``."""
+def check_seed_range(seed: int, n: int) -> None:
+    """Refuse a run whose seeds ``seed ... seed + n - 1`` leave ``0 ... 2**64 - 1``."""
     if not 0 <= int(seed) or int(seed) + int(n) > MAX_SEED:
         raise UsageError(f"seeds {seed} ... {int(seed) + int(n) - 1} are not allowed; seeds "
                          "are 0 ... 2**64 - 1")
+
+
+def seed_range(seed: int, n: int) -> list[int]:
+    """The per-sample seeds of a run: ``seed, seed + 1, ..., seed + n - 1``."""
+    check_seed_range(seed, n)
     return list(range(int(seed), int(seed) + int(n)))

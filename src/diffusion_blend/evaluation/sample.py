@@ -17,7 +17,7 @@ from diffusion_blend.domains.base import Domain
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.methods import METHODS, MethodConfig, run_method
 from diffusion_blend.evaluation.metrics import energy_distance, mean_and_stderr
-from diffusion_blend.seeding import seed_range
+from diffusion_blend.seeding import check_seed_range, seed_range
 
 REFERENCE_SEED_OFFSET = 1_000_000_000  # exact reference samples use seeds disjoint from runs
 
@@ -39,7 +39,7 @@ class SampleConfig:
             raise UsageError(f"--method {self.method!r} is not known; use one of {METHODS}")
         if int(self.n) < 1:
             raise UsageError(f"--n {self.n} is not allowed; use >= 1")
-        seed_range(self.seed, self.n)
+        check_seed_range(self.seed, self.n)
 
     def preference(self, k: int) -> Preference:
         w = self.w if self.w is not None else (1.0 / k,) * k
