@@ -114,6 +114,17 @@ class AdapterView(nn.Module):
             return self.model(x, t, **cond)
 
 
+def held_params(model: nn.Module, names: Sequence[str], parts: Sequence[str]) -> int:
+    """Parameters held to run ``parts``: the base weights once, plus the LoRA weights of each
+    ``expert{i}`` (adapter ``names[i]``) among them."""
+    total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    for part in parts:
+        if part.startswith("expert"):
+            name = names[int(part[len("expert"):])]
+            total += sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n)
+    return total
+
+
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """The weights of adapter ``name`` (PEFT key layout, adapter name removed)."""
     from peft.utils import get_peft_model_state_dict

@@ -26,6 +26,7 @@ from diffusion_blend.adapters import (
     LoraSoup,
     adapter_names,
     add_lora,
+    held_params,
     load_adapter_state,
 )
 from diffusion_blend.amortised import AmortisedDenoiser, PrefEmbedding, merged_copy
@@ -457,11 +458,4 @@ class DigitsDomain:
         return None
 
     def params(self, parts: list[str]) -> int:
-        """Base weights once, plus the LoRA weights of each adapter used."""
-        total = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" not in n)
-        for part in parts:
-            if part.startswith("expert"):
-                name = self.names[int(part[len("expert"):])]
-                total += sum(p.numel() for n, p in self.model.named_parameters()
-                             if f".{name}." in n)
-        return total
+        return held_params(self.model, self.names, parts)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_blend.adapters import AdapterView, LoraSoup, adapter_names
+from diffusion_blend.adapters import AdapterView, LoraSoup, adapter_names, held_params
 from diffusion_blend.blend import Denoiser, Guided, Preference, nfe_of
 from diffusion_blend.errors import UsageError
 from diffusion_blend.offline import hub_offline
@@ -262,11 +262,4 @@ class SdDomain:
         return None
 
     def params(self, parts: list[str]) -> int:
-        """The UNet's weights once, plus the LoRA weights of each adapter used."""
-        total = sum(p.numel() for n, p in self.unet.named_parameters() if "lora_" not in n)
-        for part in parts:
-            if part.startswith("expert"):
-                name = self.names[int(part[len("expert"):])]
-                total += sum(p.numel() for n, p in self.unet.named_parameters()
-                             if f".{name}." in n)
-        return total
+        return held_params(self.unet, self.names, parts)

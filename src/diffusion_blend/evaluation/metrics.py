@@ -9,7 +9,8 @@ def mean_and_stderr(values: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-column mean and standard error of the mean of ``values`` ([n, k])."""
     values = values.double()
     n = values.shape[0]
-    std = values.std(0, unbiased=True) if n > 1 else torch.zeros(values.shape[1:])
+    std = values.std(0, unbiased=True) if n > 1 and values.numel() else torch.zeros(
+        values.shape[1:])
     return values.mean(0).tolist(), (std / n**0.5).tolist()
 
 
