@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -91,36 +90,32 @@ class DigitsSession:
 
 
 class SdSession:
-    """A local diffusers pipeline with LoRA experts, blended once; the preference changes per
-    request (nothing is reloaded)."""
+    """A local diffusers pipeline with LoRA experts, loaded once; renders like ``dblend sample
+    sd`` (the same dispatcher); the preference and the prompt change per request."""
 
     kind, n = "sd", 1
 
     def __init__(self, model: str, experts: list[str], steps: int = 30, guidance: float = 7.5,
                  allow_extrapolation: bool = False):
-        from diffusion_blend.blend import Preference
-        from diffusion_blend.domains.sd import load_experts, load_pipeline
-        from diffusion_blend.pipelines import blend_pipeline
+        from diffusion_blend.domains.sd import SdDomain
 
-        self.pipe = load_pipeline(model)
         self.experts = [str(e) for e in experts]
-        names = load_experts(self.pipe, self.experts)
-        k = len(names)
-        self.model = blend_pipeline(self.pipe, names, Preference((1.0 / k,) * k))
-        self.steps, self.guidance, self.allow = steps, guidance, allow_extrapolation
+        self.domain = SdDomain(model, self.experts, ["a photo of an apple"], steps=steps,
+                               guidance=guidance)
+        self.allow = allow_extrapolation
 
     def render(self, q: dict) -> dict:
-        from diffusion_blend.blend import Preference
+        from diffusion_blend.evaluation.sample import SampleConfig, run_sample
+        from diffusion_blend.io import image_row
 
-        w = [_number(q, f"w{i}") for i in range(len(self.experts))]
-        self.model.preference = Preference(w, _number(q, "lam"), self.allow)
-        seed, prompt = int(_number(q, "seed")), _text(q, "prompt", "a photo of an apple")
-        start = time.perf_counter()
-        img = self.pipe([prompt], num_inference_steps=self.steps, guidance_scale=self.guidance,
-                        generator=[torch.Generator().manual_seed(seed)], output_type="pil").images
-        return {"w": w, "lam": self.model.preference.lam, "seed": seed, "prompt": prompt,
-                "seconds": time.perf_counter() - start, "mean_rewards": {},
-                "image": _png_url(img[0]), "pareto": None}
+        w = tuple(_number(q, f"w{i}") for i in range(len(self.experts)))
+        cfg = SampleConfig("db-mpa", w, _number(q, "lam"), self.allow, self.n,
+                           int(_number(q, "seed")))
+        prompt = _text(q, "prompt", "a photo of an apple")
+        self.domain.set_prompts([prompt])
+        summary, x0 = run_sample(self.domain, cfg)
+        return summary | {"prompt": prompt, "mean_rewards": {}, "pareto": None,
+                          "image": _png_url(image_row(self.domain.images(x0)))}
 
 
 def _number(q: dict, name: str) -> float:

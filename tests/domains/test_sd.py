@@ -125,8 +125,11 @@ def test_ui_session_on_an_sd_pipeline(model_dir, expert):
     q = {"w0": ["0.3"], "w1": ["0.7"], "lam": ["1"], "seed": ["4"], "prompt": ["a red apple"]}
     a = session.render(q)
     b = session.render(q | {"lam": ["0"]})   # the preference changes without reloading
-    assert a["image"].startswith("data:image/png;base64,") and a["image"] != b["image"]
+    assert a["image"].startswith("data:image/png;base64,")
+    # lam = 0 runs the base alone; lam = 1 the two experts (guided: 2 x 2 per step)
+    assert (b["lam"], b["nfe_per_sample"], a["nfe_per_sample"]) == (0.0, 2 * 2.0, 2 * 4.0)
     assert session.render(q)["image"] == a["image"]   # the same seed, the same image
+    assert session.render(q | {"seed": ["5"]})["image"] != a["image"]
     with pytest.raises(UsageError, match="extrapolat"):
         session.render(q | {"lam": ["1.5"]})
 

@@ -222,6 +222,12 @@ class SdDomain:
         den = UNetEps(module, self.schedule, self.pipe.scheduler.config.prediction_type)
         return Guided(den, self.guidance, {"encoder_hidden_states": self.bank.uncond})
 
+    def set_prompts(self, prompts: Sequence[str]) -> None:
+        """Sample from other prompts (the UI's text box); the rewards follow them."""
+        self.bank = PromptBank(self.pipe, prompts)
+        for r in self.reward_fns:
+            r.prompts = list(prompts)
+
     def cond(self, seeds: list[int]) -> dict:
         return self.bank(seeds)
 
