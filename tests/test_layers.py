@@ -12,7 +12,8 @@ import diffusion_blend
 ROOT = Path(diffusion_blend.__file__).parent
 # core <- models <- domains <- methods <- fine-tuning <- evaluation <- top
 LAYERS = {
-    0: ("__init__", "errors", "seeding", "io", "blend", "sampling", "offline", "distributed"),
+    0: ("__init__", "errors", "seeding", "io", "blend", "sampling", "offline", "distributed",
+        "lr"),
     1: ("adapters", "pipelines", "smc", "amortised", "rewards", "convert"),
     2: ("domains",),
     3: ("baselines",),

@@ -11,7 +11,6 @@ stays the pretrained map (``FrozenLastStep``), as the experts were trained.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,10 +29,11 @@ from diffusion_blend.adapters import (
     load_adapter_state,
 )
 from diffusion_blend.amortised import AmortisedDenoiser, PrefEmbedding, merged_copy
-from diffusion_blend.blend import Denoiser, Guided, Preference
+from diffusion_blend.blend import Denoiser, Guided, Preference, nfe_of
 from diffusion_blend.errors import UsageError
 from diffusion_blend.io import load_weights as load_weight_file
 from diffusion_blend.io import read_json
+from diffusion_blend.lr import warmup_lr
 from diffusion_blend.pipelines import BlendedModel
 from diffusion_blend.rewards import get_reward
 from diffusion_blend.sampling import Schedule, sample
@@ -125,13 +125,6 @@ class BaseConfig:
         return Schedule.linear(self.T, self.beta_start, self.beta_end)
 
 
-def _lr(cfg: BaseConfig, it: int) -> float:
-    if it < cfg.warmup:
-        return cfg.lr * (it + 1) / cfg.warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (it - cfg.warmup) / (cfg.iterations -
-                                                                       cfg.warmup)))
-
-
 def train_base(cfg: BaseConfig, progress: bool = True) -> tuple[nn.Module, dict]:
     """Train the class-conditional UNet with the DDPM loss; returns the EMA model and stats."""
     data = load_data(cfg.split_seed)
@@ -155,7 +148,7 @@ def train_base(cfg: BaseConfig, progress: bool = True) -> tuple[nn.Module, dict]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         loss = (unet(xt, t, class_labels=y).sample - eps).pow(2).mean()
         for group in opt.param_groups:
-            group["lr"] = _lr(cfg, it)
+            group["lr"] = warmup_lr(cfg.lr, it, cfg.warmup, cfg.iterations)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -303,7 +296,7 @@ class FrozenLastStep(nn.Module):
 
     @property
     def nfe(self) -> float:
-        return float(getattr(self.expert, "nfe", 1.0))
+        return nfe_of(self.expert)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         if bool((t.reshape(-1) == 0).all()):

@@ -40,6 +40,7 @@ from diffusion_blend.io import (
     write_json,
     write_marker,
 )
+from diffusion_blend.lr import warmup_lr
 
 log = logging.getLogger(__name__)
 # what a resumed run may change; everything else would give other weights than an uninterrupted
@@ -187,12 +188,7 @@ def prepare_run_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) 
 
 def lr_at(cfg: FinetuneConfig, it: int) -> float:
     """Learning rate of iteration ``it``: linear warm-up, then constant or cosine."""
-    if it < cfg.warmup:
-        return cfg.lr * (it + 1) / cfg.warmup
-    if cfg.lr_schedule == "cosine":
-        frac = (it - cfg.warmup) / max(cfg.iterations - cfg.warmup, 1)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
-    return cfg.lr
+    return warmup_lr(cfg.lr, it, cfg.warmup, cfg.iterations, cfg.lr_schedule == "cosine")
 
 
 def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: bool = False,
