@@ -130,17 +130,18 @@ def test_flow_matching_transformer_blend():
 
     base_img = _with(pipe.transformer, None, go)
     expert_a = _with(pipe.transformer, "a", go)
+    x = torch.randn(2, 4, 8, 8)
+    kw = dict(encoder_hidden_states=torch.randn(2, 5, 32), pooled_projections=torch.randn(2, 16),
+              timestep=torch.tensor([500.0, 500.0]))
+    tr = pipe.transformer
+    sep = [_with(tr, n, lambda: tr(x, **kw).sample) for n in ("a", "b")]
     model = blend_pipeline(pipe, ["a", "b"], Preference((1.0, 0.0)))
     assert torch.equal(go(), expert_a)
     model.preference = Preference((0.5, 0.5), 0.0)
     assert torch.equal(go(), base_img)
-    x = torch.randn(2, 4, 8, 8)
-    kw = dict(encoder_hidden_states=torch.randn(2, 5, 32), pooled_projections=torch.randn(2, 16),
-              timestep=torch.tensor([500.0, 500.0]))
     model.preference = Preference((0.3, 0.7))
-    tr = pipe.transformer.base
-    sep = [_with(tr, n, lambda: tr(x, **kw).sample) for n in ("a", "b")]
-    assert torch.allclose(model(x, **kw).sample, 0.3 * sep[0] + 0.7 * sep[1], atol=1e-5)
+    assert torch.allclose(tr(x, **kw).sample, 0.3 * sep[0] + 0.7 * sep[1], atol=1e-5)
+    unblend_pipeline(pipe)
 
 
 def test_unknown_adapter_is_refused(sd):
@@ -170,3 +171,97 @@ def test_sdxl_style_unet_with_added_conditioning():
     want = c_pre * sep[None] + c[0] * sep["a"] + c[1] * sep["b"]
     assert torch.allclose(BlendedModel(unet, ["a", "b"], pref)(x, t, **kw).sample, want,
                           atol=1e-5)
+
+
+def test_while_blended_the_pipeline_keeps_its_real_model_and_lora_api(sd):
+    """``pipe.unet`` stays the diffusers model: the LoRA API reads it; the calls that would
+    change which adapters run, and ``save_pretrained``, are refused with the fix."""
+    from diffusers import UNet2DConditionModel
+
+    before = sd.get_list_adapters()
+    blend_pipeline(sd, ["a", "b"], Preference((0.5, 0.5)))
+    try:
+        assert isinstance(sd.unet, UNet2DConditionModel)
+        assert sd.get_list_adapters() == before == {"unet": ["a", "b"]}
+        for call in (lambda: sd.set_adapters("a"), sd.disable_lora, sd.enable_lora,
+                     sd.fuse_lora, lambda: sd.delete_adapters("a"), sd.unload_lora_weights):
+            with pytest.raises(UsageError, match="unblend_pipeline"):
+                call()
+        with pytest.raises(UsageError, match="save_pretrained.*unload_lora_weights"):
+            sd.save_pretrained("never-written")
+    finally:
+        unblend_pipeline(sd)
+    assert "forward" not in sd.unet.__dict__ and "set_adapters" not in sd.__dict__
+    sd.set_adapters(["a", "b"])   # the pipeline's own API is back
+
+
+def test_adapter_weights_set_before_blending_do_not_leak_into_the_terms(sd):
+    """``set_adapters(..., adapter_weights)`` scales the LoRAs outside the blend only: each
+    term is its expert at the trained scale (``cross_attention_kwargs["scale"]`` scales all)."""
+    x, t, ehs = torch.randn(2, 4, 8, 8), torch.tensor(400), torch.randn(2, 5, 32)
+    unet = sd.unet
+    full_a = _with(unet, "a", lambda: unet(x, t, encoder_hidden_states=ehs).sample)
+    half = _with(unet, "a", lambda: unet(x, t, encoder_hidden_states=ehs,
+                                         cross_attention_kwargs={"scale": 0.5}).sample)
+    sd.set_adapters(["a", "b"], adapter_weights=[0.5, 0.25])
+    try:
+        for pref in (Preference((1.0, 0.0)), Preference((0.6, 0.4), 0.5)):
+            model = BlendedModel(unet, ["a", "b"], pref)
+            got = model(x, t, encoder_hidden_states=ehs).sample
+            if pref.w == (1.0, 0.0):
+                assert torch.equal(got, full_a)
+        scaled = BlendedModel(unet, ["a", "b"], Preference((1.0, 0.0)))(
+            x, t, encoder_hidden_states=ehs, cross_attention_kwargs={"scale": 0.5}).sample
+        assert torch.allclose(scaled, half, atol=1e-6)
+    finally:
+        sd.set_adapters(["a", "b"])
+    assert not torch.equal(full_a, half)
+
+
+def test_dora_experts_are_blended_one_after_another_and_fused_adapters_refused(tmp_path):
+    unet = tiny_unet(seed=4)
+    for i, name in enumerate(("d1", "d2")):
+        unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"],
+                                    use_dora=True, init_lora_weights=False), adapter_name=name)
+    unet.requires_grad_(False)
+    x, t, ehs = torch.randn(2, 4, 8, 8), torch.tensor(300), torch.randn(2, 5, 32)
+    sep = {n: _with(unet, n, lambda: unet(x, t, encoder_hidden_states=ehs).sample)
+           for n in (None, "d1", "d2")}
+    pref = Preference((0.3, 0.5))
+    c_pre, c = pref.coefficients()
+    want = c_pre * sep[None] + c[0] * sep["d1"] + c[1] * sep["d2"]
+    got = BlendedModel(unet, ["d1", "d2"], pref)(x, t, encoder_hidden_states=ehs).sample
+    assert torch.allclose(got, want, atol=1e-5)
+    pipe = tiny_sd_pipeline(tmp_path)
+    add_experts(pipe.unet, ["a", "b"], UNET_TARGETS)
+    pipe.fuse_lora(adapter_names=["a"])
+    with pytest.raises(UsageError, match="unfuse_lora"):
+        blend_pipeline(pipe, ["a", "b"], Preference((0.5, 0.5)))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "auto"])
+def test_sequential_and_auto_modes_equal_the_batched_blend(sd, mode):
+    unet = sd.unet
+    x, t, ehs = torch.randn(2, 4, 8, 8), torch.tensor(200), torch.randn(2, 5, 32)
+    pref = Preference((0.2, 0.5), 1.4, allow_extrapolation=True)
+    batched = BlendedModel(unet, ["a", "b"], pref)(x, t, encoder_hidden_states=ehs).sample
+    other = BlendedModel(unet, ["a", "b"], pref, mode=mode)(x, t, encoder_hidden_states=ehs)
+    assert torch.allclose(other.sample, batched, atol=1e-5)
+    with pytest.raises(UsageError, match="mode 'fast'"):
+        BlendedModel(unet, ["a", "b"], pref, mode="fast")
+
+
+def test_float64_models_are_blended_in_float64():
+    unet = add_experts(tiny_unet(seed=6).double(), ["a", "b"], ["to_q", "to_k", "to_v"], seed=2)
+    unet.double()
+    x, t, ehs = (torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor(100),
+                 torch.randn(2, 5, 32, dtype=torch.float64))
+    sep = {n: _with(unet, n, lambda: unet(x, t, encoder_hidden_states=ehs).sample)
+           for n in (None, "a", "b")}
+    pref = Preference((0.3, 0.4), 1.5, allow_extrapolation=True)
+    c_pre, c = pref.coefficients()
+    want = c_pre * sep[None] + c[0] * sep["a"] + c[1] * sep["b"]
+    for mode in ("batched", "sequential"):
+        got = BlendedModel(unet, ["a", "b"], pref, mode=mode)(x, t, encoder_hidden_states=ehs)
+        assert got.sample.dtype == torch.float64
+        assert torch.allclose(got.sample, want, rtol=0, atol=1e-12)

@@ -102,6 +102,64 @@ def soup_adapters(model: nn.Module, terms: Sequence[tuple[str, float]]) -> Itera
         _restore_requires_grad(model, grads)
 
 
+@contextmanager
+def unit_scales(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+    """Run with adapters ``names`` at their trained scale (``lora_alpha / r``), whatever
+    ``set_adapters(..., adapter_weights=...)`` left there; the scales are restored after."""
+    layers = lora_layers(model) if names else []
+    saved = [(layer, dict(layer.scaling)) for layer in layers]
+    try:
+        for layer in layers:
+            for n in names:
+                layer.set_scale(n, 1.0)
+        yield model
+    finally:
+        for layer, scaling in saved:
+            layer.scaling.update(scaling)
+
+
+def dora_adapters(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Which of ``names`` are DoRA adapters (PEFT cannot route them by rows)."""
+    layers = lora_layers(model)
+    return [n for n in names if any(layer.use_dora.get(n, False) for layer in layers)]
+
+
+def fused(model: nn.Module) -> bool:
+    """Whether adapter weights are merged into the base weights (``pipe.fuse_lora()``)."""
+    return any(layer.merged for layer in lora_layers(model))
+
+
+@contextmanager
+def route_rows(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+    """During a forward of ``model``, row ``j`` of every LoRA layer's input uses adapter
+    ``names[j]`` (``BASE``: none): PEFT's mixed-batch forward. The routed adapters are the
+    active ones meanwhile, so a LoRA scale diffusers applies (``cross_attention_kwargs``)
+    scales each of them."""
+    names = list(names)
+    routed = sorted({n for n in names if n != BASE})
+
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    layers = lora_layers(model)
+    saved = [(layer, layer.disable_adapters, layer.active_adapters) for layer in layers]
+    grads = _requires_grad(model)
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        for layer in layers:
+            layer.enable_adapters(True)
+            if routed:
+                layer.set_adapter(routed)
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for layer, disabled, active in saved:
+            layer.enable_adapters(not disabled)
+            layer.set_adapter(active)
+        _restore_requires_grad(model, grads)
+
+
 class AdapterView(nn.Module):
     """A denoiser view of ``model`` with one adapter active (``None``: the pretrained model)."""
 

@@ -16,39 +16,23 @@ batch forward), so the base weights are held once. Full fine-tuned modules are a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import is_dataclass, replace
 
 import torch
 from torch import nn
 
-from diffusion_blend.adapters import BASE, lora_layers, soup_adapters
+from diffusion_blend.adapters import (
+    BASE,
+    adapter_names,
+    dora_adapters,
+    fused,
+    route_rows,
+    soup_adapters,
+    unit_scales,
+)
 from diffusion_blend.blend import BlendedDenoiser, Preference
 from diffusion_blend.errors import UsageError
-
-
-@contextmanager
-def route_rows(model: nn.Module, names: Sequence[str]):
-    """During a forward of ``model``, row ``j`` of every LoRA layer's input uses adapter
-    ``names[j]`` (``BASE``: none). PEFT checks each layer sees ``len(names)`` rows."""
-    names = list(names)
-
-    def hook(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": names}
-
-    layers = lora_layers(model)
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-    disabled = [(layer, layer.disable_adapters) for layer in layers]
-    try:
-        for layer, _ in disabled:
-            layer.enable_adapters(True)
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
-        for layer, was in disabled:
-            layer.enable_adapters(not was)
 
 
 def _batch_of(args: tuple, kwargs: dict) -> int:
@@ -89,38 +73,55 @@ def _like(out, pred: torch.Tensor):
     return out.__class__(**{**out, "sample": pred})   # diffusers' BaseOutput
 
 
+MODES = ("batched", "sequential", "auto")
+
+
 class BlendedModel(nn.Module):
     """A pipeline denoiser returning the blend of a base and K experts (see module docstring).
 
-    ``experts``: adapter names loaded on ``base`` (one batched forward), or full modules with
-    the same call signature as ``base``. Attributes the pipeline reads (``config``, ``dtype``,
-    ``device``, ...) come from ``base``. Set ``preference`` between calls to move along the
-    trade-off without reloading anything.
+    ``experts``: adapter names loaded on ``base``, or full modules with the same call signature
+    as ``base``. ``mode``: ``batched`` runs every LoRA term in one routed forward (the batch
+    repeated once per term: K + 1 times the activations); ``sequential`` runs the terms one
+    after another and accumulates in place (one model's activations); ``auto`` is batched and
+    switches to sequential for good when the accelerator runs out of memory. DoRA experts are
+    always evaluated one after another (PEFT cannot route them by rows). Each LoRA term runs
+    at its adapter's trained scale, whatever ``set_adapters(..., adapter_weights=...)`` set.
+    ``call`` runs the base network (default: ``base`` itself; ``blend_pipeline`` passes the
+    module's own forward). Set ``preference`` between calls: nothing is reloaded.
     """
 
     def __init__(self, base: nn.Module, experts: Sequence[str | nn.Module],
-                 preference: Preference):
+                 preference: Preference, mode: str = "batched", call: Callable | None = None):
         super().__init__()
         if not experts:
             raise UsageError("blend: give at least one expert (adapter name or module)")
-        self.base = base
+        if mode not in MODES:
+            raise UsageError(f"blend mode {mode!r} is not known; use one of {MODES}")
+        self.base, self.mode, self._call = base, mode, call
         self.expert_modules = nn.ModuleList([e for e in experts if isinstance(e, nn.Module)])
         self.adapters = [e for e in experts if isinstance(e, str)]
         if self.adapters and len(self.expert_modules):
             raise UsageError("blend: experts must be all adapter names or all modules")
         self._check_adapters()
         self.k = len(experts)
+        self.routable = not dora_adapters(base, self.adapters)
         # the term algebra (coefficients, which terms run) is the core blend's, over keys:
         # ``BASE`` and adapter names, or the modules themselves
         self.blend = BlendedDenoiser(BASE if self.adapters else base,
                                      self.adapters or list(self.expert_modules), preference)
 
     def _check_adapters(self) -> None:
-        known = {n for layer in lora_layers(self.base) for n in layer.lora_A}
+        if not self.adapters:
+            return
+        known = adapter_names(self.base)
         missing = [a for a in self.adapters if a not in known]
         if missing:
             raise UsageError(f"adapters {missing} are not loaded on the base model; loaded: "
                              f"{sorted(known) or 'none'}")
+        if fused(self.base):
+            raise UsageError("adapters are fused into the base weights (pipe.fuse_lora()), so "
+                             "the base term would not be the base: call pipe.unfuse_lora() "
+                             "before blending")
 
     @property
     def preference(self) -> Preference:
@@ -141,35 +142,62 @@ class BlendedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         terms = self.terms()
-        if len(terms) == 1 and terms[0][0] == 1.0:   # lam = 0 or w = e_i: that model exactly
-            return self._single(terms[0][1], args, kwargs)
-        if self.adapters:
-            out, preds = self._batched(terms, args, kwargs)
-        else:
-            outs = [m(*args, **kwargs) for _, m in terms]
-            out, preds = outs[0], [_prediction(o) for o in outs]
-        blend = sum(c * p.float() for (c, _), p in zip(terms, preds, strict=True))
-        return _like(out, blend.to(preds[0].dtype))
+        with unit_scales(self.base, self.adapters):
+            if len(terms) == 1 and terms[0][0] == 1.0:   # lam = 0 or w = e_i: that model
+                return self._single(terms[0][1], args, kwargs)
+            if self.adapters and self.routable and self.mode != "sequential":
+                try:
+                    return self._batched(terms, args, kwargs)
+                except torch.OutOfMemoryError:
+                    if self.mode != "auto":
+                        raise
+                    self.mode = "sequential"
+            return self._sequential(terms, args, kwargs)
+
+    def _run(self, *args, **kwargs):
+        return (self._call or self.base)(*args, **kwargs)
 
     def _single(self, model, args: tuple, kwargs: dict):
         """One model's own forward (the same code path as running it alone: bit-identical)."""
+        if model is self.base:
+            return self._run(*args, **kwargs)
         if isinstance(model, nn.Module):
             return model(*args, **kwargs)
         with soup_adapters(self.base, [] if model == BASE else [(model, 1.0)]):
-            return self.base(*args, **kwargs)
+            return self._run(*args, **kwargs)
+
+    def _sequential(self, terms, args: tuple, kwargs: dict):
+        """The terms one after another, accumulated in place (one model's activations)."""
+        out, acc = None, None
+        for c, model in terms:
+            o = self._single(model, args, kwargs)
+            pred = _prediction(o)
+            dtype = _accumulation_dtype(pred)
+            acc = c * pred.to(dtype) if acc is None else acc.add_(pred.to(dtype), alpha=c)
+            out = o if out is None else out
+        return _like(out, acc.to(_prediction(out).dtype))
 
     def _batched(self, terms, args: tuple, kwargs: dict):
+        """Every term in one forward: the batch repeated per term, rows routed to adapters."""
         b, n = _batch_of(args, kwargs), len(terms)
         names = [name for _, name in terms for _ in range(b)]
         with route_rows(self.base, names):
-            out = self.base(*repeat_batch(args, b, n), **repeat_batch(kwargs, b, n))
-        return out, list(_prediction(out).split(b))
+            out = self._run(*repeat_batch(args, b, n), **repeat_batch(kwargs, b, n))
+        preds = _prediction(out).split(b)
+        dtype = _accumulation_dtype(preds[0])
+        blend = sum(c * p.to(dtype) for (c, _), p in zip(terms, preds, strict=True))
+        return _like(out, blend.to(preds[0].dtype))
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("base"), name)
+
+
+def _accumulation_dtype(pred: torch.Tensor) -> torch.dtype:
+    """The prediction's own dtype, at least float32 (half precision is summed in float32)."""
+    return torch.promote_types(pred.dtype, torch.float32)
 
 
 def denoiser_attr(pipe) -> str:
@@ -180,20 +208,47 @@ def denoiser_attr(pipe) -> str:
     raise UsageError(f"{type(pipe).__name__} has neither a unet nor a transformer to blend")
 
 
-def blend_pipeline(pipe, experts: Sequence[str | nn.Module], preference: Preference):
-    """Replace ``pipe``'s denoiser by a ``BlendedModel`` (adapters already loaded on it, e.g. with
-    ``pipe.load_lora_weights(path, adapter_name=...)``); returns the ``BlendedModel``. Change
-    ``model.preference`` between calls; ``unblend_pipeline`` restores the original."""
-    attr = denoiser_attr(pipe)
-    current = getattr(pipe, attr)
-    base = current.base if isinstance(current, BlendedModel) else current
-    model = BlendedModel(base, experts, preference)
-    setattr(pipe, attr, model)
-    return model
+BLEND_DECIDES = ("the blend decides which adapters run; call unblend_pipeline(pipe) first (or "
+                 "blend_pipeline again with other adapters)")
+REFUSED = {name: BLEND_DECIDES for name in (
+    "set_adapters", "disable_lora", "enable_lora", "fuse_lora", "unfuse_lora", "delete_adapters",
+    "unload_lora_weights")} | {"save_pretrained": (
+        "its denoiser holds the experts' LoRA layers, which diffusers would save under names "
+        "that load back as a broken base; call unblend_pipeline(pipe) and "
+        "pipe.unload_lora_weights() to save the base, and save experts with save_lora_weights")}
+
+
+def blend_pipeline(pipe, experts: Sequence[str | nn.Module], preference: Preference,
+                   mode: str = "batched") -> BlendedModel:
+    """Blend ``pipe``'s denoiser: its adapters ``experts`` (loaded with, e.g.,
+    ``pipe.load_lora_weights(path, adapter_name=...)``) or full modules. ``pipe.unet`` /
+    ``pipe.transformer`` stays the real model (its forward runs the blend), so
+    ``get_list_adapters``, the model's config and attributes behave as diffusers documents; the
+    calls that would change which adapters run (``set_adapters``, ``disable_lora``,
+    ``fuse_lora``, ...) and ``save_pretrained`` are refused while blended, with the fix.
+    Returns the ``BlendedModel``: set its ``preference`` between calls; ``unblend_pipeline``
+    restores the pipeline."""
+    unblend_pipeline(pipe)
+    model = getattr(pipe, denoiser_attr(pipe))
+    blended = BlendedModel(model, experts, preference, mode, call=model.forward)
+    object.__setattr__(model, "forward", blended)    # not a submodule: nothing is saved
+    for name, why in REFUSED.items():
+        if hasattr(pipe, name):
+            object.__setattr__(pipe, name, _refuse(name, why))
+    return blended
+
+
+def _refuse(name: str, why: str) -> Callable:
+    def refuse(*args, **kwargs):
+        raise UsageError(f"pipe.{name}() while the pipeline is blended: {why}")
+
+    return refuse
 
 
 def unblend_pipeline(pipe) -> None:
-    attr = denoiser_attr(pipe)
-    current = getattr(pipe, attr)
-    if isinstance(current, BlendedModel):
-        setattr(pipe, attr, current.base)
+    """Undo ``blend_pipeline``: the denoiser's own forward and the pipeline's LoRA API back."""
+    model = getattr(pipe, denoiser_attr(pipe))
+    if isinstance(model.__dict__.get("forward"), BlendedModel):
+        del model.forward
+    for name in REFUSED:
+        pipe.__dict__.pop(name, None)
