@@ -1,11 +1,13 @@
 """``dblend bench sd-memory``: K LoRA experts at the memory of one model.
 
-One blended denoiser step (``lam = 1``, K experts plus the base, i.e. K + 1 terms) three ways,
+One blended denoiser step (K experts plus the base, i.e. K + 1 terms) four ways,
 each in a fresh process so its peak memory is its own:
 
 - ``single``: one UNet, one forward of B rows (the pretrained model's cost);
 - ``lora``: one UNet with K LoRA adapters, one routed forward of (K + 1) B rows
-  (``pipelines.BlendedModel``);
+  (``pipelines.BlendedModel``, ``mode="batched"``);
+- ``sequential``: the same UNet and adapters, the K + 1 terms one after another, accumulated
+  in place (``mode="sequential"``: one model's activations);
 - ``full``: K + 1 separate UNets (the paper's setting), K + 1 forwards.
 
 UNets are built from a config with random weights (nothing is downloaded): ``sd15`` is Stable
@@ -33,7 +35,8 @@ CONFIGS = {
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
 }
-MODES = ("single", "lora", "full")
+MODES = ("single", "lora", "sequential", "full")
+VARIANTS = ("lora", "sequential", "full")
 
 
 def build_unet(config: str, seed: int = 0) -> torch.nn.Module:
@@ -64,9 +67,10 @@ def run_mode(mode: str, config: str, k: int, batch: int, rank: int, repeats: int
     if mode == "single":
         model = base
     else:
-        experts = (_experts_lora(base, k, rank) if mode == "lora"
-                   else [build_unet(config, seed=i + 1).to(device) for i in range(k)])
-        model = BlendedModel(base, experts, Preference((1.0 / k,) * k, 0.5))
+        experts = ([build_unet(config, seed=i + 1).to(device) for i in range(k)]
+                   if mode == "full" else _experts_lora(base, k, rank))
+        model = BlendedModel(base, experts, Preference((1.0 / k,) * k, 0.5),
+                             mode="sequential" if mode == "sequential" else "batched")
     size = CONFIGS[config]["sample_size"]
     x = torch.randn(batch, 4, size, size, device=device)
     ehs = torch.randn(batch, 77, CONFIGS[config]["cross_attention_dim"], device=device)
@@ -95,7 +99,7 @@ def _sync(device) -> None:
 
 def bench_sd_memory(config: str = "small", k: int = 3, batch: int = 2, rank: int = 4,
                     repeats: int = 3) -> dict:
-    """Run the three modes in fresh processes; memory and time ratios against ``single``."""
+    """Run every mode in a fresh process; memory and time ratios against ``single``."""
     rows = {}
     for mode in MODES:
         start = time.perf_counter()
@@ -106,9 +110,9 @@ def bench_sd_memory(config: str = "small", k: int = 3, batch: int = 2, rank: int
         rows[mode]["process_seconds"] = time.perf_counter() - start
     single = rows["single"]
     key = "memory_above_runtime_mb"
-    ratios = {f"{m}_memory_vs_single": rows[m][key] / single[key] for m in ("lora", "full")}
+    ratios = {f"{m}_memory_vs_single": rows[m][key] / single[key] for m in VARIANTS}
     ratios |= {f"{m}_time_vs_single": rows[m]["seconds_per_step"] / single["seconds_per_step"]
-               for m in ("lora", "full")}
+               for m in VARIANTS}
     return {"config": config, "experts": k, "batch": batch, "lora_rank": rank,
             "terms": k + 1, "rows": rows, **ratios}
 
