@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from diffusion_blend.adapters import use_adapter
+from diffusion_blend.adapters import add_lora, use_adapter
 from diffusion_blend.blend import Preference
 from diffusion_blend.errors import UsageError
 from diffusion_blend.pipelines import BlendedModel, blend_pipeline, unblend_pipeline
@@ -265,3 +265,43 @@ def test_float64_models_are_blended_in_float64():
         got = BlendedModel(unet, ["a", "b"], pref, mode=mode)(x, t, encoder_hidden_states=ehs)
         assert got.sample.dtype == torch.float64
         assert torch.allclose(got.sample, want, rtol=0, atol=1e-12)
+
+
+def test_text_encoder_loras_are_blended_term_by_term(tmp_path):
+    """LoRAs with text-encoder layers (as community LoRAs have): each term encodes the prompt
+    with its own text-encoder adapter, so ``w = e_i`` is the pipeline with only adapter i on
+    and ``lam = 0`` the pipeline with adapters disabled."""
+    pipe = tiny_sd_pipeline(tmp_path)
+    add_experts(pipe.unet, ["a", "b"], UNET_TARGETS, seed=7)
+    g = torch.Generator().manual_seed(8)
+    for name in ("a", "b"):   # the text-encoder half of each LoRA (what load_lora_weights adds)
+        add_lora(pipe.text_encoder, name, 2, ["q_proj", "k_proj", "v_proj", "out_proj"])
+        with torch.no_grad():
+            for n, p in pipe.text_encoder.named_parameters():
+                if f"lora_B.{name}." in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pipe.text_encoder.requires_grad_(False)
+    want = {}
+    for name in ("a", "b"):
+        pipe.set_adapters(name)
+        want[name] = run(pipe, guidance=3.0)
+    pipe.disable_lora()
+    want[None] = run(pipe, guidance=3.0)
+    pipe.enable_lora()
+    pipe.set_adapters(["a", "b"])   # both on: what every term used to see
+    model = blend_pipeline(pipe, ["a", "b"], Preference((1.0, 0.0)))
+    try:
+        assert torch.allclose(run(pipe, guidance=3.0), want["a"], atol=1e-6)
+        model.preference = Preference((0.0, 1.0))
+        assert torch.allclose(run(pipe, guidance=3.0), want["b"], atol=1e-6)
+        model.preference = Preference((0.5, 0.5), 0.0)
+        assert torch.allclose(run(pipe, guidance=3.0), want[None], atol=1e-6)
+        for mode in ("batched", "sequential"):
+            model = blend_pipeline(pipe, ["a", "b"], Preference((0.3, 0.4)), mode=mode)
+            mid = run(pipe, guidance=3.0)
+            if mode == "batched":
+                batched = mid
+        assert torch.allclose(mid, batched, atol=1e-5)
+    finally:
+        unblend_pipeline(pipe)
+    assert not torch.allclose(want["a"], want[None], atol=1e-3)   # the LoRAs do something

@@ -16,6 +16,8 @@ batch forward), so the base weights are held once. Full fine-tuned modules are a
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import is_dataclass, replace
 
@@ -109,6 +111,7 @@ class BlendedModel(nn.Module):
         # ``BASE`` and adapter names, or the modules themselves
         self.blend = BlendedDenoiser(BASE if self.adapters else base,
                                      self.adapters or list(self.expert_modules), preference)
+        self.text_terms: dict | None = None   # each term's prompt encoding (blend_pipeline)
 
     def _check_adapters(self) -> None:
         if not self.adapters:
@@ -157,8 +160,14 @@ class BlendedModel(nn.Module):
     def _run(self, *args, **kwargs):
         return (self._call or self.base)(*args, **kwargs)
 
+    def _term_kwargs(self, name, kwargs: dict) -> dict:
+        """``kwargs`` with the prompt encoding of term ``name``'s own text-encoder adapter
+        where the pipeline passed the base term's (see ``TextTerms``)."""
+        return kwargs if self.text_terms is None else self.text_terms.swap(name, kwargs)
+
     def _single(self, model, args: tuple, kwargs: dict):
         """One model's own forward (the same code path as running it alone: bit-identical)."""
+        kwargs = self._term_kwargs(model, kwargs) if isinstance(model, str) else kwargs
         if model is self.base:
             return self._run(*args, **kwargs)
         if isinstance(model, nn.Module):
@@ -181,8 +190,12 @@ class BlendedModel(nn.Module):
         """Every term in one forward: the batch repeated per term, rows routed to adapters."""
         b, n = _batch_of(args, kwargs), len(terms)
         names = [name for _, name in terms for _ in range(b)]
+        if self.text_terms is None:
+            kw = repeat_batch(kwargs, b, n)
+        else:
+            kw = _concat([self._term_kwargs(name, kwargs) for _, name in terms], b)
         with route_rows(self.base, names):
-            out = self._run(*repeat_batch(args, b, n), **repeat_batch(kwargs, b, n))
+            out = self._run(*repeat_batch(args, b, n), **kw)
         preds = _prediction(out).split(b)
         dtype = _accumulation_dtype(preds[0])
         blend = sum(c * p.to(dtype) for (c, _), p in zip(terms, preds, strict=True))
@@ -195,9 +208,102 @@ class BlendedModel(nn.Module):
             return getattr(super().__getattr__("base"), name)
 
 
+def _concat(per_term: list, b: int):
+    """The per-term keyword arguments stacked along the batch (what ``repeat_batch`` does
+    when every term receives the same ones)."""
+    first = per_term[0]
+    if isinstance(first, torch.Tensor):
+        if first.ndim > 0 and first.shape[0] == b:
+            return torch.cat(per_term)
+        return first
+    if isinstance(first, dict):
+        return {k: _concat([d[k] for d in per_term], b) for k in first}
+    if isinstance(first, list | tuple):
+        return type(first)(_concat(list(v), b) for v in zip(*per_term, strict=True))
+    return first
+
+
 def _accumulation_dtype(pred: torch.Tensor) -> torch.dtype:
     """The prediction's own dtype, at least float32 (half precision is summed in float32)."""
     return torch.promote_types(pred.dtype, torch.float32)
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+class TextTerms:
+    """Each blend term's prompt encoding, for pipelines whose text encoders carry the experts'
+    LoRA layers too: ``encode_prompt`` runs once per term (the base with every adapter off,
+    expert ``i`` with only adapter ``i`` on, at its trained scale) and the pipeline receives
+    the base's. In the denoiser's call, every tensor built from the base's encoding (one of
+    its outputs, or two of them concatenated, as classifier-free guidance does) is rebuilt
+    from the term's own."""
+
+    def __init__(self, encodings: dict):
+        self.encodings = encodings
+
+    def swap(self, name, kwargs: dict) -> dict:
+        mine, base = self.encodings.get(name), self.encodings[BASE]
+        if mine is None or mine is base:
+            return kwargs
+        return {k: self._rebuilt(v, base, mine) for k, v in kwargs.items()}
+
+    def _rebuilt(self, v, base: tuple, mine: tuple):
+        if isinstance(v, dict):
+            return {k: self._rebuilt(x, base, mine) for k, x in v.items()}
+        if not isinstance(v, torch.Tensor):
+            return v
+        for i, b in enumerate(base):
+            if _same(v, b):
+                return mine[i]
+        for i, j in itertools.permutations(range(len(base)), 2):
+            if _same(v, base[i], base[j]):
+                return torch.cat([mine[i], mine[j]])
+        return v
+
+
+def _same(v: torch.Tensor, *parts) -> bool:
+    """Whether ``v`` is ``parts`` concatenated along the batch (tensors only)."""
+    if not all(isinstance(p, torch.Tensor) for p in parts):
+        return False
+    if v.shape[0] != sum(p.shape[0] for p in parts) or v.shape[1:] != parts[0].shape[1:]:
+        return False
+    return torch.equal(v, parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+def _text_encoders(pipe, names: Sequence[str]) -> list[nn.Module]:
+    """The pipeline's text encoders that carry LoRA layers of the blend's adapters."""
+    encoders = [getattr(pipe, a, None) for a in TEXT_ENCODERS]
+    return [e for e in encoders if e is not None and set(names) & set(adapter_names(e))]
+
+
+def _encode_per_term(pipe, blended: BlendedModel, encoders: list[nn.Module]) -> Callable:
+    """``pipe.encode_prompt`` run once per blend term with that term's text-encoder adapter."""
+    original = pipe.encode_prompt
+
+    def encode_prompt(*args, **kwargs):
+        encodings = {}
+        for _, name in blended.terms():
+            terms = [] if name == BASE else [(name, 1.0)]
+            with contextlib.ExitStack() as stack:
+                for enc in encoders:
+                    stack.enter_context(unit_scales(enc, blended.adapters))
+                    stack.enter_context(soup_adapters(enc, terms))
+                encodings[name] = tuple(original(*args, **kwargs))
+        if BASE not in encodings:
+            encodings[BASE] = _base_encoding(original, encoders, args, kwargs)
+        blended.text_terms = TextTerms(encodings)
+        return encodings[BASE]
+
+    return encode_prompt
+
+
+def _base_encoding(original: Callable, encoders: list[nn.Module], args, kwargs) -> tuple:
+    """The prompt encoded with every text-encoder adapter off (what the pipeline receives)."""
+    with contextlib.ExitStack() as stack:
+        for enc in encoders:
+            stack.enter_context(soup_adapters(enc, []))
+        return tuple(original(*args, **kwargs))
 
 
 def denoiser_attr(pipe) -> str:
@@ -231,7 +337,10 @@ def blend_pipeline(pipe, experts: Sequence[str | nn.Module], preference: Prefere
     unblend_pipeline(pipe)
     model = getattr(pipe, denoiser_attr(pipe))
     blended = BlendedModel(model, experts, preference, mode, call=model.forward)
+    encoders = _text_encoders(pipe, blended.adapters)
     object.__setattr__(model, "forward", blended)    # not a submodule: nothing is saved
+    if encoders and hasattr(pipe, "encode_prompt"):
+        object.__setattr__(pipe, "encode_prompt", _encode_per_term(pipe, blended, encoders))
     for name, why in REFUSED.items():
         if hasattr(pipe, name):
             object.__setattr__(pipe, name, _refuse(name, why))
@@ -250,5 +359,5 @@ def unblend_pipeline(pipe) -> None:
     model = getattr(pipe, denoiser_attr(pipe))
     if isinstance(model.__dict__.get("forward"), BlendedModel):
         del model.forward
-    for name in REFUSED:
+    for name in (*REFUSED, "encode_prompt"):
         pipe.__dict__.pop(name, None)
