@@ -220,7 +220,7 @@ def test_adapter_weights_set_before_blending_do_not_leak_into_the_terms(sd):
 
 def test_dora_experts_are_blended_one_after_another_and_fused_adapters_refused(tmp_path):
     unet = tiny_unet(seed=4)
-    for i, name in enumerate(("d1", "d2")):
+    for name in ("d1", "d2"):
         unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"],
                                     use_dora=True, init_lora_weights=False), adapter_name=name)
     unet.requires_grad_(False)
@@ -267,20 +267,31 @@ def test_float64_models_are_blended_in_float64():
         assert torch.allclose(got.sample, want, rtol=0, atol=1e-12)
 
 
-def test_text_encoder_loras_are_blended_term_by_term(tmp_path):
-    """LoRAs with text-encoder layers (as community LoRAs have): each term encodes the prompt
-    with its own text-encoder adapter, so ``w = e_i`` is the pipeline with only adapter i on
-    and ``lam = 0`` the pipeline with adapters disabled."""
-    pipe = tiny_sd_pipeline(tmp_path)
-    add_experts(pipe.unet, ["a", "b"], UNET_TARGETS, seed=7)
-    g = torch.Generator().manual_seed(8)
-    for name in ("a", "b"):   # the text-encoder half of each LoRA (what load_lora_weights adds)
-        add_lora(pipe.text_encoder, name, 2, ["q_proj", "k_proj", "v_proj", "out_proj"])
+def _text_lora(encoder, names, seed):
+    """The text-encoder half of each LoRA (what ``load_lora_weights`` adds), random B."""
+    g = torch.Generator().manual_seed(seed)
+    for name in names:
+        add_lora(encoder, name, 2, ["q_proj", "k_proj", "v_proj", "out_proj"])
         with torch.no_grad():
-            for n, p in pipe.text_encoder.named_parameters():
+            for n, p in encoder.named_parameters():
                 if f"lora_B.{name}." in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    pipe.text_encoder.requires_grad_(False)
+    encoder.requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_text_encoder_loras_are_blended_term_by_term(tmp_path, kind):
+    """LoRAs with text-encoder layers (as community LoRAs have): each term encodes the prompt
+    with its own text-encoder adapter (SDXL: both encoders, the pooled embedding too), so
+    ``w = e_i`` is the pipeline with only adapter i on and ``lam = 0`` the pipeline with
+    adapters disabled."""
+    from tests.tiny_sd import tiny_sdxl_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path) if kind == "sd" else tiny_sdxl_pipeline(tmp_path)
+    add_experts(pipe.unet, ["a", "b"], UNET_TARGETS, seed=7)
+    for i, enc in enumerate(e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+                            if e is not None):
+        _text_lora(enc, ["a", "b"], seed=8 + i)
     want = {}
     for name in ("a", "b"):
         pipe.set_adapters(name)
@@ -296,12 +307,11 @@ def test_text_encoder_loras_are_blended_term_by_term(tmp_path):
         assert torch.allclose(run(pipe, guidance=3.0), want["b"], atol=1e-6)
         model.preference = Preference((0.5, 0.5), 0.0)
         assert torch.allclose(run(pipe, guidance=3.0), want[None], atol=1e-6)
-        for mode in ("batched", "sequential"):
-            model = blend_pipeline(pipe, ["a", "b"], Preference((0.3, 0.4)), mode=mode)
-            mid = run(pipe, guidance=3.0)
-            if mode == "batched":
-                batched = mid
-        assert torch.allclose(mid, batched, atol=1e-5)
+        mids = [None, None]
+        for i, mode in enumerate(("batched", "sequential")):
+            blend_pipeline(pipe, ["a", "b"], Preference((0.3, 0.4)), mode=mode)
+            mids[i] = run(pipe, guidance=3.0)
+        assert torch.allclose(mids[0], mids[1], atol=1e-5)
     finally:
         unblend_pipeline(pipe)
     assert not torch.allclose(want["a"], want[None], atol=1e-3)   # the LoRAs do something

@@ -266,7 +266,8 @@ def _same(v: torch.Tensor, *parts) -> bool:
     """Whether ``v`` is ``parts`` concatenated along the batch (tensors only)."""
     if not all(isinstance(p, torch.Tensor) for p in parts):
         return False
-    if v.shape[0] != sum(p.shape[0] for p in parts) or v.shape[1:] != parts[0].shape[1:]:
+    if v.shape[0] != sum(p.shape[0] for p in parts) or any(
+            p.shape[1:] != v.shape[1:] for p in parts):
         return False
     return torch.equal(v, parts[0] if len(parts) == 1 else torch.cat(parts))
 
