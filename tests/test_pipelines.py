@@ -144,6 +144,34 @@ def test_flow_matching_transformer_blend():
     unblend_pipeline(pipe)
 
 
+def test_guidance_distilled_flux_blend():
+    """Flux: flow matching, guidance distilled (no CFG batch; the scale is an input)."""
+    from tests.tiny_sd import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    add_experts(pipe.transformer, ["a", "b"], ["to_q", "to_k", "to_v", "add_q_proj"], seed=9)
+    pe, pp = torch.randn(1, 5, 32), torch.randn(1, 16)
+
+    def go():
+        return pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, num_inference_steps=3,
+                    guidance_scale=3.5, generator=torch.Generator().manual_seed(0),
+                    output_type="pt", height=16, width=16).images
+
+    want = {n: _with(pipe.transformer, n, go) for n in (None, "a", "b")}
+    model = blend_pipeline(pipe, ["a", "b"], Preference((0.0, 1.0)))
+    try:
+        assert torch.equal(go(), want["b"])
+        model.preference = Preference((0.5, 0.5), 0.0)
+        assert torch.equal(go(), want[None])
+        model.preference = Preference((0.5, 0.5))
+        mid = go()
+        model.mode = "sequential"
+        assert torch.allclose(go(), mid, atol=1e-5)
+    finally:
+        unblend_pipeline(pipe)
+    assert not torch.equal(mid, want["a"]) and not torch.equal(want["a"], want[None])
+
+
 def test_unknown_adapter_is_refused(sd):
     with pytest.raises(UsageError, match="not loaded"):
         BlendedModel(sd.unet, ["a", "nope"], Preference((0.5, 0.5)))

@@ -136,3 +136,20 @@ def tiny_sdxl_pipeline(tmp: Path):
         unet=unet, scheduler=EulerDiscreteScheduler(), force_zeros_for_empty_prompt=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_flux_pipeline():
+    """A guidance-distilled flow-matching ``FluxPipeline`` (no CFG batch: the guidance scale
+    enters the transformer) without text encoders (pass embeddings)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(),
+                        vae=tiny_vae(shift_factor=0.0), text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
