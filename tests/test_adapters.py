@@ -8,6 +8,7 @@ from diffusion_blend.adapters import (
     adapter_state,
     add_lora,
     load_adapter_state,
+    merged_copy,
 )
 from diffusion_blend.errors import UsageError
 
@@ -51,3 +52,17 @@ def test_adapters_share_one_base_and_switch_exactly():
 def test_lora_targets_that_do_not_exist():
     with pytest.raises(UsageError, match="do not fit"):
         add_lora(Tiny(), "a", 2, ["no_such_layer"])
+
+
+def test_merged_copy_equals_the_adapter_view_and_drops_lora_wrappers():
+    torch.manual_seed(0)
+    model = Tiny().requires_grad_(False)
+    add_lora(model, "a", 2, ["inp", "out"], seed=0)
+    add_lora(model, "b", 2, ["inp", "out"], seed=1)
+    _perturb(model, "a", 0)
+    x, t = torch.randn(4, 3), torch.full((4,), 5)
+    merged = merged_copy(model, "a")
+    assert torch.allclose(merged(x, t), AdapterView(model, "a")(x, t), atol=1e-6)
+    assert type(merged.inp) is torch.nn.Linear    # a plain network: one model's cost
+    plain = merged_copy(model, None)
+    assert torch.equal(plain(x, t), AdapterView(model, None)(x, t))   # the base, bit for bit

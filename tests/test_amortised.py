@@ -3,17 +3,14 @@
 import pytest
 import torch
 
-from diffusion_blend.adapters import AdapterView, add_lora
 from diffusion_blend.amortised import (
     AmortisedDenoiser,
     PrefEmbedding,
     coefficients,
-    merged_copy,
     per_row_blend,
     sample_preferences,
 )
 from diffusion_blend.blend import BlendedDenoiser, Preference
-from tests.test_adapters import Tiny, _perturb
 
 
 class TinyTime(torch.nn.Module):
@@ -27,18 +24,6 @@ class TinyTime(torch.nn.Module):
     def forward(self, x, t, **_):
         temb = self.time_embedding(t[:, None].float() / 1000)
         return self.out(torch.tanh(self.inp(x) + temb))
-
-
-def test_merged_copy_equals_the_adapter_view_and_drops_lora_wrappers():
-    torch.manual_seed(0)
-    model = Tiny().requires_grad_(False)
-    add_lora(model, "a", 2, ["inp", "out"], seed=0)
-    add_lora(model, "b", 2, ["inp", "out"], seed=1)
-    _perturb(model, "a", 0)
-    x, t = torch.randn(4, 3), torch.full((4,), 5)
-    merged = merged_copy(model, "a")
-    assert torch.allclose(merged(x, t), AdapterView(model, "a")(x, t), atol=1e-6)
-    assert type(merged.inp) is torch.nn.Linear    # a plain network: one model's cost
 
 
 def test_untrained_amortised_model_is_the_base_and_conditioning_moves_it():

@@ -7,6 +7,7 @@ model) without copying any weight.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
@@ -170,6 +171,23 @@ class AdapterView(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         with use_adapter(self.model, self.name):
             return self.model(x, t, **cond)
+
+
+def merged_copy(model: nn.Module, adapter: str | None) -> nn.Module:
+    """A plain copy of ``model`` with LoRA ``adapter`` merged into its weights (``None``: the
+    base weights) and every LoRA wrapper removed (other adapters dropped): that model at the
+    cost of one without adapters."""
+    out = copy.deepcopy(model)
+    layers = lora_layers(out)
+    for layer in layers:
+        if adapter is not None and adapter in layer.lora_A:
+            layer.merge(adapter_names=[adapter])
+    ids = {id(layer) for layer in layers}
+    for name, module in list(out.named_modules()):
+        if id(module) in ids:
+            parent, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, child, module.base_layer)
+    return out.requires_grad_(False)
 
 
 def held_params(model: nn.Module, names: Sequence[str], parts: Sequence[str]) -> int:

@@ -12,13 +12,11 @@ For sampling, the LoRA is merged into a plain copy of the network: one model's c
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from diffusion_blend.adapters import lora_layers
 from diffusion_blend.blend import Denoiser, Preference
 from diffusion_blend.errors import UsageError
 
@@ -57,22 +55,6 @@ def per_row_blend(base: Denoiser, experts: Sequence[Denoiser], x: torch.Tensor,
     for i, e in enumerate(experts):
         out = out + c[:, i].reshape(shape) * e(x, t, **cond)
     return out
-
-
-def merged_copy(model: nn.Module, adapter: str) -> nn.Module:
-    """A plain copy of ``model`` with LoRA ``adapter`` merged into its weights and every LoRA
-    wrapper removed (other adapters dropped)."""
-    out = copy.deepcopy(model)
-    layers = lora_layers(out)
-    for layer in layers:
-        if adapter in layer.lora_A:
-            layer.merge(adapter_names=[adapter])
-    ids = {id(layer) for layer in layers}
-    for name, module in list(out.named_modules()):
-        if id(module) in ids:
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, child, module.base_layer)
-    return out.requires_grad_(False)
 
 
 class AmortisedDenoiser(nn.Module):

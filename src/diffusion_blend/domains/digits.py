@@ -27,8 +27,9 @@ from diffusion_blend.adapters import (
     add_lora,
     held_params,
     load_adapter_state,
+    merged_copy,
 )
-from diffusion_blend.amortised import AmortisedDenoiser, PrefEmbedding, merged_copy
+from diffusion_blend.amortised import AmortisedDenoiser, PrefEmbedding
 from diffusion_blend.blend import Denoiser, Guided, Preference, nfe_of
 from diffusion_blend.errors import UsageError
 from diffusion_blend.io import load_weights as load_weight_file
