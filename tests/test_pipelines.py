@@ -267,8 +267,8 @@ def test_dora_experts_are_blended_one_after_another_and_fused_adapters_refused(t
         blend_pipeline(pipe, ["a", "b"], Preference((0.5, 0.5)))
 
 
-@pytest.mark.parametrize("mode", ["sequential", "auto"])
-def test_sequential_and_auto_modes_equal_the_batched_blend(sd, mode):
+@pytest.mark.parametrize("mode", ["sequential", "merged", "auto"])
+def test_sequential_merged_and_auto_modes_equal_the_batched_blend(sd, mode):
     unet = sd.unet
     x, t, ehs = torch.randn(2, 4, 8, 8), torch.tensor(200), torch.randn(2, 5, 32)
     pref = Preference((0.2, 0.5), 1.4, allow_extrapolation=True)
@@ -335,11 +335,11 @@ def test_text_encoder_loras_are_blended_term_by_term(tmp_path, kind):
         assert torch.allclose(run(pipe, guidance=3.0), want["b"], atol=1e-6)
         model.preference = Preference((0.5, 0.5), 0.0)
         assert torch.allclose(run(pipe, guidance=3.0), want[None], atol=1e-6)
-        mids = [None, None]
-        for i, mode in enumerate(("batched", "sequential")):
+        mids = []
+        for mode in ("batched", "sequential", "merged"):
             blend_pipeline(pipe, ["a", "b"], Preference((0.3, 0.4)), mode=mode)
-            mids[i] = run(pipe, guidance=3.0)
-        assert torch.allclose(mids[0], mids[1], atol=1e-5)
+            mids.append(run(pipe, guidance=3.0))
+        assert all(torch.allclose(m, mids[0], atol=1e-5) for m in mids[1:])
     finally:
         unblend_pipeline(pipe)
     assert not torch.allclose(want["a"], want[None], atol=1e-3)   # the LoRAs do something

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import is_dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ from diffusion_blend.adapters import (
     adapter_names,
     dora_adapters,
     fused,
+    merged_copy,
     route_rows,
     soup_adapters,
     unit_scales,
@@ -75,7 +78,7 @@ def _like(out, pred: torch.Tensor):
     return out.__class__(**{**out, "sample": pred})   # diffusers' BaseOutput
 
 
-MODES = ("batched", "sequential", "auto")
+MODES = ("batched", "sequential", "merged", "auto")
 
 
 class BlendedModel(nn.Module):
@@ -84,8 +87,11 @@ class BlendedModel(nn.Module):
     ``experts``: adapter names loaded on ``base``, or full modules with the same call signature
     as ``base``. ``mode``: ``batched`` runs every LoRA term in one routed forward (the batch
     repeated once per term: K + 1 times the activations); ``sequential`` runs the terms one
-    after another and accumulates in place (one model's activations); ``auto`` is batched and
-    switches to sequential for good when the accelerator runs out of memory. DoRA experts are
+    after another and accumulates in place (one model's activations); ``merged`` gives each
+    term its own copy of the network with its adapter merged (K + 1 weight sets; each term at a
+    plain model's cost, no LoRA overhead); ``auto`` is merged when those copies fit in half the
+    free memory of the model's device, else batched, and switches to sequential for good when
+    the accelerator runs out of memory. DoRA experts are
     always evaluated one after another (PEFT cannot route them by rows). Each LoRA term runs
     at its adapter's trained scale, whatever ``set_adapters(..., adapter_weights=...)`` set.
     ``call`` runs the base network (default: ``base`` itself; ``blend_pipeline`` passes the
@@ -112,6 +118,7 @@ class BlendedModel(nn.Module):
         self.blend = BlendedDenoiser(BASE if self.adapters else base,
                                      self.adapters or list(self.expert_modules), preference)
         self.text_terms: dict | None = None   # each term's prompt encoding (blend_pipeline)
+        self._copies: dict | None = None      # merged mode: each term's network
 
     def _check_adapters(self) -> None:
         if not self.adapters:
@@ -148,17 +155,42 @@ class BlendedModel(nn.Module):
         with unit_scales(self.base, self.adapters):
             if len(terms) == 1 and terms[0][0] == 1.0:   # lam = 0 or w = e_i: that model
                 return self._single(terms[0][1], args, kwargs)
+            if self.adapters and self._merged():
+                copies = self._merged_copies(args, kwargs)
+                return self._sequential([(c, copies[n]) for c, n in terms], args, kwargs)
             if self.adapters and self.routable and self.mode != "sequential":
                 try:
                     return self._batched(terms, args, kwargs)
                 except torch.OutOfMemoryError:
-                    if self.mode != "auto":
+                    if not self.mode.startswith("auto"):
                         raise
                     self.mode = "sequential"
             return self._sequential(terms, args, kwargs)
 
     def _run(self, *args, **kwargs):
         return (self._call or self.base)(*args, **kwargs)
+
+    def _merged(self) -> bool:
+        """Merged mode, or auto mode with room for the K + 1 weight sets (decided once)."""
+        if self.mode == "auto" and self._copies is None:
+            need = (len(self.adapters) + 1) * sum(p.numel() * p.element_size()
+                                                  for p in self.base.parameters())
+            free = free_memory(next(self.base.parameters()).device)
+            self.mode = "merged" if free is not None and need < free / 2 else "auto-batched"
+        return self.mode == "merged"
+
+    def _merged_copies(self, args: tuple, kwargs: dict) -> dict:
+        """Each term's network (the base, and each adapter merged into its own copy), made on
+        first use; the installed forward is set aside while copying."""
+        if self._copies is None:
+            own = self.base.__dict__.pop("forward", None)
+            try:
+                self._copies = {n: _Term(merged_copy(self.base, None if n == BASE else n), n,
+                                         self) for n in (BASE, *self.adapters)}
+            finally:
+                if own is not None:
+                    object.__setattr__(self.base, "forward", own)
+        return self._copies
 
     def _term_kwargs(self, name, kwargs: dict) -> dict:
         """``kwargs`` with the prompt encoding of term ``name``'s own text-encoder adapter
@@ -170,7 +202,7 @@ class BlendedModel(nn.Module):
         kwargs = self._term_kwargs(model, kwargs) if isinstance(model, str) else kwargs
         if model is self.base:
             return self._run(*args, **kwargs)
-        if isinstance(model, nn.Module):
+        if isinstance(model, nn.Module | _Term):
             return model(*args, **kwargs)
         with soup_adapters(self.base, [] if model == BASE else [(model, 1.0)]):
             return self._run(*args, **kwargs)
@@ -206,6 +238,31 @@ class BlendedModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("base"), name)
+
+
+class _Term:
+    """A term's merged network, called with that term's prompt encoding (``TextTerms``)."""
+
+    def __init__(self, network: nn.Module, name: str, blend: BlendedModel):
+        self.network, self.name, self.blend = network, name, blend
+
+    def __call__(self, *args, **kwargs):
+        return self.network(*args, **self.blend._term_kwargs(self.name, kwargs))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (CUDA: the allocator's view; CPU: ``MemAvailable``), or None
+    where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
+    return int(m.group(1)) * 1024 if m else None
 
 
 def _concat(per_term: list, b: int):

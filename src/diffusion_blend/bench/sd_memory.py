@@ -1,6 +1,6 @@
 """``dblend bench sd-memory``: K LoRA experts at the memory of one model.
 
-One blended denoiser step (K experts plus the base, i.e. K + 1 terms) four ways,
+One blended denoiser step (K experts plus the base, i.e. K + 1 terms) five ways,
 each in a fresh process so its peak memory is its own:
 
 - ``single``: one UNet, one forward of B rows (the pretrained model's cost);
@@ -8,6 +8,8 @@ each in a fresh process so its peak memory is its own:
   (``pipelines.BlendedModel``, ``mode="batched"``);
 - ``sequential``: the same UNet and adapters, the K + 1 terms one after another, accumulated
   in place (``mode="sequential"``: one model's activations);
+- ``merged``: each term's adapter merged into its own copy of the UNet, the terms one after
+  another (``mode="merged"``: K + 1 weight sets, no LoRA overhead);
 - ``full``: K + 1 separate UNets (the paper's setting), K + 1 forwards.
 
 UNets are built from a config with random weights (nothing is downloaded): ``sd15`` is Stable
@@ -35,8 +37,8 @@ CONFIGS = {
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
 }
-MODES = ("single", "lora", "sequential", "full")
-VARIANTS = ("lora", "sequential", "full")
+MODES = ("single", "lora", "sequential", "merged", "full")
+VARIANTS = MODES[1:]
 
 
 def build_unet(config: str, seed: int = 0) -> torch.nn.Module:
@@ -70,16 +72,19 @@ def run_mode(mode: str, config: str, k: int, batch: int, rank: int, repeats: int
         experts = ([build_unet(config, seed=i + 1).to(device) for i in range(k)]
                    if mode == "full" else _experts_lora(base, k, rank))
         model = BlendedModel(base, experts, Preference((1.0 / k,) * k, 0.5),
-                             mode="sequential" if mode == "sequential" else "batched")
+                             mode=mode if mode in ("sequential", "merged") else "batched")
     size = CONFIGS[config]["sample_size"]
     x = torch.randn(batch, 4, size, size, device=device)
     ehs = torch.randn(batch, 77, CONFIGS[config]["cross_attention_dim"], device=device)
     t = torch.tensor(500, device=device)
-    params = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
-        model(x, t, encoder_hidden_states=ehs)   # warm-up
+        model(x, t, encoder_hidden_states=ehs)   # warm-up (merged: makes the copies)
         _sync(device)
-        _, seconds, peak, _ = measure_cost(lambda: _steps(model, x, t, ehs, repeats, device))
+    _, seconds, peak, _ = measure_cost(lambda: _steps(model, x, t, ehs, repeats, device))
+    params = sum(p.numel() for p in model.parameters())
+    if mode == "merged":
+        params = sum(p.numel() for term in model._copies.values()
+                     for p in term.network.parameters())
     return {"mode": mode, "params": params, "peak_memory_mb": peak,
             "memory_above_runtime_mb": peak - before,
             "seconds_per_step": seconds / repeats, "device": str(device)}

@@ -30,12 +30,11 @@ from diffusion_blend.adapters import (
     merged_copy,
 )
 from diffusion_blend.amortised import AmortisedDenoiser, PrefEmbedding
-from diffusion_blend.blend import Denoiser, Guided, Preference, nfe_of
+from diffusion_blend.blend import BlendedDenoiser, Denoiser, Guided, Preference, nfe_of
 from diffusion_blend.errors import UsageError
 from diffusion_blend.io import load_weights as load_weight_file
 from diffusion_blend.io import read_json
 from diffusion_blend.lr import warmup_lr
-from diffusion_blend.pipelines import BlendedModel
 from diffusion_blend.rewards import get_reward
 from diffusion_blend.sampling import Schedule, sample
 
@@ -378,8 +377,8 @@ class DigitsDomain:
         self.names, self.reward_names = list(experts), list(experts)
         self.model, self.base_meta = load_base(self.weights_dir)
         self.model.requires_grad_(False)
-        self.base = AdapterView(self.model, None)
-        self.metas = {}
+        self.base = merged_copy(self.model, None)   # the network without LoRA wrappers
+        self.metas, self.merged = {}, {}
         self.experts = [self.adapter(n) for n in self.names]
         self.alpha = float(self.metas[self.names[0]]["alpha"])
         self.stats = read_json(self.experts_dir / "rewards.json", "reward statistics")
@@ -390,13 +389,15 @@ class DigitsDomain:
         self.morl_dir, self.morl_trainer, self._amortised = morl_dir, morl_trainer, None
 
     def adapter(self, name: str, directory: Path | None = None) -> Denoiser:
-        """The adapter ``name`` (an expert, a MORL or lambda-specific fine-tune) as a denoiser."""
+        """The adapter ``name`` (an expert, a MORL or lambda-specific fine-tune) as a denoiser:
+        merged into its own copy of the small network, so it runs at one plain model's cost."""
         path = (directory or self.experts_dir) / f"{name}.safetensors"
         if not path.exists():
             raise UsageError(f"expert {name!r} is missing ({path}); train it with "
                              "`dblend finetune digits`")
-        den, self.metas[name] = attach_expert(self.model, self.base_meta, path)
-        return den
+        _, self.metas[name] = attach_expert(self.model, self.base_meta, path)
+        self.merged[name] = merged_copy(self.model, name)
+        return FrozenLastStep(self.merged[name], self.base)
 
     def cond(self, seeds: Sequence[int], cls: int | None = None) -> dict:
         if cls is None:
@@ -410,9 +411,11 @@ class DigitsDomain:
         return x0
 
     def blend(self, pref: Preference) -> Denoiser:
-        """All terms in one routed forward (``pipelines.BlendedModel``); the last step stays
-        the pretrained one, as the experts were trained."""
-        return FrozenLastStep(BlendedModel(self.model, self.names, pref), self.base)
+        """The terms on their merged networks (each at a plain model's cost; the K + 1 weight
+        sets of this small network take a few MB); the last step stays the pretrained one, as
+        the experts were trained."""
+        experts = [self.merged[n] for n in self.names]
+        return FrozenLastStep(BlendedDenoiser(self.base, experts, pref), self.base)
 
     def soup(self, coefs: list[float]) -> Denoiser:
         return FrozenLastStep(LoraSoup(self.model, self.names, coefs), self.base)
@@ -452,4 +455,8 @@ class DigitsDomain:
         return None
 
     def params(self, parts: list[str]) -> int:
-        return held_params(self.model, self.names, parts)
+        """The soup: the base and the adapters it sums; else one network per part held (the
+        merged copies)."""
+        if "soup" in parts:
+            return held_params(self.model, self.names, parts)
+        return len(set(parts)) * sum(p.numel() for p in self.base.parameters())
