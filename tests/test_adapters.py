@@ -4,6 +4,7 @@ from torch import nn
 
 from diffusion_blend.adapters import (
     AdapterView,
+    LoraSoup,
     adapter_names,
     adapter_state,
     add_lora,
@@ -66,3 +67,8 @@ def test_merged_copy_equals_the_adapter_view_and_drops_lora_wrappers():
     assert type(merged.inp) is torch.nn.Linear    # a plain network: one model's cost
     plain = merged_copy(model, None)
     assert torch.equal(plain(x, t), AdapterView(model, None)(x, t))   # the base, bit for bit
+    _perturb(model, "b", 1)
+    soup = merged_copy(model, soup=[("a", 0.3), ("b", -0.5)])
+    assert torch.allclose(soup(x, t), LoraSoup(model, ["a", "b"], [0.3, -0.5])(x, t), atol=1e-6)
+    vertex = merged_copy(model, soup=[("a", 1.0), ("b", 0.0)])
+    assert torch.equal(vertex(x, t), merged_copy(model, "a")(x, t))

@@ -180,15 +180,9 @@ def test_unknown_adapter_is_refused(sd):
 def test_sdxl_style_unet_with_added_conditioning():
     """SDXL's UNet takes ``added_cond_kwargs`` (pooled text embeddings, time ids): the routed
     forward repeats them with the batch, and equals the separate forwards."""
-    from diffusers import UNet2DConditionModel
+    from tests.tiny_sd import tiny_sdxl_unet
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-        layers_per_block=1, norm_num_groups=4, cross_attention_dim=32, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
-        addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4).eval()
+    unet = tiny_sdxl_unet()
     add_experts(unet, ["a", "b"], UNET_TARGETS, seed=5)
     x, t, ehs = torch.randn(2, 4, 8, 8), torch.tensor(300), torch.randn(2, 5, 32)
     added = {"text_embeds": torch.randn(2, 16), "time_ids": torch.randn(2, 6)}

@@ -116,19 +116,26 @@ def tiny_sd3_pipeline():
     return pipe
 
 
+def tiny_sdxl_unet(cross_attention_dim: int = 32, pooled_dim: int = 16, seed: int = 0):
+    """SDXL's UNet shape: added conditioning (pooled text embedding and six time ids)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+        layers_per_block=1, norm_num_groups=4, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=pooled_dim + 6 * 4).eval()
+
+
 def tiny_sdxl_pipeline(tmp: Path):
     """A ``StableDiffusionXLPipeline`` with its two text encoders (the second with a pooled
     projection), 8x8 images, added time/text conditioning."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-        layers_per_block=1, norm_num_groups=4, cross_attention_dim=64, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
-        addition_time_embed_dim=4, projection_class_embeddings_input_dim=32 + 6 * 4).eval()
+    unet = tiny_sdxl_unet(cross_attention_dim=64, pooled_dim=32)
     pipe = StableDiffusionXLPipeline(
         vae=tiny_vae(), text_encoder=CLIPTextModel(clip_text_config()).eval(),
         text_encoder_2=CLIPTextModelWithProjection(clip_text_config()).eval(),

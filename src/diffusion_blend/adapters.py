@@ -173,15 +173,21 @@ class AdapterView(nn.Module):
             return self.model(x, t, **cond)
 
 
-def merged_copy(model: nn.Module, adapter: str | None) -> nn.Module:
-    """A plain copy of ``model`` with LoRA ``adapter`` merged into its weights (``None``: the
-    base weights) and every LoRA wrapper removed (other adapters dropped): that model at the
-    cost of one without adapters."""
+def merged_copy(model: nn.Module, adapter: str | None = None,
+                soup: Sequence[tuple[str, float]] = ()) -> nn.Module:
+    """A plain copy of ``model`` with LoRA ``adapter`` merged into its weights at its trained
+    scale (``None``: the base weights), or the weight soup ``W0 + sum c * dW`` of ``soup``'s
+    ``(adapter, c)``, and every LoRA wrapper removed: that model at the cost of one without
+    adapters (``soup = [(a, 1.0)]`` is bit for bit ``adapter = a``)."""
+    terms = [(adapter, 1.0)] if adapter is not None else [(n, c) for n, c in soup if c != 0.0]
     out = copy.deepcopy(model)
     layers = lora_layers(out)
     for layer in layers:
-        if adapter is not None and adapter in layer.lora_A:
-            layer.merge(adapter_names=[adapter])
+        present = [(n, c) for n, c in terms if n in layer.lora_A]
+        for n, c in present:
+            layer.set_scale(n, c)
+        if present:
+            layer.merge(adapter_names=[n for n, _ in present])
     ids = {id(layer) for layer in layers}
     for name, module in list(out.named_modules()):
         if id(module) in ids:

@@ -22,10 +22,8 @@ from tqdm.auto import tqdm
 
 from diffusion_blend.adapters import (
     AdapterView,
-    LoraSoup,
     adapter_names,
     add_lora,
-    held_params,
     load_adapter_state,
     merged_copy,
 )
@@ -418,7 +416,10 @@ class DigitsDomain:
         return FrozenLastStep(BlendedDenoiser(self.base, experts, pref), self.base)
 
     def soup(self, coefs: list[float]) -> Denoiser:
-        return FrozenLastStep(LoraSoup(self.model, self.names, coefs), self.base)
+        """The experts' LoRA weights summed into one copy of the network (``c = e_i`` is
+        expert ``i`` bit for bit)."""
+        soup = merged_copy(self.model, soup=list(zip(self.names, coefs, strict=True)))
+        return FrozenLastStep(soup, self.base)
 
     def morl(self, pref: Preference) -> Denoiser | None:
         name = self._morl_name(pref)
@@ -455,8 +456,7 @@ class DigitsDomain:
         return None
 
     def params(self, parts: list[str]) -> int:
-        """The soup: the base and the adapters it sums; else one network per part held (the
-        merged copies)."""
-        if "soup" in parts:
-            return held_params(self.model, self.names, parts)
-        return len(set(parts)) * sum(p.numel() for p in self.base.parameters())
+        """One network per part held (the merged copies; the soup is one network, plus the
+        base for the last step)."""
+        held = {"soup", "base"} if "soup" in parts else set(parts)
+        return len(held) * sum(p.numel() for p in self.base.parameters())
