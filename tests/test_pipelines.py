@@ -195,7 +195,7 @@ def test_sdxl_style_unet_with_added_conditioning():
                           atol=1e-5)
 
 
-def test_while_blended_the_pipeline_keeps_its_real_model_and_lora_api(sd):
+def test_while_blended_the_pipeline_keeps_its_real_model_and_lora_api(sd, tmp_path):
     """``pipe.unet`` stays the diffusers model: the LoRA API reads it; the calls that would
     change which adapters run, and ``save_pretrained``, are refused with the fix."""
     from diffusers import UNet2DConditionModel
@@ -210,7 +210,9 @@ def test_while_blended_the_pipeline_keeps_its_real_model_and_lora_api(sd):
             with pytest.raises(UsageError, match="unblend_pipeline"):
                 call()
         with pytest.raises(UsageError, match="save_pretrained.*unload_lora_weights"):
-            sd.save_pretrained("never-written")
+            sd.save_pretrained(tmp_path / "never-written")
+        assert not (tmp_path / "never-written").exists()
+        assert list(sd.config["unet"]) == ["diffusers", "UNet2DConditionModel"]   # live config
     finally:
         unblend_pipeline(sd)
     assert "forward" not in sd.unet.__dict__ and "set_adapters" not in sd.__dict__
