@@ -1,6 +1,7 @@
-"""The blend as a drop-in denoiser for any diffusers pipeline (``pipe.unet`` or
-``pipe.transformer``), so the pipeline's own ``__call__``, scheduler, classifier-free guidance,
-callbacks and output types stay untouched.
+"""The blend inside any diffusers pipeline: ``blend_pipeline`` installs it as the forward of
+``pipe.unet`` / ``pipe.transformer``, which stays the real model, so the pipeline's own
+``__call__``, scheduler, classifier-free guidance, callbacks, output types and LoRA API stay
+untouched (the calls that would change which adapters run are refused while blended).
 
 ``BlendedModel`` returns ``c_pre * pred_pre + sum_i c_i * pred_i`` (``c = lam * w``,
 ``c_pre = 1 - lam * sum(w)``): the coefficients sum to one, so the blend is affine in the
@@ -8,10 +9,12 @@ prediction. Hence it works for eps-, v- and flow-prediction models alike, and it
 classifier-free guidance: guiding the blend, ``u + s (c - u)`` of blended predictions, equals
 blending the guided predictions of each model.
 
-LoRA experts (adapter names on the one base module) are evaluated in **one** forward: the batch
-is repeated once per blend term and each block of rows is routed to its adapter (PEFT's mixed
-batch forward), so the base weights are held once. Full fine-tuned modules are also accepted
-(the paper's setting): then each model runs separately.
+LoRA experts (adapter names on the one base module) are evaluated in **one** forward by
+default: the batch is repeated once per blend term and each block of rows is routed to its
+adapter (PEFT's mixed batch forward), so the base weights are held once; ``mode`` trades memory
+for time (see ``BlendedModel``). Full fine-tuned modules are also accepted (the paper's
+setting): then each model runs separately. Text-encoder LoRA layers are blended too: each term
+encodes the prompt with its own text-encoder adapter (``TextTerms``).
 """
 
 from __future__ import annotations
