@@ -303,16 +303,21 @@ def _text_lora(encoder, names, seed):
     encoder.requires_grad_(False)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3"])
 def test_text_encoder_loras_are_blended_term_by_term(tmp_path, kind):
     """LoRAs with text-encoder layers (as community LoRAs have): each term encodes the prompt
     with its own text-encoder adapter (SDXL: both encoders, the pooled embedding too), so
     ``w = e_i`` is the pipeline with only adapter i on and ``lam = 0`` the pipeline with
     adapters disabled."""
-    from tests.tiny_sd import tiny_sdxl_pipeline
+    from tests.tiny_sd import tiny_sd3_pipeline_with_encoders, tiny_sdxl_pipeline
 
-    pipe = tiny_sd_pipeline(tmp_path) if kind == "sd" else tiny_sdxl_pipeline(tmp_path)
-    add_experts(pipe.unet, ["a", "b"], UNET_TARGETS, seed=7)
+    make = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline,
+            "sd3": tiny_sd3_pipeline_with_encoders}
+    pipe = make[kind](tmp_path)
+    if kind == "sd3":
+        add_experts(pipe.transformer, ["a", "b"], ["to_q", "to_k", "to_v", "add_q_proj"], seed=7)
+    else:
+        add_experts(pipe.unet, ["a", "b"], UNET_TARGETS, seed=7)
     for i, enc in enumerate(e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
                             if e is not None):
         _text_lora(enc, ["a", "b"], seed=8 + i)

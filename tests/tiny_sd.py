@@ -160,3 +160,29 @@ def tiny_flux_pipeline():
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd3_pipeline_with_encoders(tmp: Path):
+    """``StableDiffusion3Pipeline`` with its two CLIP text encoders (no T5: diffusers then uses
+    zeros for its part), joint and pooled conditioning of 64 dimensions."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+        pooled_projection_dim=64, out_channels=4).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(shift_factor=0.0),
+        text_encoder=CLIPTextModelWithProjection(clip_text_config()).eval(),
+        tokenizer=clip_tokenizer(tmp / "tok1"),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config()).eval(),
+        tokenizer_2=clip_tokenizer(tmp / "tok2"), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
