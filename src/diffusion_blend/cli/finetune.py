@@ -30,6 +30,13 @@ RUN = (arg("--iterations", type=positive_int, default=None, help="training itera
        arg("--sample-steps", type=positive_int, default=None, help="chain length"),
        arg("--checkpoint-every", type=positive_int, default=None),
        arg("--preset", default=None, help="config preset (default DOMAIN-ESTIMATOR)"),
+       arg("--stop", default=None, choices=("budget", "plateau"),
+           help="plateau: stop once the objective stops improving beyond its noise "
+                "(--iterations is then the upper bound)"),
+       arg("--eval-every", type=positive_int, default=None, help="plateau: iterations "
+           "between evaluations"),
+       arg("--patience", type=positive_int, default=None, help="plateau: evaluations "
+           "without improvement before stopping"),
        SEED, OUT, arg("--resume", action="store_true"), OVERWRITE)
 
 
@@ -44,7 +51,12 @@ def toy2d_config(a: argparse.Namespace, k: int, spec_alpha: float) -> FinetuneCo
     return preset(name, estimator=a.estimator, kl_mode=a.kl_mode, w=w, alpha=alpha,
                   iterations=a.iterations, batch_size=a.batch_size, lr=a.lr,
                   sample_steps=a.sample_steps, eval_trajectories=a.eval_trajectories,
-                  checkpoint_every=a.checkpoint_every, seed=a.seed)
+                  checkpoint_every=a.checkpoint_every, seed=a.seed, **stopping(a))
+
+
+def stopping(a: argparse.Namespace) -> dict:
+    """The stopping-rule flags given (the preset's values otherwise)."""
+    return {"stop": a.stop, "eval_every": a.eval_every, "patience": a.patience}
 
 
 def cmd_toy2d(a: argparse.Namespace) -> None:
@@ -87,7 +99,8 @@ def cmd_sd(a: argparse.Namespace) -> None:
                  batch_size=a.batch_size, sample_steps=a.sample_steps, lr=a.lr,
                  alpha=parse_finite(a.alpha, "--alpha") if a.alpha is not None else None,
                  seed=a.seed, mixed_precision=a.mixed_precision,
-                 grad_accumulation=a.grad_accumulation, checkpoint_every=a.checkpoint_every)
+                 grad_accumulation=a.grad_accumulation, checkpoint_every=a.checkpoint_every,
+                 **stopping(a))
     kwargs = {"model": a.reward_model} if a.reward_model else {}
     emit(finetune_sd(a.model, a.prompts, a.reward, cfg, a.out, kwargs,
                      parse_finite(a.guidance, "--guidance"), a.height, a.width, a.resume,

@@ -17,6 +17,7 @@ KL_MODES = ("to-go", "published")
 ADVANTAGES = ("value", "batch")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
+STOPS = ("budget", "plateau")
 MAX_RUN_SEED = 2**24  # per-sample seeds are (seed << 40) + offset + i: they must stay < 2**64
 
 
@@ -58,6 +59,13 @@ class FinetuneConfig:
     lora_rank: int = 4
     # evaluation
     eval_trajectories: int = 16384
+    # stopping: "budget" runs ``iterations``; "plateau" stops once the objective on a fixed
+    # evaluation batch has not improved beyond its paired noise for ``patience`` evaluations
+    # (``iterations`` is then the budget's upper bound; see ``finetune.stopping``)
+    stop: str = "budget"
+    eval_every: int = 10
+    patience: int = 3
+    stop_trajectories: int = 512
 
     def check(self) -> None:
         """Raise a ``UsageError`` naming the first bad field."""
@@ -66,6 +74,7 @@ class FinetuneConfig:
         _choice("advantage", self.advantage, ADVANTAGES)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        _choice("stop", self.stop, STOPS)
         if self.grad_accumulation < 1 or self.batch_size % self.grad_accumulation:
             raise UsageError(f"grad_accumulation={self.grad_accumulation} must be >= 1 and "
                              f"divide batch_size={self.batch_size}")
@@ -83,9 +92,12 @@ class FinetuneConfig:
             raise UsageError(f"seed={self.seed} is not allowed; a run's seed is 0 ... 2**24 - 1 "
                              "(its per-sample seeds are seed * 2**40 + ...)")
         for name in ("iterations", "batch_size", "checkpoint_every", "ppo_epochs", "minibatches",
-                     "eval_trajectories", "hidden", "lora_rank"):
+                     "eval_trajectories", "hidden", "lora_rank", "eval_every", "patience"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name}={getattr(self, name)} is not allowed; use >= 1")
+        if self.stop_trajectories < 2:
+            raise UsageError(f"stop_trajectories={self.stop_trajectories} is not allowed; use "
+                             ">= 2 (the rule needs a standard error)")
         if not 0 < self.timestep_fraction <= 1:
             raise UsageError(f"timestep_fraction={self.timestep_fraction}: use 0 < f <= 1")
         if not (self.lr > 0 and self.grad_clip > 0 and self.reward_scale > 0):

@@ -95,6 +95,22 @@ def evaluate(task: Task, seeds: Sequence[int], steps: int | None, alpha: float,
              basis: Callable[[torch.Tensor], torch.Tensor] | None = None,
              chunk: int = 4096) -> dict:
     """Per-trajectory reward, path KL and objective on fresh trajectories (means, stderrs)."""
+    r, kl, b = trajectories(task, seeds, steps, basis, chunk)
+    obj = r - alpha * kl
+    n = len(r)
+    out = {"reward": float(r.mean()), "reward_stderr": float(r.std() / n**0.5),
+           "path_kl": float(kl.mean()), "path_kl_stderr": float(kl.std() / n**0.5),
+           "objective": float(obj.mean()), "objective_stderr": float(obj.std() / n**0.5)}
+    if b is not None:
+        out["basis_rewards"], out["basis_stderr"] = b.mean(0).tolist(), (b.std(0) / n**0.5).tolist()
+    return out
+
+
+@torch.no_grad()
+def trajectories(task: Task, seeds: Sequence[int], steps: int | None,
+                 basis: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each trajectory's reward and path KL (float64), and its basis rewards when asked."""
     rewards, kls, bases = [], [], []
     for i in range(0, len(seeds), chunk):
         x0, kl, cond = run_chain(task, list(seeds[i:i + chunk]), steps)
@@ -102,16 +118,7 @@ def evaluate(task: Task, seeds: Sequence[int], steps: int | None, alpha: float,
         kls.append(kl.double())
         if basis is not None:
             bases.append(basis(x0).double())
-    r, kl = torch.cat(rewards), torch.cat(kls)
-    obj = r - alpha * kl
-    n = len(r)
-    out = {"reward": float(r.mean()), "reward_stderr": float(r.std() / n**0.5),
-           "path_kl": float(kl.mean()), "path_kl_stderr": float(kl.std() / n**0.5),
-           "objective": float(obj.mean()), "objective_stderr": float(obj.std() / n**0.5)}
-    if basis is not None:
-        b = torch.cat(bases)
-        out["basis_rewards"], out["basis_stderr"] = b.mean(0).tolist(), (b.std(0) / n**0.5).tolist()
-    return out
+    return torch.cat(rewards), torch.cat(kls), torch.cat(bases) if bases else None
 
 
 def run_chain(task: Task, seeds: Sequence[int], steps: int | None, tracked_from: int = 0,

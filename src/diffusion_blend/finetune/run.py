@@ -26,8 +26,9 @@ from diffusion_blend.distributed import Dist
 from diffusion_blend.errors import DivergedError, UsageError
 from diffusion_blend.finetune import dpok
 from diffusion_blend.finetune.config import FinetuneConfig
-from diffusion_blend.finetune.objective import Task, iteration_seeds
+from diffusion_blend.finetune.objective import Task, iteration_seeds, trajectories
 from diffusion_blend.finetune.pathwise import pathwise_loss
+from diffusion_blend.finetune.stopping import Plateau
 from diffusion_blend.io import (
     atomic_write,
     check_out_dir,
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 # laid out over the total).
 RESUME_MAY_DIFFER = {"checkpoint_every", "eval_trajectories"}
 RUN_KIND = "finetune-run"
+EXTRA = "extra.safetensors"
+STOP_OFFSET = 1 << 38   # the stopping rule's evaluation trajectories: never training seeds
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -97,8 +100,9 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> No
 
 
 def save_checkpoint(out: Path, iteration: int, modules: dict, optimizers: dict,
-                    config: dict) -> Path:
-    """Write ``checkpoints/step-N`` in a temp dir, rename it, then point ``latest.json`` at it."""
+                    config: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``checkpoints/step-N`` in a temp dir, rename it, then point ``latest.json`` at it
+    (``extra``: more tensors to keep, such as the stopping rule's state)."""
     ckdir = out / "checkpoints"
     ckdir.mkdir(exist_ok=True)
     final = ckdir / f"step-{iteration:06d}"
@@ -111,6 +115,8 @@ def save_checkpoint(out: Path, iteration: int, modules: dict, optimizers: dict,
     for name, o in optimizers.items():
         tensors, opt_meta[name] = _optimizer_tensors(o)
         save_file(tensors, tmp / f"{name}.safetensors")
+    if extra:
+        save_file({k: v.contiguous() for k, v in extra.items()}, tmp / EXTRA)
     files = {p.name: sha256_file(p) for p in tmp.iterdir()}
     write_json(tmp / "state.json", {"iteration": iteration, "config": config, "files": files,
                                     "optimizers": opt_meta})
@@ -146,6 +152,7 @@ def load_checkpoint(out: Path, modules: dict, optimizers: dict) -> dict:
             load_trainable(m, load_file(ck / f"{name}.safetensors"))
         for name, o in optimizers.items():
             _load_optimizer(o, load_file(ck / f"{name}.safetensors"), opt_meta[name])
+        state["extra"] = load_file(ck / EXTRA) if EXTRA in files else {}
     except (SafetensorError, KeyError, ValueError) as e:
         raise UsageError(f"checkpoint {ck} could not be loaded ({e})") from None
     return state | {"iteration": iteration}
@@ -217,14 +224,19 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
         value.to(task.device)
         value_opt = torch.optim.Adam(value.parameters(), lr=cfg.value_lr)
         modules["value"], optimizers["value_optimizer"] = value, value_opt
-    start = load_checkpoint(out, modules, optimizers)["iteration"] if resume else 0
+    rule = Plateau(cfg.patience) if cfg.stop == "plateau" else None
+    ck = load_checkpoint(out, modules, optimizers) if resume else {"iteration": 0, "extra": {}}
+    start = ck["iteration"]
+    if rule is not None and ck["extra"]:
+        rule.load_state_dict(ck["extra"])
     if dist.main and not resume:
         write_json(out / "config.json", run_config)
     if dist.main:
         _truncate_metrics(out / "metrics.jsonl", start)
-    last: dict = {}
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
-               disable=not (progress and dist.main), desc=f"finetune ({cfg.estimator})")
+    last: dict = {"iteration": start, "converged": True} if rule and rule.stopped else {}
+    todo = range(start, start if last else cfg.iterations)
+    bar = tqdm(todo, initial=start, total=cfg.iterations, disable=not (progress and dist.main),
+               desc=f"finetune ({cfg.estimator})")
     for it in bar:
         t0 = time.perf_counter()
         for g in opt.param_groups:
@@ -236,13 +248,27 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
                 "seconds": time.perf_counter() - t0}
         bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['path_kl']:.3f}")
         done = it + 1
+        evaluated = rule is not None and done % cfg.eval_every == 0
+        if evaluated:
+            last |= check_plateau(task, cfg, rule)
         if dist.main:
             _append_jsonl(out / "metrics.jsonl", last)
-            if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-                save_checkpoint(out, done, modules, optimizers, run_config)
-        if stop_after is not None and done - start >= stop_after:
+            if evaluated or done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+                save_checkpoint(out, done, modules, optimizers, run_config,
+                                rule.state_dict() if rule else None)
+        if last.get("converged") or (stop_after is not None and done - start >= stop_after):
             break
     return last
+
+
+def check_plateau(task: Task, cfg: FinetuneConfig, rule: Plateau) -> dict:
+    """Evaluate the objective on the fixed stopping batch and update the rule."""
+    seeds = iteration_seeds(cfg.seed, 0, cfg.stop_trajectories, STOP_OFFSET)
+    r, kl, _ = trajectories(task, seeds, cfg.sample_steps)
+    values = r - cfg.alpha * kl
+    converged = rule.update(values)
+    return {"stop_objective": float(values.mean()), "evaluations_since_best": rule.since,
+            "converged": converged}
 
 
 def check_finite_run(iteration: int, stats: dict, params: list[torch.Tensor]) -> None:

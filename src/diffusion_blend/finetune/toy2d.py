@@ -138,11 +138,12 @@ def finetune_toy2d(problem: Toy2dProblem, cfg: FinetuneConfig, out: str | Path,
     last = train(task, cfg, out, meta, resume, overwrite, progress, stop_after)
     seconds = time.perf_counter() - start
     out = Path(out)
-    if last.get("iteration", cfg.iterations) < cfg.iterations:
+    if last.get("iteration", cfg.iterations) < cfg.iterations and not last.get("converged"):
         return {"stopped_at": last["iteration"], "seconds": seconds}
     save_expert(out, task.policy, meta | {"config": cfg.to_dict()})
     result = {"estimator": cfg.estimator, "kl_mode": cfg.kl_mode, "w": list(cfg.w),
-              "alpha": cfg.alpha, "iterations": cfg.iterations,
+              "alpha": cfg.alpha, "iterations": last.get("iteration", cfg.iterations),
+              "converged": bool(last.get("converged")),
               **evaluate_expert(problem, task.policy, cfg.w, cfg.eval_trajectories, cfg.seed,
                         cfg.sample_steps), "seconds": seconds}
     write_json(out / "result.json", result)
