@@ -225,10 +225,7 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
         value_opt = torch.optim.Adam(value.parameters(), lr=cfg.value_lr)
         modules["value"], optimizers["value_optimizer"] = value, value_opt
     rule = Plateau(cfg.patience) if cfg.stop == "plateau" else None
-    ck = load_checkpoint(out, modules, optimizers) if resume else {"iteration": 0, "extra": {}}
-    start = ck["iteration"]
-    if rule is not None and ck["extra"]:
-        rule.load_state_dict(ck["extra"])
+    start = _restore(out, modules, optimizers, rule) if resume else 0
     if dist.main and not resume:
         write_json(out / "config.json", run_config)
     if dist.main:
@@ -259,6 +256,14 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
         if last.get("converged") or (stop_after is not None and done - start >= stop_after):
             break
     return last
+
+
+def _restore(out: Path, modules: dict, optimizers: dict, rule: Plateau | None) -> int:
+    """Load the last checkpoint (and the stopping rule's state); its iteration."""
+    ck = load_checkpoint(out, modules, optimizers)
+    if rule is not None and ck["extra"]:
+        rule.load_state_dict(ck["extra"])
+    return ck["iteration"]
 
 
 def check_plateau(task: Task, cfg: FinetuneConfig, rule: Plateau) -> dict:
