@@ -106,12 +106,16 @@ def draw_one(logw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def smc_sample(proposal: Denoiser, base: Denoiser, potential: Callable[..., torch.Tensor],
                schedule: Schedule, seeds: Sequence[int], shape: tuple[int, ...],
                steps: int | None, particles: int, ess_threshold: float = 0.5,
-               cond: dict | None = None, record: bool = False) -> SmcResult:
+               cond: dict | None = None, record: bool = False,
+               twist: bool = True) -> SmcResult:
     """One independent SMC run of ``particles`` particles per seed (its noise, resampling and
     particles all keyed by that seed, so a run does not depend on the batch it is in).
 
     ``potential(x0, **cond) -> [N]`` is ``lam * r_w(x0) / alpha``; ``cond`` is per run (one row
     per seed). ``record`` keeps the paths (states before each step, then the final particles).
+    ``twist=False`` applies the potential at the end only (importance sampling of the paths,
+    resampled when the ESS falls): better when the proposal is already near the target and the
+    intermediate potentials on ``x0_hat`` of noisy states are poor.
     """
     r, p = len(seeds), int(particles)
     if p < 1 or r < 1 or not 0 <= ess_threshold <= 1:
@@ -131,7 +135,8 @@ def smc_sample(proposal: Denoiser, base: Denoiser, potential: Callable[..., torc
         if record:
             paths.append(x)
         eps_p = base(x, st.timesteps(n), **state.cond)
-        psi = potential(predict_x0(eps_p, x, st.abar_t), **state.cond).double()
+        psi = (potential(predict_x0(eps_p, x, st.abar_t), **state.cond).double()
+               if twist or st.last else torch.zeros(n, dtype=torch.float64))
         state.reweight(psi, st.k)
         if st.last:                                  # x0 by the pretrained last map
             return ddpm_step(eps_p, x, st.abar_t, st.abar_s)[0]

@@ -38,6 +38,13 @@ def cmd_finetune_toy2d(a: argparse.Namespace) -> None:
                               quick=a.quick), a.json)
 
 
+def cmd_experts(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.experts import bench_experts
+
+    threads(a.threads)
+    emit(bench_experts(a.n, a.runs, a.particles, a.seed), a.json)
+
+
 def cmd_digits(a: argparse.Namespace) -> None:
     from diffusion_blend.bench.digits import bench_digits
 
@@ -80,6 +87,12 @@ def register(sub: Any) -> None:
             arg("--spec", default="bimodal-linear"), arg("--out", default="bench-finetune-toy2d"),
             OVERWRITE, arg("--dpok-seconds", type=positive_float, default=180.0),
             arg("--quick", action="store_true", help="tiny sizes (a smoke test)"))
+    command(bench, "experts", cmd_experts, "each shipped fine-tune's gain ratio against the "
+            "SMC-estimated optimum alpha log Z",
+            arg("--domain", default="digits", choices=("digits",)),
+            arg("--n", type=positive_int, default=512, help="trajectories per objective"),
+            arg("--runs", type=positive_int, default=64, help="SMC runs (log Z's spread)"),
+            arg("--particles", type=positive_int, default=16), SEED)
     command(bench, "digits", cmd_digits, "digits sampling throughput",
             arg("--n", type=positive_int, default=200))
     command(bench, "smc", cmd_smc, "SMC-corrected blend: error against the target vs P",
