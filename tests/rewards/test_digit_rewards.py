@@ -16,16 +16,37 @@ def test_pixel_rewards_on_known_images():
     assert symmetry(white).item() == 0.0 and symmetry(left).item() == -1.0
 
 
-def test_class_margin():
-    class Fixed(torch.nn.Module):
-        def forward(self, x):
-            return torch.tensor([[3.0, 1.0, 0.5] + [0.0] * 7]).expand(x.shape[0], 10)
+class Fixed(torch.nn.Module):
+    def forward(self, x):
+        return torch.tensor([[3.0, 1.0, 0.5] + [0.0] * 7]).expand(x.shape[0], 10)
 
+
+def test_class_margin():
     fn = class_margin(Fixed())
     x = torch.zeros(2, 1, 8, 8)
     assert fn(x, y=torch.tensor([0, 1])).tolist() == [2.0, -2.0]
     with pytest.raises(UsageError, match="needs the prompted class"):
         fn(x)
+
+
+def test_class_logprob_is_the_prompted_class_log_probability():
+    """``log p(y | x0)``: the closed form of the fixed logits; its gradient pushes the prompted
+    logit up and every other one down (the margin's moves only the strongest competitor)."""
+    logits = torch.tensor([3.0, 1.0, 0.5] + [0.0] * 7)
+    norm = torch.log(torch.exp(logits).sum())
+    r = get_reward("class-logprob", classifier=Fixed())
+    x = torch.zeros(2, 1, 8, 8)
+    got = r(x, y=torch.tensor([0, 2]))
+    assert torch.allclose(got, torch.stack([3.0 - norm, 0.5 - norm]))
+    leaf = torch.randn(10, requires_grad=True)
+
+    class Given(torch.nn.Module):
+        def forward(self, x):
+            return leaf.expand(x.shape[0], 10)
+
+    r = get_reward("class-logprob", classifier=Given())
+    g = torch.autograd.grad(r(torch.zeros(1, 1, 8, 8), y=[4]).sum(), leaf)[0]
+    assert g[4] > 0 and bool((torch.cat([g[:4], g[5:]]) < 0).all())
 
 
 def test_registry_and_normalisation():

@@ -308,8 +308,8 @@ def normalised_rewards(names: Sequence[str], stats: dict, classifier: nn.Module)
 
 
 def reward_options(name: str, classifier: nn.Module) -> dict:
-    """Only the ``class`` reward reads the classifier."""
-    return {"classifier": classifier} if name == "class" else {}
+    """Only the ``class`` rewards read the classifier."""
+    return {"classifier": classifier} if name.startswith("class") else {}
 
 
 def attach_expert(base: nn.Module, base_meta: dict, path: Path) -> tuple[nn.Module, dict]:

@@ -6,6 +6,9 @@ similar distance.
 
 - ``class``: logit margin of the prompted digit under the reward classifier,
   ``logit_y - max_{j != y} logit_j`` (unbounded; not saturated like the log-probability).
+- ``class-logprob``: ``log p(y | x0)`` under the reward classifier, in (-inf, 0]: a consistent
+  target (its gradient raises the prompted class's probability, whichever class competes),
+  where the margin's gradient switches between competitors from sample to sample.
 - ``ink``: mean intensity, in [0, 1] (bold strokes).
 - ``crisp``: mean ``|2p - 1|``, in [0, 1] (pixels close to 0 or 1).
 - ``symmetry``: ``-mean |p - mirror(p)|`` left-right, in [-1, 0].
@@ -62,12 +65,23 @@ def smooth(x0: torch.Tensor, **_) -> torch.Tensor:
     return -(dx + dy) / 2
 
 
+def _logits_and_class(classifier, x0: torch.Tensor, y, name: str):
+    if y is None:
+        raise UsageError(f"reward {name!r} needs the prompted class y")
+    logits = classifier(x0.float())
+    return logits, torch.as_tensor(y, device=x0.device).long().reshape(-1).expand(x0.shape[0])
+
+
+def class_logprob(classifier):
+    def fn(x0: torch.Tensor, y=None, **_) -> torch.Tensor:
+        logits, y = _logits_and_class(classifier, x0, y, "class-logprob")
+        return torch.log_softmax(logits, 1).gather(1, y[:, None])[:, 0]
+    return fn
+
+
 def class_margin(classifier):
     def fn(x0: torch.Tensor, y=None, **_) -> torch.Tensor:
-        if y is None:
-            raise UsageError("reward 'class' needs the prompted class y")
-        logits = classifier(x0.float())
-        y = torch.as_tensor(y, device=x0.device).long().reshape(-1).expand(x0.shape[0])
+        logits, y = _logits_and_class(classifier, x0, y, "class")
         own = logits.gather(1, y[:, None])[:, 0]
         others = logits.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), float("-inf"))
         return own - others.max(1).values
@@ -85,12 +99,19 @@ for _name, _fn in (("ink", ink), ("crisp", crisp), ("symmetry", symmetry), ("smo
     _register_pixel_reward(_name, _fn)
 
 
-@register("class")
-def make_class(classifier=None, scale: float = 1.0, shift: float = 0.0) -> DigitReward:
-    if classifier is None:
-        raise UsageError("the 'class' reward needs classifier= (the domain's reward "
-                         "classifier, e.g. diffusion_blend.domains.digits.load_classifier())")
-    return DigitReward("class", class_margin(classifier), scale, shift)
+def _register_class_reward(name: str, fn) -> None:
+    """``name`` in the registry: a reward of the reward classifier's view of the prompt."""
+    def make(classifier=None, scale: float = 1.0, shift: float = 0.0) -> DigitReward:
+        if classifier is None:
+            raise UsageError(f"the {name!r} reward needs classifier= (the domain's reward "
+                             "classifier, e.g. diffusion_blend.domains.digits."
+                             "load_classifier())")
+        return DigitReward(name, fn(classifier), scale, shift)
+    register(name)(make)
+
+
+_register_class_reward("class", class_margin)
+_register_class_reward("class-logprob", class_logprob)
 
 
 DIGIT_REWARDS = ("class", "ink", "crisp", "symmetry", "smooth")
