@@ -268,9 +268,18 @@ def test_sequential_merged_and_auto_modes_equal_the_batched_blend(sd, mode):
     unet = sd.unet
     x, t, ehs = torch.randn(2, 4, 8, 8), torch.tensor(200), torch.randn(2, 5, 32)
     pref = Preference((0.2, 0.5), 1.4, allow_extrapolation=True)
-    batched = BlendedModel(unet, ["a", "b"], pref)(x, t, encoder_hidden_states=ehs).sample
-    other = BlendedModel(unet, ["a", "b"], pref, mode=mode)(x, t, encoder_hidden_states=ehs)
+    rows = []
+    hook = unet.conv_in.register_forward_pre_hook(
+        lambda m, a: rows.append((m is unet.conv_in, a[0].shape[0])))
+    try:
+        batched = BlendedModel(unet, ["a", "b"], pref)(x, t, encoder_hidden_states=ehs).sample
+        other = BlendedModel(unet, ["a", "b"], pref, mode=mode)(x, t, encoder_hidden_states=ehs)
+    finally:
+        hook.remove()
     assert torch.allclose(other.sample, batched, atol=1e-5)
+    # batched: one forward of 3 x 2 rows; sequential: 3 forwards of 2 on the base network;
+    # merged (and auto, with this machine's memory): 3 forwards of 2 on the merged copies
+    assert rows == [(True, 6)] + [(mode == "sequential", 2)] * 3
     with pytest.raises(UsageError, match="mode 'fast'"):
         BlendedModel(unet, ["a", "b"], pref, mode="fast")
 

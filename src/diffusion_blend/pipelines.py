@@ -53,13 +53,20 @@ def _batch_of(args: tuple, kwargs: dict) -> int:
 def repeat_batch(v, b: int, n: int):
     """Repeat every tensor whose first dimension is the batch ``n`` times (through dicts,
     lists and tuples); anything else (scalar timesteps, flags) passes through."""
-    if isinstance(v, torch.Tensor):
-        return v.repeat(n, *([1] * (v.ndim - 1))) if v.ndim > 0 and v.shape[0] == b else v
-    if isinstance(v, dict):
-        return {k: repeat_batch(x, b, n) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return type(v)(repeat_batch(x, b, n) for x in v)
-    return v
+    return stack_batches([v] * n, b)
+
+
+def stack_batches(per_term: list, b: int):
+    """Per-term arguments of batch ``b`` stacked along the batch (through dicts, lists and
+    tuples); anything without the batch dimension is taken from the first."""
+    first = per_term[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(per_term) if first.ndim > 0 and first.shape[0] == b else first
+    if isinstance(first, dict):
+        return {k: stack_batches([d[k] for d in per_term], b) for k in first}
+    if isinstance(first, list | tuple):
+        return type(first)(stack_batches(list(v), b) for v in zip(*per_term, strict=True))
+    return first
 
 
 def _prediction(out) -> torch.Tensor:
@@ -122,6 +129,7 @@ class BlendedModel(nn.Module):
                                      self.adapters or list(self.expert_modules), preference)
         self.text_terms: dict | None = None   # each term's prompt encoding (blend_pipeline)
         self._copies: dict | None = None      # merged mode: each term's network
+        self._plan: str | None = None         # what auto mode chose
 
     def _check_adapters(self) -> None:
         if not self.adapters:
@@ -158,31 +166,36 @@ class BlendedModel(nn.Module):
         with unit_scales(self.base, self.adapters):
             if len(terms) == 1 and terms[0][0] == 1.0:   # lam = 0 or w = e_i: that model
                 return self._single(terms[0][1], args, kwargs)
-            if self.adapters and self._merged():
-                copies = self._merged_copies(args, kwargs)
+            plan = self._resolved_plan() if self.adapters else "sequential"
+            if plan == "merged":
+                copies = self._merged_copies()
                 return self._sequential([(c, copies[n]) for c, n in terms], args, kwargs)
-            if self.adapters and self.routable and self.mode != "sequential":
+            if plan == "batched" and self.routable:
                 try:
                     return self._batched(terms, args, kwargs)
                 except torch.OutOfMemoryError:
-                    if not self.mode.startswith("auto"):
+                    if self.mode != "auto":
                         raise
-                    self.mode = "sequential"
+                    self._plan = "sequential"
             return self._sequential(terms, args, kwargs)
 
     def _run(self, *args, **kwargs):
         return (self._call or self.base)(*args, **kwargs)
 
-    def _merged(self) -> bool:
-        """Merged mode, or auto mode with room for the K + 1 weight sets (decided once)."""
-        if self.mode == "auto" and self._copies is None:
+    def _resolved_plan(self) -> str:
+        """The mode in force: auto is merged when the K + 1 weight sets fit in half the free
+        memory of the model's device, else batched (decided once; sequential after an
+        out-of-memory)."""
+        if self.mode != "auto":
+            return self.mode
+        if self._plan is None:
             need = (len(self.adapters) + 1) * sum(p.numel() * p.element_size()
                                                   for p in self.base.parameters())
             free = free_memory(next(self.base.parameters()).device)
-            self.mode = "merged" if free is not None and need < free / 2 else "auto-batched"
-        return self.mode == "merged"
+            self._plan = "merged" if free is not None and need < free / 2 else "batched"
+        return self._plan
 
-    def _merged_copies(self, args: tuple, kwargs: dict) -> dict:
+    def _merged_copies(self) -> dict:
         """Each term's network (the base, and each adapter merged into its own copy), made on
         first use; the installed forward is set aside while copying."""
         if self._copies is None:
@@ -228,7 +241,7 @@ class BlendedModel(nn.Module):
         if self.text_terms is None:
             kw = repeat_batch(kwargs, b, n)
         else:
-            kw = _concat([self._term_kwargs(name, kwargs) for _, name in terms], b)
+            kw = stack_batches([self._term_kwargs(name, kwargs) for _, name in terms], b)
         with route_rows(self.base, names):
             out = self._run(*repeat_batch(args, b, n), **kw)
         preds = _prediction(out).split(b)
@@ -266,21 +279,6 @@ def free_memory(device: torch.device) -> int | None:
         return None
     m = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
     return int(m.group(1)) * 1024 if m else None
-
-
-def _concat(per_term: list, b: int):
-    """The per-term keyword arguments stacked along the batch (what ``repeat_batch`` does
-    when every term receives the same ones)."""
-    first = per_term[0]
-    if isinstance(first, torch.Tensor):
-        if first.ndim > 0 and first.shape[0] == b:
-            return torch.cat(per_term)
-        return first
-    if isinstance(first, dict):
-        return {k: _concat([d[k] for d in per_term], b) for k in first}
-    if isinstance(first, list | tuple):
-        return type(first)(_concat(list(v), b) for v in zip(*per_term, strict=True))
-    return first
 
 
 def _accumulation_dtype(pred: torch.Tensor) -> torch.dtype:
@@ -343,28 +341,19 @@ def _encode_per_term(pipe, blended: BlendedModel, encoders: list[nn.Module]) -> 
     original = pipe.encode_prompt
 
     def encode_prompt(*args, **kwargs):
+        names = [name for _, name in blended.terms()]
         encodings = {}
-        for _, name in blended.terms():
+        for name in names if BASE in names else [BASE, *names]:   # the pipeline gets the base's
             terms = [] if name == BASE else [(name, 1.0)]
             with contextlib.ExitStack() as stack:
                 for enc in encoders:
                     stack.enter_context(unit_scales(enc, blended.adapters))
                     stack.enter_context(soup_adapters(enc, terms))
                 encodings[name] = tuple(original(*args, **kwargs))
-        if BASE not in encodings:
-            encodings[BASE] = _base_encoding(original, encoders, args, kwargs)
         blended.text_terms = TextTerms(encodings)
         return encodings[BASE]
 
     return encode_prompt
-
-
-def _base_encoding(original: Callable, encoders: list[nn.Module], args, kwargs) -> tuple:
-    """The prompt encoded with every text-encoder adapter off (what the pipeline receives)."""
-    with contextlib.ExitStack() as stack:
-        for enc in encoders:
-            stack.enter_context(soup_adapters(enc, []))
-        return tuple(original(*args, **kwargs))
 
 
 def denoiser_attr(pipe) -> str:
