@@ -54,7 +54,7 @@ def marked(path: Path, kind: str) -> Path:
 
 
 def toy_run(root: Path) -> Path:
-    """A finished tiny toy2d fine-tuning run (cosine schedule, 2 iterations)."""
+    """A finished tiny toy2d fine-tuning run (2 iterations)."""
     out = root / "run"
     r = dblend("finetune", "toy2d", "--iterations", "2", "--batch-size", "8", "--sample-steps", "5",
                "--eval-trajectories", "8", "--out", str(out), "--json")
@@ -242,10 +242,10 @@ ROWS = [
      "{root}"),
     ("10-sample-bad-w-with-out", None, [*SAMPLE, "--w", "1,0,0", "--out", "{root}/o"], 2,
      "3 weights", "{root}"),
-    # 11. resume with a changed iteration count (cosine schedule) is refused by name
-    ("11-resume-changed-steps", lambda r: {"d": toy_run(r)},
-     ["finetune", "toy2d", "--iterations", "3", "--batch-size", "8", "--sample-steps", "5",
-      "--eval-trajectories", "8", "--out", "{d}", "--resume"], 2, "iterations", "{d}"),
+    # 11. resume with a changed learning rate is refused by name
+    ("11-resume-changed-lr", lambda r: {"d": toy_run(r)},
+     ["finetune", "toy2d", "--iterations", "2", "--batch-size", "8", "--sample-steps", "5",
+      "--eval-trajectories", "8", "--lr", "0.5", "--out", "{d}", "--resume"], 2, "'lr'", "{d}"),
     # 12. seeds
     ("12-seed-2-64", None, [*SAMPLE, "--seed", str(2**64)], 2, str(2**64), "{root}"),
     ("12-seed-near-2-64", None, [*SAMPLE, "--seed", str(2**64 - 5)], 2, "seeds", "{root}"),

@@ -14,7 +14,7 @@ SMALL = dict(batch_size=32, sample_steps=40, eval_trajectories=2000, checkpoint_
 
 
 def cfg_for(estimator, **kw):
-    cfg = FinetuneConfig(estimator=estimator, w=(1.0, 0.0), **(SMALL | kw))
+    cfg = FinetuneConfig(estimator=estimator, **(SMALL | {"w": (1.0, 0.0)} | kw))
     if estimator == "dpok":
         cfg.lr, cfg.minibatches = 3e-3, 2
     return cfg
@@ -209,8 +209,9 @@ def test_resume_after_a_torn_metrics_line_and_growing_a_constant_schedule(tmp_pa
     b = load_file(tmp_path / "grown" / "expert.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(r)["iteration"] for r in metrics.read_text().splitlines()] == [1, 2, 3, 4]
-    cosine = cfg_for("pathwise", iterations=2, lr_schedule="cosine")
+    cosine = cfg_for("pathwise", iterations=2, lr_schedule="cosine", stop="budget")
     finetune_toy2d(problem, cosine, tmp_path / "cos", progress=False)
     with pytest.raises(UsageError, match="iterations"):
-        finetune_toy2d(problem, cfg_for("pathwise", iterations=4, lr_schedule="cosine"),
+        finetune_toy2d(problem, cfg_for("pathwise", iterations=4, lr_schedule="cosine",
+                                               stop="budget"),
                        tmp_path / "cos", resume=True, progress=False)

@@ -24,56 +24,76 @@ def _evaluations(means, shared_sd, own_sd, seed=0):
 
 
 def _stop_index(rule, evaluations):
-    return next((i for i, v in enumerate(evaluations) if rule.update(v)), None)
+    return next((i for i, v in enumerate(evaluations) if rule.update(v, 10 * (i + 1))), None)
 
 
-def test_stops_on_a_plateau_after_its_patience():
+def test_finds_a_plateau_once_both_windows_are_flat():
+    """Rising by 0.1 per evaluation until index 5, flat after: the first window of three that
+    does not beat the three before it is index 10's (7-10 against 5-7)."""
     means = [0.1 * k for k in range(6)] + [0.5] * 20
-    assert _stop_index(Plateau(patience=3), _evaluations(means, 1.0, 0.1)) == 8
+    assert _stop_index(Plateau(patience=3), _evaluations(means, 1.0, 0.1)) == 10
 
 
 def test_noise_is_not_progress_and_progress_is_not_noise():
-    """Fresh noise of sd 2 per trajectory (a standard error of 0.09): gains of 0.2 per
-    evaluation keep the run going; the same noise on a plateau stops it."""
+    """Fresh noise of sd 2 per trajectory (a paired standard error of 0.07 between windows of
+    three): gains of 0.2 per evaluation keep the run going; the same noise on a plateau stops
+    it at the first full pair of windows."""
     rising = _evaluations([0.2 * k for k in range(30)], 1.0, 2.0)
     assert _stop_index(Plateau(patience=3), rising) is None
     flat = _evaluations([0.0] * 30, 1.0, 2.0, seed=1)
-    assert _stop_index(Plateau(patience=3), flat) <= 6
+    assert _stop_index(Plateau(patience=3), flat) == 5
 
 
-def test_gains_the_evaluation_cannot_resolve_do_not_keep_a_run_going():
-    """A creep of 1e-4 per evaluation, far below the estimate's 0.04: it stops."""
-    creep = _evaluations([1e-4 * k for k in range(30)], 1.0, 0.0)
-    assert _stop_index(Plateau(patience=3), creep) == 3
+def test_a_slow_real_climb_keeps_going_and_an_unresolvable_one_stops():
+    """The same creep of 0.01 per evaluation: resolved when the trajectories' own noise is
+    small (sd 0.01: the shared luck cancels in the paired difference), not when it is 2."""
+    creep = [0.01 * k for k in range(30)]
+    assert _stop_index(Plateau(patience=3), _evaluations(creep, 1.0, 0.01)) is None
+    assert _stop_index(Plateau(patience=3), _evaluations(creep, 1.0, 2.0)) == 5
+
+
+def test_the_decay_follows_the_plateau_and_ends_the_run():
+    rule = Plateau(patience=1, decay=0.5, min_decay=4)
+    flat = _evaluations([0.0] * 3, 1.0, 0.1)
+    assert not rule.update(flat[0], 10) and rule.lr_factor(10) == 1.0
+    assert rule.update(flat[1], 20)
+    assert (rule.found, rule.length) == (20, 10)
+    factors = [rule.lr_factor(it) for it in range(20, 30)]
+    assert factors[0] == 1.0 and all(a > b > 0 for a, b in zip(factors, factors[1:]))
+    assert not rule.finished(29) and rule.finished(30)
+    assert not rule.update(flat[2], 30) or rule.found == 20   # the plateau stays where it was
+    assert rule.found == 20
 
 
 def test_the_state_survives_a_checkpoint():
     rule = Plateau(patience=2)
-    evals = _evaluations([0.0, 0.0, 0.0], 1.0, 0.1)
-    rule.update(evals[0])
-    rule.update(evals[1])
+    evals = _evaluations([0.0] * 4, 1.0, 0.1)
+    for i in range(3):
+        assert not rule.update(evals[i], 10 * (i + 1))
     again = Plateau(patience=2)
     again.load_state_dict(rule.state_dict())
-    assert again.update(evals[2]) == rule.update(evals[2]) is True
+    assert again.update(evals[3], 40) == rule.update(evals[3], 40) is True
+    assert (again.found, again.length) == (rule.found, rule.length) == (40, 10)
 
 
 def test_a_run_stopped_by_the_rule_resumes_to_the_same_weights(tmp_path):
-    """lr 1e-7: nothing improves, so the rule stops after ``patience`` more evaluations; a run
-    killed before that resumes to the same stopping iteration and weights."""
+    """A zero reward: the base is already optimal (nothing moves), so the rule finds the plateau at the first full window
+    (iteration 8: evaluations at 2, 4 against 6, 8) and decays over 2 more; a run killed before that
+    resumes to the same stopping iteration and weights."""
     problem = load_problem("bimodal")
-    cfg = cfg_for("pathwise", iterations=200, lr=1e-7, stop="plateau", eval_every=2,
+    cfg = cfg_for("pathwise", w=(0.0, 0.0), iterations=200, stop="plateau", eval_every=2,
                   patience=2, stop_trajectories=64, checkpoint_every=50)
     straight = finetune_toy2d(problem, cfg, tmp_path / "straight", progress=False)
-    assert straight["converged"] and straight["iterations"] == 6
+    assert straight["converged"] and straight["iterations"] == 10
     killed = finetune_toy2d(problem, cfg, tmp_path / "killed", progress=False, stop_after=3)
     assert killed["stopped_at"] == 3
     resumed = finetune_toy2d(problem, cfg, tmp_path / "killed", resume=True, progress=False)
-    assert resumed["iterations"] == 6 and resumed["converged"]
+    assert resumed["iterations"] == 10 and resumed["converged"]
     a = load_file(tmp_path / "straight" / "expert.safetensors")
     b = load_file(tmp_path / "killed" / "expert.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(r) for r in (tmp_path / "killed" / "metrics.jsonl").read_text()
             .splitlines()]
-    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["iteration"] for r in rows] == list(range(1, 11))
     again = finetune_toy2d(problem, cfg, tmp_path / "killed", resume=True, progress=False)
-    assert again["iterations"] == 6   # a converged run stays converged
+    assert again["iterations"] == 10   # a converged run stays converged

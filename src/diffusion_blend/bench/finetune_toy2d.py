@@ -33,8 +33,9 @@ def timeline(problem: Toy2dProblem, cfg, out: Path, budget_s: float | None, chun
     meta = {"domain": "toy2d", "spec": problem.spec, "w": list(cfg.w), "alpha": cfg.alpha,
             "base_sha256": base_hash(problem)}
     cfg.checkpoint_every = chunk
-    points, train_s, done = [], 0.0, 0
-    while done < cfg.iterations and (budget_s is None or train_s < budget_s):
+    points, train_s, done, last = [], 0.0, 0, {}
+    while (done < cfg.iterations and not last.get("converged")
+           and (budget_s is None or train_s < budget_s)):
         t0 = time.perf_counter()
         last = train(task, cfg, out, meta, resume=done > 0, overwrite=done == 0, progress=False,
                      stop_after=chunk)

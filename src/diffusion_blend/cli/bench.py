@@ -27,14 +27,30 @@ def cmd_toy2d(a: argparse.Namespace) -> None:
 
 
 def cmd_finetune_toy2d(a: argparse.Namespace) -> None:
-    from diffusion_blend.bench.finetune_toy2d import bench_finetune_toy2d
     from diffusion_blend.domains.toy2d import load_problem
     from diffusion_blend.io import check_out_dir
 
     threads(a.threads)
-    load_problem(a.spec)
-    check_out_dir(a.out, a.overwrite, "bench-finetune-toy2d")
-    emit(bench_finetune_toy2d(a.spec, a.out, a.overwrite, dpok_budget_s=a.dpok_seconds,
+    if a.suite:
+        from diffusion_blend.bench.finetune_suite import KIND, bench_suite
+
+        if a.spec is not None:
+            raise UsageError(f"--spec {a.spec} with --suite: the suite runs its own specs")
+        if a.resume and a.overwrite:
+            raise UsageError("--resume with --overwrite: choose one")
+        out = a.out or "bench-finetune-suite"
+        if not a.resume:
+            check_out_dir(out, a.overwrite, KIND)
+        emit(bench_suite(out, a.overwrite, a.resume, quick=a.quick), a.json)
+        return
+    from diffusion_blend.bench.finetune_toy2d import bench_finetune_toy2d
+
+    if a.resume:
+        raise UsageError("--resume continues a --suite run; the single-spec bench reruns")
+    spec, out = a.spec or "bimodal-linear", a.out or "bench-finetune-toy2d"
+    load_problem(spec)
+    check_out_dir(out, a.overwrite, "bench-finetune-toy2d")
+    emit(bench_finetune_toy2d(spec, out, a.overwrite, dpok_budget_s=a.dpok_seconds,
                               quick=a.quick), a.json)
 
 
@@ -84,7 +100,12 @@ def register(sub: Any) -> None:
             arg("--steps", type=positive_int, default=1000),
             arg("--no-reference", action="store_true", help="skip the numpy reference"))
     command(bench, "finetune-toy2d", cmd_finetune_toy2d, "estimators against the optimum",
-            arg("--spec", default="bimodal-linear"), arg("--out", default="bench-finetune-toy2d"),
+            arg("--spec", default=None, help="one spec (default bimodal-linear)"),
+            arg("--suite", action="store_true", help="both estimators on the suite of specs "
+                "the presets were not tuned on"),
+            arg("--resume", action="store_true", help="--suite: continue a stopped run"),
+            arg("--out", default=None, help="default bench-finetune-toy2d (bench-finetune-suite "
+                "with --suite)"),
             OVERWRITE, arg("--dpok-seconds", type=positive_float, default=180.0),
             arg("--quick", action="store_true", help="tiny sizes (a smoke test)"))
     command(bench, "experts", cmd_experts, "each shipped fine-tune's gain ratio against the "

@@ -59,13 +59,16 @@ class FinetuneConfig:
     lora_rank: int = 4
     # evaluation
     eval_trajectories: int = 16384
-    # stopping: "budget" runs ``iterations``; "plateau" stops once the objective on a fixed
-    # evaluation batch has not improved beyond its paired noise for ``patience`` evaluations
-    # (``iterations`` is then the budget's upper bound; see ``finetune.stopping``)
-    stop: str = "budget"
+    # stopping: "plateau" (the default) runs at a constant learning rate until the objective on
+    # a fixed evaluation batch has not improved beyond its paired noise over ``patience``
+    # evaluations, then decays it over ``decay`` times the iterations so far and stops
+    # (``iterations`` is the budget's upper bound; see ``finetune.stopping``); "budget" runs
+    # ``iterations`` under ``lr_schedule``
+    stop: str = "plateau"
     eval_every: int = 10
     patience: int = 3
     stop_trajectories: int = 512
+    decay: float = 0.25
 
     def check(self) -> None:
         """Raise a ``UsageError`` naming the first bad field."""
@@ -95,6 +98,13 @@ class FinetuneConfig:
                      "eval_trajectories", "hidden", "lora_rank", "eval_every", "patience"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name}={getattr(self, name)} is not allowed; use >= 1")
+        if self.stop == "plateau" and self.lr_schedule != "constant":
+            raise UsageError(f"lr_schedule {self.lr_schedule!r} with stop 'plateau': the "
+                             "plateau rule decays the learning rate itself; use 'constant' "
+                             "(or stop 'budget')")
+        if not 0 <= self.decay <= 4:
+            raise UsageError(f"decay={self.decay} is not allowed; use 0 ... 4 (a fraction of "
+                             "the iterations before the plateau)")
         if self.stop_trajectories < 2:
             raise UsageError(f"stop_trajectories={self.stop_trajectories} is not allowed; use "
                              ">= 2 (the rule needs a standard error)")
@@ -126,27 +136,28 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 PRESETS: dict[str, dict] = {
-    "toy2d-pathwise": {"estimator": "pathwise", "iterations": 150, "batch_size": 256, "lr": 1e-2,
-                       "lr_schedule": "cosine"},
-    "toy2d-dpok": {"estimator": "dpok", "kl_mode": "to-go", "iterations": 50,
-                   "batch_size": 256, "lr": 3e-3, "lr_schedule": "cosine",
-                   "timestep_fraction": 0.25},
-    "toy2d-dpok-published": {"estimator": "dpok", "kl_mode": "published", "iterations": 50,
-                             "batch_size": 256, "lr": 3e-3, "lr_schedule": "cosine",
-                             "timestep_fraction": 0.25},
+    # toy2d: tuned on bimodal-linear only, then frozen; `iterations` is the budget's guard
+    "toy2d-pathwise": {"estimator": "pathwise", "iterations": 1000, "batch_size": 256,
+                       "lr": 1e-2},
+    "toy2d-dpok": {"estimator": "dpok", "kl_mode": "to-go", "iterations": 400,
+                   "batch_size": 256, "lr": 3e-3, "timestep_fraction": 0.25},
+    "toy2d-dpok-published": {"estimator": "dpok", "kl_mode": "published", "iterations": 400,
+                             "batch_size": 256, "lr": 3e-3, "timestep_fraction": 0.25},
     "digits-pathwise": {"estimator": "pathwise", "iterations": 60, "batch_size": 32,
                         "sample_steps": 10, "lr": 2e-3, "alpha": 0.5, "freeze_last_step": True,
-                        "checkpoint_every": 20, "eval_trajectories": 512},
+                        "checkpoint_every": 20, "eval_trajectories": 512, "stop": "budget"},
     "digits-dpok": {"estimator": "dpok", "iterations": 60, "batch_size": 32, "sample_steps": 10,
                     "lr": 3e-3, "alpha": 0.5, "freeze_last_step": True, "advantage": "batch",
-                    "minibatches": 2, "checkpoint_every": 20, "eval_trajectories": 512},
+                    "minibatches": 2, "checkpoint_every": 20, "eval_trajectories": 512, "stop": "budget"},
     # Stable Diffusion (starting points after DPOK / DRaFT; not tuned here: no GPU in CI)
     "sd-dpok": {"estimator": "dpok", "iterations": 1000, "batch_size": 8, "sample_steps": 50,
                 "lr": 1e-4, "alpha": 0.01, "advantage": "batch", "minibatches": 2,
-                "timestep_fraction": 0.2, "checkpoint_every": 50, "eval_trajectories": 64},
+                "timestep_fraction": 0.2, "checkpoint_every": 50, "eval_trajectories": 64,
+                "stop_trajectories": 64},
     "sd-pathwise": {"estimator": "pathwise", "iterations": 500, "batch_size": 4,
                     "sample_steps": 50, "lr": 1e-4, "alpha": 0.01, "truncate_steps": 1,
-                    "grad_checkpointing": True, "checkpoint_every": 50, "eval_trajectories": 64},
+                    "grad_checkpointing": True, "checkpoint_every": 50, "eval_trajectories": 64,
+                "stop_trajectories": 64},
 }
 
 

@@ -193,9 +193,11 @@ def prepare_run_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) 
         write_marker(out, RUN_KIND)
 
 
-def lr_at(cfg: FinetuneConfig, it: int) -> float:
-    """Learning rate of iteration ``it``: linear warm-up, then constant or cosine."""
-    return warmup_lr(cfg.lr, it, cfg.warmup, cfg.iterations, cfg.lr_schedule == "cosine")
+def lr_at(cfg: FinetuneConfig, it: int, rule: Plateau | None = None) -> float:
+    """Learning rate of iteration ``it``: linear warm-up, then constant or cosine (or, under the
+    plateau rule, constant until the plateau and a cosine decay after it)."""
+    lr = warmup_lr(cfg.lr, it, cfg.warmup, cfg.iterations, cfg.lr_schedule == "cosine")
+    return lr * (rule.lr_factor(it) if rule is not None else 1.0)
 
 
 def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: bool = False,
@@ -216,46 +218,56 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
         raise UsageError("the policy has no trainable parameters")
     opt = torch.optim.Adam(params, lr=cfg.lr)
     modules, optimizers = {"policy": task.policy}, {"optimizer": opt}
-    value = value_opt = None
-    if cfg.estimator == "dpok" and cfg.advantage == "value":
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            value = dpok.ValueNet(math.prod(task.shape), task.schedule.T, cfg.hidden)
-        value.to(task.device)
-        value_opt = torch.optim.Adam(value.parameters(), lr=cfg.value_lr)
-        modules["value"], optimizers["value_optimizer"] = value, value_opt
-    rule = Plateau(cfg.patience) if cfg.stop == "plateau" else None
+    value, value_opt = _value_model(task, cfg, modules, optimizers)
+    rule = (Plateau(cfg.patience, decay=cfg.decay, min_decay=cfg.eval_every)
+            if cfg.stop == "plateau" else None)
     start = _restore(out, modules, optimizers, rule) if resume else 0
     if dist.main and not resume:
         write_json(out / "config.json", run_config)
     if dist.main:
         _truncate_metrics(out / "metrics.jsonl", start)
-    last: dict = {"iteration": start, "converged": True} if rule and rule.stopped else {}
+    last: dict = {"iteration": start, "converged": True} if rule and rule.finished(start) else {}
     todo = range(start, start if last else cfg.iterations)
     bar = tqdm(todo, initial=start, total=cfg.iterations, disable=not (progress and dist.main),
                desc=f"finetune ({cfg.estimator})")
     for it in bar:
         t0 = time.perf_counter()
+        lr = lr_at(cfg, it, rule)
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, it)
+            g["lr"] = lr
         stats = _iteration(task, cfg, it, opt, params, value, value_opt, dist)
         stats = {k: dist.mean(v) for k, v in stats.items()}
         check_finite_run(it + 1, stats, params)
-        last = {"iteration": it + 1, **stats, "lr": lr_at(cfg, it),
-                "seconds": time.perf_counter() - t0}
+        last = {"iteration": it + 1, **stats, "lr": lr, "seconds": time.perf_counter() - t0}
         bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['path_kl']:.3f}")
         done = it + 1
-        evaluated = rule is not None and done % cfg.eval_every == 0
+        evaluated = rule is not None and not rule.decaying and done % cfg.eval_every == 0
         if evaluated:
-            last |= check_plateau(task, cfg, rule)
+            last |= check_plateau(task, cfg, rule, done)
+        if rule is not None:
+            last["converged"] = rule.finished(done)
         if dist.main:
             _append_jsonl(out / "metrics.jsonl", last)
-            if evaluated or done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            if (evaluated or last.get("converged") or done % cfg.checkpoint_every == 0
+                    or done == cfg.iterations):
                 save_checkpoint(out, done, modules, optimizers, run_config,
                                 rule.state_dict() if rule else None)
         if last.get("converged") or (stop_after is not None and done - start >= stop_after):
             break
     return last
+
+
+def _value_model(task: Task, cfg: FinetuneConfig, modules: dict, optimizers: dict) -> tuple:
+    """DPOK's value network and its optimizer (registered for checkpoints), or ``(None, None)``."""
+    if not (cfg.estimator == "dpok" and cfg.advantage == "value"):
+        return None, None
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        value = dpok.ValueNet(math.prod(task.shape), task.schedule.T, cfg.hidden)
+    value.to(task.device)
+    value_opt = torch.optim.Adam(value.parameters(), lr=cfg.value_lr)
+    modules["value"], optimizers["value_optimizer"] = value, value_opt
+    return value, value_opt
 
 
 def _restore(out: Path, modules: dict, optimizers: dict, rule: Plateau | None) -> int:
@@ -266,14 +278,13 @@ def _restore(out: Path, modules: dict, optimizers: dict, rule: Plateau | None) -
     return ck["iteration"]
 
 
-def check_plateau(task: Task, cfg: FinetuneConfig, rule: Plateau) -> dict:
+def check_plateau(task: Task, cfg: FinetuneConfig, rule: Plateau, done: int) -> dict:
     """Evaluate the objective on the fixed stopping batch and update the rule."""
     seeds = iteration_seeds(cfg.seed, 0, cfg.stop_trajectories, STOP_OFFSET)
     r, kl, _ = trajectories(task, seeds, cfg.sample_steps)
     values = r - cfg.alpha * kl
-    converged = rule.update(values)
-    return {"stop_objective": float(values.mean()), "evaluations_since_best": rule.since,
-            "converged": converged}
+    plateau = rule.update(values, done)
+    return {"stop_objective": float(values.mean()), "plateau": plateau}
 
 
 def check_finite_run(iteration: int, stats: dict, params: list[torch.Tensor]) -> None:

@@ -1,12 +1,18 @@
-"""When fine-tuning stops: when the objective has stopped improving by more than its noise.
+"""When fine-tuning stops: once the objective has stopped improving by more than its noise, after
+a short cool-down of the learning rate.
 
 Every ``eval_every`` iterations the objective ``r_w - alpha * path KL`` is measured on one fixed
 batch of evaluation trajectories (the same seeds every time, so a change is the policy's, not
-the batch's). An evaluation counts as progress when it beats the best one so far by more than
-``z`` standard errors of the objective's estimate: improvements the evaluation cannot resolve do
-not keep a run going (a steady creep still does once it adds up to that much within the
-window). The run stops after ``patience`` evaluations in a row without progress;
-``iterations`` stays the budget's upper bound. More ``stop_trajectories`` resolve finer gains.
+the batch's). The run has reached a plateau when the mean of the last ``patience`` evaluations
+does not beat the mean of the ``patience`` before them by more than ``z`` standard errors of
+their paired difference (per trajectory, same seeds): progress is measured between windows, so
+the step-to-step jitter of a policy at a constant learning rate averages out, and against the
+noise of the comparison itself, so a slow real climb keeps a run going and a flat one stops.
+
+From the plateau on, the learning rate decays to zero along a half cosine over ``decay`` times
+the iterations run so far (at least ``eval_every``), then the run stops: warm-up, constant,
+decay, with the decay placed by the problem instead of by a count (the constant phase finds the
+basin, the decay averages out the step noise). ``iterations`` stays the budget's upper bound.
 """
 
 from __future__ import annotations
@@ -15,38 +21,62 @@ import math
 
 import torch
 
+NONE = -1   # "no plateau yet" in the checkpointed state
 
-def improved(new: torch.Tensor, best: torch.Tensor, z: float) -> bool:
-    """Whether the per-trajectory values ``new`` beat ``best`` on average by more than ``z``
-    standard errors of the new estimate (``std / sqrt(n)``)."""
-    new = new.double().reshape(-1)
-    se = float(new.std() / math.sqrt(len(new))) if len(new) > 1 else 0.0
-    return float(new.mean() - best.double().mean()) > z * se
+
+def improved(new: torch.Tensor, old: torch.Tensor, z: float) -> bool:
+    """Whether per-trajectory values ``new`` beat ``old`` (same trajectories) on average by more
+    than ``z`` standard errors of the paired difference."""
+    d = (new.double() - old.double()).reshape(-1)
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return float(d.mean()) > z * se
+
+
+def cosine_factor(step: int, length: int) -> float:
+    """The learning-rate factor ``step`` iterations into a half-cosine decay of ``length``."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, length) / max(length, 1)))
 
 
 class Plateau:
-    """The stopping rule's state: the best evaluation's per-trajectory objective and how many
-    evaluations in a row have not beaten it."""
+    """The stopping rule's state: the last ``2 * patience`` evaluations and, once a plateau was
+    found, the iteration it was found at and the length of the decay that follows."""
 
-    def __init__(self, patience: int = 3, z: float = 2.0):
-        self.patience, self.z = int(patience), float(z)
-        self.best: torch.Tensor | None = None
-        self.since, self.stopped = 0, False
+    def __init__(self, patience: int = 3, z: float = 2.0, decay: float = 0.25,
+                 min_decay: int = 1):
+        self.patience, self.z, self.decay = int(patience), float(z), float(decay)
+        self.min_decay = int(min_decay)
+        self.window: list[torch.Tensor] = []
+        self.found, self.length = NONE, 0
 
-    def update(self, values: torch.Tensor) -> bool:
-        """Take one evaluation; True when the run should stop."""
-        if self.best is None or improved(values, self.best, self.z):
-            self.best, self.since = values.detach().double().clone(), 0
-        else:
-            self.since += 1
-        self.stopped = self.since >= self.patience
-        return self.stopped
+    def update(self, values: torch.Tensor, iteration: int) -> bool:
+        """Take the evaluation after ``iteration`` iterations; True when it finds the plateau."""
+        p = self.patience
+        self.window = (self.window + [values.detach().double().reshape(-1).clone()])[-2 * p:]
+        flat = len(self.window) == 2 * p and not improved(
+            torch.stack(self.window[p:]).mean(0), torch.stack(self.window[:p]).mean(0), self.z)
+        if flat and self.found == NONE:
+            self.found = iteration
+            self.length = max(self.min_decay, math.ceil(self.decay * iteration))
+        return flat
+
+    @property
+    def decaying(self) -> bool:
+        return self.found != NONE
+
+    def lr_factor(self, it: int) -> float:
+        """The learning-rate factor of iteration ``it`` (0-based): 1 until the plateau."""
+        return cosine_factor(it - self.found, self.length) if self.decaying else 1.0
+
+    def finished(self, done: int) -> bool:
+        """Whether the run is over after ``done`` iterations (the decay has run its course)."""
+        return self.decaying and done >= self.found + self.length
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        best = self.best if self.best is not None else torch.zeros(0, dtype=torch.float64)
-        return {"best": best, "since": torch.tensor(self.since),
-                "stopped": torch.tensor(int(self.stopped))}
+        window = (torch.stack(self.window) if self.window
+                  else torch.zeros(0, 0, dtype=torch.float64))
+        return {"window": window, "found": torch.tensor(self.found),
+                "length": torch.tensor(self.length)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.best = state["best"].double() if state["best"].numel() else None
-        self.since, self.stopped = int(state["since"]), bool(int(state["stopped"]))
+        self.window = [v.double() for v in state["window"]]
+        self.found, self.length = int(state["found"]), int(state["length"])

@@ -117,12 +117,14 @@ def evaluate_expert(problem: Toy2dProblem, policy: nn.Module, w: Sequence[float]
                   basis=lambda x: problem.rewards_of(x.double()))
     cf = closed_form(problem, w)
     gain = cf["optimum_objective"] - cf["pretrained_objective"]
+    ratio = gain > 0   # a constant reward (w = 0) has nothing to gain: no ratio
     return {
         "mean_rewards": ev["basis_rewards"], "stderr_rewards": ev["basis_stderr"],
         "path_kl": ev["path_kl"], "path_kl_stderr": ev["path_kl_stderr"],
         "objective": ev["objective"], "objective_stderr": ev["objective_stderr"], **cf,
-        "gain_ratio": (ev["objective"] - cf["pretrained_objective"]) / gain,
-        "gain_ratio_stderr": ev["objective_stderr"] / abs(gain), "eval_trajectories": n,
+        "gain_ratio": (ev["objective"] - cf["pretrained_objective"]) / gain if ratio else None,
+        "gain_ratio_stderr": ev["objective_stderr"] / gain if ratio else None,
+        "eval_trajectories": n,
     }
 
 
