@@ -59,7 +59,7 @@ def test_the_decay_follows_the_plateau_and_ends_the_run():
     assert rule.update(flat[1], 20)
     assert (rule.found, rule.length) == (20, 10)
     factors = [rule.lr_factor(it) for it in range(20, 30)]
-    assert factors[0] == 1.0 and all(a > b > 0 for a, b in zip(factors, factors[1:]))
+    assert factors[0] == 1.0 and all(a > b > 0 for a, b in zip(factors, factors[1:], strict=False))
     assert not rule.finished(29) and rule.finished(30)
     assert not rule.update(flat[2], 30) or rule.found == 20   # the plateau stays where it was
     assert rule.found == 20
@@ -77,9 +77,9 @@ def test_the_state_survives_a_checkpoint():
 
 
 def test_a_run_stopped_by_the_rule_resumes_to_the_same_weights(tmp_path):
-    """A zero reward: the base is already optimal (nothing moves), so the rule finds the plateau at the first full window
-    (iteration 8: evaluations at 2, 4 against 6, 8) and decays over 2 more; a run killed before that
-    resumes to the same stopping iteration and weights."""
+    """A zero reward: the base is already optimal (nothing moves), so the rule finds the plateau
+    at the first full pair of windows (iteration 8: evaluations at 2, 4 against 6, 8) and decays
+    over 2 more; a run killed before that resumes to the same stopping iteration and weights."""
     problem = load_problem("bimodal")
     cfg = cfg_for("pathwise", w=(0.0, 0.0), iterations=200, stop="plateau", eval_every=2,
                   patience=2, stop_trajectories=64, checkpoint_every=50)
