@@ -68,7 +68,7 @@ class FinetuneConfig:
     eval_every: int = 10
     patience: int = 3
     stop_trajectories: int = 512
-    decay: float = 0.25
+    decay: float = 1.0
 
     def check(self) -> None:
         """Raise a ``UsageError`` naming the first bad field."""

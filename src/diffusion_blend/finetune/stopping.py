@@ -41,7 +41,7 @@ class Plateau:
     """The stopping rule's state: the last ``2 * patience`` evaluations and, once a plateau was
     found, the iteration it was found at and the length of the decay that follows."""
 
-    def __init__(self, patience: int = 3, z: float = 2.0, decay: float = 0.25,
+    def __init__(self, patience: int = 3, z: float = 2.0, decay: float = 1.0,
                  min_decay: int = 1):
         self.patience, self.z, self.decay = int(patience), float(z), float(decay)
         self.min_decay = int(min_decay)
