@@ -172,3 +172,8 @@ def test_demo_refuses_non_empty_out(capsys, tmp_path):
     (tmp_path / "x").write_text("keep")
     rc, _, err = run(capsys, "demo", "--out", str(tmp_path))
     assert rc == 2 and "--overwrite" in err
+
+
+def test_bench_experts_refuses_a_weights_dir_without_adapters(capsys, tmp_path):
+    rc, out, err = run(capsys, "bench", "experts", "--weights", str(tmp_path))
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "no fine-tuned adapters" in err

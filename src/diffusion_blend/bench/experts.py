@@ -1,6 +1,7 @@
 """``dblend bench experts --domain digits``: each shipped fine-tune against the best any model
 can reach, ``alpha * log Z`` estimated by SMC (``evaluation.optimum``): its gain ratio with
-standard errors, path KL and ``log Z``."""
+standard errors, path KL and ``log Z``, and how often the held-out judge classifier still reads
+the prompted digit (a fine-tune that moves the base far may stop drawing the digit)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from diffusion_blend.domains import digits
 from diffusion_blend.domains.digits import DigitsDomain
 from diffusion_blend.evaluation.optimum import gain_ratio
 from diffusion_blend.io import read_json
+from diffusion_blend.sampling import sample
+from diffusion_blend.seeding import seed_range
 
 SKIP = ("amortised_",)   # the distilled blend is not a fine-tune of one objective
 
@@ -22,12 +25,20 @@ def shipped(weights_dir: Path) -> list[str]:
     return sorted(p.stem for p in out.glob("*.safetensors") if not p.stem.startswith(SKIP))
 
 
+@torch.no_grad()
+def judge_agreement(domain: DigitsDomain, model, judge, seeds: list[int]) -> float:
+    """The share of ``model``'s digits the judge reads as the prompted class."""
+    cond = domain.cond(seeds)
+    x0 = sample(model, domain.schedule, seeds, domain.shape, domain.steps, cond=cond).x0
+    return float((judge(x0).argmax(1) == cond["y"]).float().mean())
+
+
 def bench_experts(n: int = 512, runs: int = 64, particles: int = 16, seed: int = 0,
                   weights_dir: Path | None = None) -> dict:
     """Gain ratio of every shipped adapter on its own objective ``w . r`` at its alpha."""
     weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
     domains: dict[tuple, DigitsDomain] = {}
-    rows = {}
+    rows, judge = {}, digits.load_classifier("judge", weights_dir)
     for name in shipped(weights_dir):
         meta = read_json(weights_dir / "experts" / f"{name}.json", "adapter metadata")
         key = tuple(meta["rewards"])
@@ -40,5 +51,8 @@ def bench_experts(n: int = 512, runs: int = 64, particles: int = 16, seed: int =
         res = gain_ratio(domain, domain.adapter(name), reward, float(meta["alpha"]), n, runs,
                          particles, seed)
         rows[name] = {"rewards": meta["rewards"], "w": meta["w"], "alpha": meta["alpha"]} | res
+        rows[name]["judge_agreement"] = judge_agreement(domain, domain.adapter(name), judge,
+                                                        seed_range(seed, n))
+    base = judge_agreement(domain, domain.base, judge, seed_range(seed, n)) if rows else None
     return {"domain": "digits", "n": n, "smc_runs": runs, "particles": particles,
-            "experts": rows}
+            "pretrained_judge_agreement": base, "experts": rows}

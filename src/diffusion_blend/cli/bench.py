@@ -55,10 +55,15 @@ def cmd_finetune_toy2d(a: argparse.Namespace) -> None:
 
 
 def cmd_experts(a: argparse.Namespace) -> None:
-    from diffusion_blend.bench.experts import bench_experts
+    from pathlib import Path
+
+    from diffusion_blend.bench.experts import bench_experts, shipped
 
     threads(a.threads)
-    emit(bench_experts(a.n, a.runs, a.particles, a.seed), a.json)
+    if a.weights is not None and not shipped(Path(a.weights)):
+        raise UsageError(f"--weights {a.weights}: no fine-tuned adapters in "
+                         f"{Path(a.weights) / 'experts'} (run dblend finetune digits --out there)")
+    emit(bench_experts(a.n, a.runs, a.particles, a.seed, a.weights), a.json)
 
 
 def cmd_digits(a: argparse.Namespace) -> None:
@@ -111,6 +116,8 @@ def register(sub: Any) -> None:
     command(bench, "experts", cmd_experts, "each shipped fine-tune's gain ratio against the "
             "SMC-estimated optimum alpha log Z",
             arg("--domain", default="digits", choices=("digits",)),
+            arg("--weights", default=None, help="a weights directory with experts/ (default: "
+                "the shipped weights)"),
             arg("--n", type=positive_int, default=512, help="trajectories per objective"),
             arg("--runs", type=positive_int, default=64, help="SMC runs (log Z's spread)"),
             arg("--particles", type=positive_int, default=16), SEED)
