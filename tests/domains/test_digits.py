@@ -33,7 +33,7 @@ def tiny_recipe(tmp_path_factory):
     cfg = digits.BaseConfig(iterations=3)
     run_train_base(root / "w", cfg, progress=False, classifier_epochs=1, quality_per_class=2)
     run_train_experts(root / "w", root / "w" / "experts", iterations=1, progress=False,
-                      only=["ink", "symmetry"])
+                      only=["ink", "symmetry"], stop="plateau")
     return root
 
 
@@ -56,6 +56,7 @@ def test_shortened_recipe_is_deterministic_and_loadable(tiny_recipe, tmp_path):
         assert torch.equal(blend(Preference((0.0, 1.0)))(x, t, y=y), experts[1](x, t, y=y))
     base_json = json.loads((tiny_recipe / "w" / "base.json").read_text())
     assert dom.metas["ink"]["base_sha256"] == base_json["sha256"]
+    assert dom.metas["ink"]["config"]["stop"] == "plateau"   # --stop reaches the recipe
 
 
 def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_path):

@@ -81,7 +81,7 @@ def cmd_digits(a: argparse.Namespace) -> None:
         raise UsageError(f"--only {a.only}: names must be among {','.join(known)}")
     check_out_folder(a.out)
     done = run_train_experts(Path(a.weights), Path(a.out), a.alpha, a.iterations,
-                             progress=not a.json, only=only)
+                             progress=not a.json, only=only, stop=a.stop)
     emit({name: {"eval": m["eval"], "train_seconds": m["train_seconds"]}
           for name, m in done.items()}, a.json)
 
@@ -121,7 +121,9 @@ def register(sub: Any) -> None:
             arg("--weights", required=True, help="directory with base/classifier weights"), OUT,
             arg("--alpha", type=positive_float, default=0.5),
             arg("--iterations", type=positive_int, default=None),
-            arg("--only", default=None, help="comma-separated adapter names"))
+            arg("--only", default=None, help="comma-separated adapter names"),
+            arg("--stop", default=None, choices=("budget", "plateau"), help="plateau: train "
+                "each adapter to convergence (--iterations is then the guard)"))
     command(dom, "sd", cmd_sd, "a LoRA expert for a local diffusers pipeline",
             arg("--model", required=True), arg("--prompts", required=True),
             arg("--reward", required=True, help="e.g. imagereward, pickscore, aesthetic"),

@@ -108,8 +108,8 @@ def expert_specs(alpha: float, pair: Sequence[str] = digits.PAIR,
 
 
 def run_train_experts(weights_dir: Path, out: Path, alpha: float = 0.5,
-                      iterations: int | None = None,
-                      progress: bool = True, only: list[str] | None = None) -> dict:
+                      iterations: int | None = None, progress: bool = True,
+                      only: list[str] | None = None, stop: str | None = None) -> dict:
     """The experts recipe (``dblend finetune digits``); writes adapters + ``rewards.json``."""
     base, _ = digits.load_base(weights_dir)          # missing weights: error, nothing written
     classifier = digits.load_classifier("classifier", weights_dir)
@@ -120,6 +120,6 @@ def run_train_experts(weights_dir: Path, out: Path, alpha: float = 0.5,
     for spec, name, extra in expert_specs(alpha):
         if only and spec.name not in only:
             continue
-        cfg = preset(name, alpha=extra.get("alpha", alpha), iterations=iterations)
+        cfg = preset(name, alpha=extra.get("alpha", alpha), iterations=iterations, stop=stop)
         done[spec.name] = train_expert(weights_dir, out, spec, cfg, stats, progress)
     return done
