@@ -12,6 +12,7 @@ from typing import Any
 from diffusion_blend.errors import UsageError
 
 MAX_SEED = 2**64
+MAX_THREADS = 1024
 
 # ---------------------------------------------------------------------------- argument types
 # argparse calls these on the raw text; an ArgumentTypeError becomes one line and exit code 2.
@@ -47,6 +48,14 @@ def positive_int(text: str) -> int:
     v = _int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed; use a whole number >= 1")
+    return v
+
+
+def thread_count(text: str) -> int:
+    """``--threads``: 1 ... 1024 (torch takes a C int; more threads than that is a typo)."""
+    v = positive_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; use 1 ... {MAX_THREADS}")
     return v
 
 
@@ -137,7 +146,7 @@ def command(sub: Any, name: str, func: Callable, help: str, *specs: tuple,
     p = sub.add_parser(name, help=help, description=help)
     for flags, kw in specs:
         p.add_argument(*flags, **kw)
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="torch threads (default 1)")
     if json:
         p.add_argument("--json", action="store_true", help="print one JSON object")
