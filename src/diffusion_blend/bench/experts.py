@@ -34,7 +34,7 @@ def judge_agreement(domain: DigitsDomain, model, judge, seeds: list[int]) -> flo
 
 
 def bench_experts(n: int = 512, runs: int = 64, particles: int = 16, seed: int = 0,
-                  weights_dir: Path | None = None) -> dict:
+                  weights_dir: Path | None = None, steps: int | None = None) -> dict:
     """Gain ratio of every shipped adapter on its own objective ``w . r`` at its alpha."""
     weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
     domains: dict[tuple, DigitsDomain] = {}
@@ -42,7 +42,7 @@ def bench_experts(n: int = 512, runs: int = 64, particles: int = 16, seed: int =
     for name in shipped(weights_dir):
         meta = read_json(weights_dir / "experts" / f"{name}.json", "adapter metadata")
         key = tuple(meta["rewards"])
-        domain = domains.setdefault(key, DigitsDomain(key, weights_dir=weights_dir))
+        domain = domains.setdefault(key, DigitsDomain(key, steps, weights_dir=weights_dir))
         w = torch.tensor(meta["w"], dtype=torch.float64)
 
         def reward(x0, y=None, domain=domain, w=w, **_):
@@ -55,4 +55,5 @@ def bench_experts(n: int = 512, runs: int = 64, particles: int = 16, seed: int =
                                                         seed_range(seed, n))
     base = judge_agreement(domain, domain.base, judge, seed_range(seed, n)) if rows else None
     return {"domain": "digits", "n": n, "smc_runs": runs, "particles": particles,
+            "steps": steps or digits.DEFAULT_STEPS,
             "pretrained_judge_agreement": base, "experts": rows}

@@ -27,8 +27,9 @@ from diffusion_blend.seeding import seed_range
 def timeline(problem: Toy2dProblem, cfg, out: Path, budget_s: float | None, chunk: int,
              eval_n: int, final_n: int) -> dict:
     """Train in chunks of ``chunk`` iterations until the stopping rule ends the run (or
-    ``cfg.iterations``, or ``budget_s`` seconds of training); ``gain_ratio`` on ``eval_n`` trajectories after each chunk (the same evaluation
-    seeds each time; the final figure uses other seeds)."""
+    ``cfg.iterations``, or ``budget_s`` seconds of training); ``gain_ratio`` on ``eval_n``
+    trajectories after each chunk (the same evaluation seeds each time; the final figure uses
+    other seeds)."""
     task = make_task(problem, cfg)
     meta = {"domain": "toy2d", "spec": problem.spec, "w": list(cfg.w), "alpha": cfg.alpha,
             "base_sha256": base_hash(problem)}

@@ -63,7 +63,7 @@ def cmd_experts(a: argparse.Namespace) -> None:
     if a.weights is not None and not shipped(Path(a.weights)):
         raise UsageError(f"--weights {a.weights}: no fine-tuned adapters in "
                          f"{Path(a.weights) / 'experts'} (run dblend finetune digits --out there)")
-    emit(bench_experts(a.n, a.runs, a.particles, a.seed, a.weights), a.json)
+    emit(bench_experts(a.n, a.runs, a.particles, a.seed, a.weights, a.steps), a.json)
 
 
 def cmd_digits(a: argparse.Namespace) -> None:
@@ -120,7 +120,9 @@ def register(sub: Any) -> None:
                 "the shipped weights)"),
             arg("--n", type=positive_int, default=512, help="trajectories per objective"),
             arg("--runs", type=positive_int, default=64, help="SMC runs (log Z's spread)"),
-            arg("--particles", type=positive_int, default=16), SEED)
+            arg("--particles", type=positive_int, default=16),
+            arg("--steps", type=positive_int, default=None, help="sampling steps (default: the "
+                "domain's 10; an expert is measured on the chain it was trained on)"), SEED)
     command(bench, "digits", cmd_digits, "digits sampling throughput",
             arg("--n", type=positive_int, default=200))
     command(bench, "smc", cmd_smc, "SMC-corrected blend: error against the target vs P",
