@@ -18,3 +18,11 @@ def test_every_shipped_fine_tune_is_measured_against_the_optimum():
         assert row["optimum"] == row["alpha"] * row["log_z"] and row["path_kl"] > 0
         assert 0 <= row["judge_agreement"] <= 1
     assert out["pretrained_judge_agreement"] > 0.5   # the base draws the prompted digits
+    assert out["steps"] == 10
+
+
+def test_the_chain_length_is_the_one_asked_for():
+    """More steps, another chain: the pretrained objective moves, the adapters stay measured."""
+    short = bench_experts(n=16, runs=2, particles=2)["experts"]["ink"]
+    long = bench_experts(n=16, runs=2, particles=2, steps=20)["experts"]["ink"]
+    assert short["pretrained_objective"] != long["pretrained_objective"]
