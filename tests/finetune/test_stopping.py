@@ -52,6 +52,16 @@ def test_a_slow_real_climb_keeps_going_and_an_unresolvable_one_stops():
     assert _stop_index(Plateau(patience=3), _evaluations(creep, 1.0, 2.0)) == 5
 
 
+def test_a_progress_floor_ends_a_resolved_but_negligible_climb():
+    """The resolved creep of 0.01 per evaluation: without a floor it never stops; with a floor
+    of 0.22 of the gain so far (0.01 * (i - 1) at index i: the late window's mean against the
+    first evaluation) it stops once a window's 0.03 falls below it: index 15 (0.0308), not 14
+    (0.0286)."""
+    creep = _evaluations([0.01 * k for k in range(30)], 1.0, 0.001)
+    assert _stop_index(Plateau(patience=3), creep) is None
+    assert _stop_index(Plateau(patience=3, min_progress=0.22), creep) == 15
+
+
 def test_the_decay_follows_the_plateau_and_ends_the_run():
     rule = Plateau(patience=1, decay=0.5, min_decay=4)
     flat = _evaluations([0.0] * 3, 1.0, 0.1)

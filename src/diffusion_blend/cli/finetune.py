@@ -37,6 +37,8 @@ RUN = (arg("--iterations", type=positive_int, default=None, help="training itera
            "between evaluations"),
        arg("--patience", type=positive_int, default=None, help="plateau: evaluations "
            "without improvement before stopping"),
+       arg("--min-progress", type=float, default=None, help="plateau: progress below this "
+           "share of the gain so far does not count (default 0: off)"),
        SEED, OUT, arg("--resume", action="store_true"), OVERWRITE)
 
 
@@ -56,7 +58,8 @@ def toy2d_config(a: argparse.Namespace, k: int, spec_alpha: float) -> FinetuneCo
 
 def stopping(a: argparse.Namespace) -> dict:
     """The stopping-rule flags given (the preset's values otherwise)."""
-    return {"stop": a.stop, "eval_every": a.eval_every, "patience": a.patience}
+    return {"stop": a.stop, "eval_every": a.eval_every, "patience": a.patience,
+            "min_progress": a.min_progress}
 
 
 def cmd_toy2d(a: argparse.Namespace) -> None:

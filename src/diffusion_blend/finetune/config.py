@@ -69,6 +69,7 @@ class FinetuneConfig:
     patience: int = 3
     stop_trajectories: int = 512
     decay: float = 1.0
+    min_progress: float = 0.0      # plateau: progress below this share of the gain so far
 
     def check(self) -> None:
         """Raise a ``UsageError`` naming the first bad field."""
@@ -105,6 +106,9 @@ class FinetuneConfig:
         if not 0 <= self.decay <= 4:
             raise UsageError(f"decay={self.decay} is not allowed; use 0 ... 4 (a fraction of "
                              "the iterations before the plateau)")
+        if not 0 <= self.min_progress < 1:
+            raise UsageError(f"min_progress={self.min_progress} is not allowed; use 0 <= f < 1 "
+                             "(0: off)")
         if self.stop_trajectories < 2:
             raise UsageError(f"stop_trajectories={self.stop_trajectories} is not allowed; use "
                              ">= 2 (the rule needs a standard error)")

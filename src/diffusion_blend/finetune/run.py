@@ -219,8 +219,8 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
     opt = torch.optim.Adam(params, lr=cfg.lr)
     modules, optimizers = {"policy": task.policy}, {"optimizer": opt}
     value, value_opt = _value_model(task, cfg, modules, optimizers)
-    rule = (Plateau(cfg.patience, decay=cfg.decay, min_decay=cfg.eval_every)
-            if cfg.stop == "plateau" else None)
+    rule = (Plateau(cfg.patience, decay=cfg.decay, min_decay=cfg.eval_every,
+                    min_progress=cfg.min_progress) if cfg.stop == "plateau" else None)
     start = _restore(out, modules, optimizers, rule) if resume else 0
     if dist.main and not resume:
         write_json(out / "config.json", run_config)

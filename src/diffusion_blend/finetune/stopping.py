@@ -13,6 +13,10 @@ From the plateau on, the learning rate decays to zero along a half cosine over `
 the iterations run so far (at least ``eval_every``), then the run stops: warm-up, constant,
 decay, with the decay placed by the problem instead of by a count (the constant phase finds the
 basin, the decay averages out the step noise). ``iterations`` stays the budget's upper bound.
+
+``min_progress`` (default 0, off) is a floor on the progress that counts: a window's gain must
+also exceed that fraction of the gain since the first evaluation, which ends runs whose policy
+keeps changing by amounts the paired comparison resolves but that no longer matter.
 """
 
 from __future__ import annotations
@@ -42,22 +46,28 @@ class Plateau:
     found, the iteration it was found at and the length of the decay that follows."""
 
     def __init__(self, patience: int = 3, z: float = 2.0, decay: float = 1.0,
-                 min_decay: int = 1):
+                 min_decay: int = 1, min_progress: float = 0.0):
         self.patience, self.z, self.decay = int(patience), float(z), float(decay)
-        self.min_decay = int(min_decay)
+        self.min_decay, self.min_progress = int(min_decay), float(min_progress)
         self.window: list[torch.Tensor] = []
-        self.found, self.length = NONE, 0
+        self.found, self.length, self.start = NONE, 0, torch.zeros(0, dtype=torch.float64)
 
     def update(self, values: torch.Tensor, iteration: int) -> bool:
         """Take the evaluation after ``iteration`` iterations; True when it finds the plateau."""
-        p = self.patience
-        self.window = (self.window + [values.detach().double().reshape(-1).clone()])[-2 * p:]
-        flat = len(self.window) == 2 * p and not improved(
-            torch.stack(self.window[p:]).mean(0), torch.stack(self.window[:p]).mean(0), self.z)
+        p, values = self.patience, values.detach().double().reshape(-1).clone()
+        self.start = self.start if self.start.numel() else values
+        self.window = (self.window + [values])[-2 * p:]
+        flat = len(self.window) == 2 * p and self.flat(torch.stack(self.window[p:]).mean(0),
+                                                        torch.stack(self.window[:p]).mean(0))
         if flat and self.found == NONE:
             self.found = iteration
             self.length = max(self.min_decay, math.ceil(self.decay * iteration))
         return flat
+
+    def flat(self, late: torch.Tensor, early: torch.Tensor) -> bool:
+        """No progress beyond the paired noise, or (``min_progress``) below the floor."""
+        floor = self.min_progress * float(late.mean() - self.start.mean())
+        return not improved(late, early, self.z) or float((late - early).mean()) <= floor
 
     @property
     def decaying(self) -> bool:
@@ -75,8 +85,9 @@ class Plateau:
         window = (torch.stack(self.window) if self.window
                   else torch.zeros(0, 0, dtype=torch.float64))
         return {"window": window, "found": torch.tensor(self.found),
-                "length": torch.tensor(self.length)}
+                "length": torch.tensor(self.length), "start": self.start}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.window = [v.double() for v in state["window"]]
         self.found, self.length = int(state["found"]), int(state["length"])
+        self.start = state.get("start", torch.zeros(0, dtype=torch.float64)).double()
