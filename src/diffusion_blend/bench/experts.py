@@ -48,12 +48,13 @@ def bench_experts(n: int = 512, runs: int = 64, particles: int = 16, seed: int =
         def reward(x0, y=None, domain=domain, w=w, **_):
             return domain.rewards(x0, y=y).double() @ w
 
-        res = gain_ratio(domain, domain.adapter(name), reward, float(meta["alpha"]), n, runs,
-                         particles, seed)
+        model = domain.adapter(name)
+        res = gain_ratio(domain, model, reward, float(meta["alpha"]), n, runs, particles, seed)
         rows[name] = {"rewards": meta["rewards"], "w": meta["w"], "alpha": meta["alpha"]} | res
-        rows[name]["judge_agreement"] = judge_agreement(domain, domain.adapter(name), judge,
-                                                        seed_range(seed, n))
-    base = judge_agreement(domain, domain.base, judge, seed_range(seed, n)) if rows else None
+        rows[name]["judge_agreement"] = judge_agreement(domain, model, judge, seed_range(seed, n))
+    any_domain = next(iter(domains.values()), None)   # every domain holds the same base
+    base = (judge_agreement(any_domain, any_domain.base, judge, seed_range(seed, n))
+            if any_domain else None)
     return {"domain": "digits", "n": n, "smc_runs": runs, "particles": particles,
             "steps": steps or digits.DEFAULT_STEPS,
             "pretrained_judge_agreement": base, "experts": rows}

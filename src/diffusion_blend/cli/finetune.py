@@ -24,19 +24,20 @@ from diffusion_blend.cli.sample import SIZE, check_size
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.config import FinetuneConfig
 
+STOP = arg("--stop", default=None, choices=("budget", "plateau"),
+           help="plateau (default, except the digits recipe): train until the objective stops "
+                "improving beyond its noise (--iterations is then the upper bound)")
 RUN = (arg("--iterations", type=positive_int, default=None, help="training iterations"),
        arg("--batch-size", type=positive_int, default=None, help="trajectories per iteration"),
        arg("--lr", type=positive_float, default=None),
        arg("--sample-steps", type=positive_int, default=None, help="chain length"),
        arg("--checkpoint-every", type=positive_int, default=None),
        arg("--preset", default=None, help="config preset (default DOMAIN-ESTIMATOR)"),
-       arg("--stop", default=None, choices=("budget", "plateau"),
-           help="plateau: stop once the objective stops improving beyond its noise "
-                "(--iterations is then the upper bound)"),
+       STOP,
        arg("--eval-every", type=positive_int, default=None, help="plateau: iterations "
            "between evaluations"),
-       arg("--patience", type=positive_int, default=None, help="plateau: evaluations "
-           "without improvement before stopping"),
+       arg("--patience", type=positive_int, default=None, help="plateau: evaluations per "
+           "window (the last N against the N before them)"),
        arg("--min-progress", type=float, default=None, help="plateau: progress below this "
            "share of the gain so far does not count (default 0: off)"),
        SEED, OUT, arg("--resume", action="store_true"), OVERWRITE)
@@ -124,9 +125,7 @@ def register(sub: Any) -> None:
             arg("--weights", required=True, help="directory with base/classifier weights"), OUT,
             arg("--alpha", type=positive_float, default=0.5),
             arg("--iterations", type=positive_int, default=None),
-            arg("--only", default=None, help="comma-separated adapter names"),
-            arg("--stop", default=None, choices=("budget", "plateau"), help="plateau: train "
-                "each adapter to convergence (--iterations is then the guard)"))
+            arg("--only", default=None, help="comma-separated adapter names"), STOP)
     command(dom, "sd", cmd_sd, "a LoRA expert for a local diffusers pipeline",
             arg("--model", required=True), arg("--prompts", required=True),
             arg("--reward", required=True, help="e.g. imagereward, pickscore, aesthetic"),

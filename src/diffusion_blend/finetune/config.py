@@ -140,7 +140,7 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 PRESETS: dict[str, dict] = {
-    # toy2d: tuned on bimodal-linear only, then frozen; `iterations` is the budget's guard
+    # toy2d: tuned on bimodal-linear and bimodal only, then frozen; `iterations` is the guard
     "toy2d-pathwise": {"estimator": "pathwise", "iterations": 1000, "batch_size": 256,
                        "lr": 1e-2},
     "toy2d-dpok": {"estimator": "dpok", "kl_mode": "to-go", "iterations": 400,
@@ -164,7 +164,7 @@ PRESETS: dict[str, dict] = {
     "sd-pathwise": {"estimator": "pathwise", "iterations": 500, "batch_size": 4,
                     "sample_steps": 50, "lr": 1e-4, "alpha": 0.01, "truncate_steps": 1,
                     "grad_checkpointing": True, "checkpoint_every": 50, "eval_trajectories": 64,
-                "stop_trajectories": 64},
+                    "stop_trajectories": 64},
 }
 
 

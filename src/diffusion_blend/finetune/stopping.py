@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from diffusion_blend.lr import warmup_lr
+
 NONE = -1   # "no plateau yet" in the checkpointed state
 
 
@@ -34,11 +36,6 @@ def improved(new: torch.Tensor, old: torch.Tensor, z: float) -> bool:
     d = (new.double() - old.double()).reshape(-1)
     se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
     return float(d.mean()) > z * se
-
-
-def cosine_factor(step: int, length: int) -> float:
-    """The learning-rate factor ``step`` iterations into a half-cosine decay of ``length``."""
-    return 0.5 * (1 + math.cos(math.pi * min(step, length) / max(length, 1)))
 
 
 class Plateau:
@@ -75,7 +72,7 @@ class Plateau:
 
     def lr_factor(self, it: int) -> float:
         """The learning-rate factor of iteration ``it`` (0-based): 1 until the plateau."""
-        return cosine_factor(it - self.found, self.length) if self.decaying else 1.0
+        return warmup_lr(1.0, it - self.found, 0, self.length) if self.decaying else 1.0
 
     def finished(self, done: int) -> bool:
         """Whether the run is over after ``done`` iterations (the decay has run its course)."""
