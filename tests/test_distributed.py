@@ -1,8 +1,12 @@
-"""Two CPU processes (gloo) share an iteration's batch: the averaged gradient is the one of the
-whole batch in one process (so the run does not depend on the number of processes)."""
+"""Two CPU processes (gloo) share the work and get one process's result: an iteration's batch
+(the averaged gradient is the whole batch's), a sweep's rows (the same results.jsonl, row for
+row) and a sample's seeds (the same samples and summary)."""
 
+import json
 import os
 import socket
+
+import pytest
 
 import torch
 import torch.distributed as dist
@@ -33,10 +37,15 @@ def _grads(shard) -> dict:
     return {n: p.grad.clone() for n, p in task.policy.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, world, port, result):
+def _join(rank, world, port):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _worker(rank, world, port, result):
+    _join(rank, world, port)
     grads = _grads(shard=True)
     if rank == 0:
         torch.save(grads, result)
@@ -62,3 +71,68 @@ def test_two_processes_average_to_the_whole_batch_gradient(tmp_path):
         scale = float(single[k].abs().max())
         assert float((single[k] - two[k]).abs().max()) <= bound * scale, k
     assert any(float(g.abs().max()) > 0 for g in single.values())
+
+
+SWEEP = dict(domain="toy2d", spec="bimodal", w_grid="0:1:0.5", seeds=16, steps=10,
+             lam_grid=(0.5, 2.0), methods=("pretrained", "db-mpa", "soup", "morl", "smc"))
+
+
+def _sweep(out):
+    from diffusion_blend.evaluation.sweep import SweepConfig, run_sweep
+
+    run_sweep(SweepConfig(**SWEEP), out, progress=False)
+
+
+def _sweep_worker(rank, world, port, out):
+    _join(rank, world, port)
+    _sweep(out)
+    dist.destroy_process_group()
+
+
+def _results(out):
+    """The rows in file order, without what differs from run to run (times, memory)."""
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "cost"} for r in rows]
+
+
+@pytest.mark.slow
+def test_a_two_process_sweep_equals_the_one_process_sweep_row_for_row(tmp_path):
+    _sweep(tmp_path / "one")
+    mp.spawn(_sweep_worker, args=(2, _free_port(), tmp_path / "two"), nprocs=2)
+    one, two = _results(tmp_path / "one"), _results(tmp_path / "two")
+    assert [r["key"] for r in two] == [r["key"] for r in one]
+    assert two == one
+    assert any(r["tag"] == "matched" for r in one)       # every phase ran, shards folded in
+    assert not list((tmp_path / "two").glob("results.rank*.jsonl"))
+
+
+def _sample(method, n):
+    from diffusion_blend.domains.toy2d import Toy2dDomain
+    from diffusion_blend.evaluation.methods import MethodConfig
+    from diffusion_blend.evaluation.sample import SampleConfig, run_sample
+
+    summary, x0 = run_sample(Toy2dDomain("bimodal", 10), SampleConfig(method, (0.5, 0.5), n=n,
+                                                                        seed=3),
+                             MethodConfig(smc_particles=8))
+    return {k: v for k, v in summary.items() if k != "seconds"}, x0
+
+
+def _sample_worker(rank, world, port, method, n, result):
+    _join(rank, world, port)
+    summary, x0 = _sample(method, n)
+    if rank == 0:
+        torch.save({"x0": x0}, result)
+        result.with_suffix(".json").write_text(json.dumps(summary))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["db-mpa", "smc"])
+def test_a_two_process_sample_gathers_the_one_process_samples(tmp_path, method):
+    n = 7                                     # shards of 4 and 3 rows
+    summary, x0 = _sample(method, n)
+    result = tmp_path / "two.pt"
+    mp.spawn(_sample_worker, args=(2, _free_port(), method, n, result), nprocs=2)
+    assert torch.equal(torch.load(result, weights_only=True)["x0"], x0)
+    assert json.loads(result.with_suffix(".json").read_text()) == json.loads(json.dumps(summary))
+    assert summary.get("runs", n) == n

@@ -1,8 +1,9 @@
-"""Several processes (``accelerate launch``) share each iteration's batch of trajectories.
+"""Several processes (``accelerate launch``) share the work: a fine-tuning iteration's batch
+of trajectories, a sweep's rows, a sample's seeds.
 
-Rank r takes every world-th seed of the iteration's seeds, so the global batch, and hence the
-run, does not depend on the number of processes; gradients are averaged across ranks after
-each backward pass. One process (what the tests run) is a no-op.
+Rank r takes every world-th item (``shard``), so the whole, and hence the result, does not
+depend on the number of processes: gradients are averaged across ranks after each backward
+pass, sampled rows are gathered back into seed order (``gather``). One process is a no-op.
 """
 
 from __future__ import annotations
@@ -52,3 +53,22 @@ class Dist:
         t = torch.tensor([value], dtype=torch.float64, device=self.device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t) / self.world
+
+    def barrier(self) -> None:
+        """Wait for every rank (between a sweep's phases, around what rank 0 writes)."""
+        if self.world > 1:
+            dist.barrier()
+
+    def gather(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """The ``n`` rows of which this rank holds ``shard(range(n))``, on every rank, in
+        order (the inverse of ``shard``; rows are padded to one length for the collective)."""
+        if self.world == 1:
+            return part
+        size = -(-n // self.world)
+        pad = part.new_zeros((size - len(part), *part.shape[1:]))
+        parts = [part.new_empty((size, *part.shape[1:])) for _ in range(self.world)]
+        dist.all_gather(parts, torch.cat([part, pad]))
+        out = part.new_empty((n, *part.shape[1:]))
+        for r, rows in enumerate(parts):
+            out[r::self.world] = rows[:len(range(r, n, self.world))]
+        return out

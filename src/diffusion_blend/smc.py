@@ -45,11 +45,21 @@ class SmcResult:
     x0: torch.Tensor
     log_weights: torch.Tensor
     log_z: torch.Tensor
-    ess_min: float
-    resampling_count: float       # mean number of resampling events per run
+    run_ess_min: torch.Tensor     # each run's smallest ESS along the chain
+    resamples: torch.Tensor       # each run's number of resampling events
     nfe_per_particle: float
     cond: dict                     # the final particles' conditioning (one row each)
     paths: list[torch.Tensor] | None = None
+
+    @property
+    def ess_min(self) -> float:
+        """The smallest ESS any run reached along the chain."""
+        return float(self.run_ess_min.min())
+
+    @property
+    def resampling_count(self) -> float:
+        """The mean number of resampling events per run."""
+        return float(self.resamples.mean())
 
     @property
     def final_ess(self) -> torch.Tensor:
@@ -59,8 +69,7 @@ class SmcResult:
     def collapsed_runs(self, min_ess: float = 2.0) -> int:
         """Runs whose final weights sit on fewer than ``min_ess`` effective particles: their
         estimates rest on one or two particles (more particles, or a better proposal)."""
-        p = self.log_weights.shape[1]
-        return int((self.final_ess < min(min_ess, p)).sum()) if p > 1 else 0
+        return collapsed(self.final_ess, self.log_weights.shape[1], min_ess)
 
     def weighted_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Per-run weighted means of per-particle ``values`` (``[R * P, ...]`` -> ``[R, ...]``)."""
@@ -71,7 +80,17 @@ class SmcResult:
 
     def log_z_estimate(self) -> float:
         """``log`` of the mean of the runs' unbiased ``Z`` estimates."""
-        return float(torch.logsumexp(self.log_z, 0) - math.log(len(self.log_z)))
+        return log_mean_exp(self.log_z)
+
+
+def collapsed(final_ess: torch.Tensor, particles: int, min_ess: float = 2.0) -> int:
+    """How many runs end on fewer than ``min_ess`` effective particles (none with one)."""
+    return int((final_ess < min(min_ess, particles)).sum()) if particles > 1 else 0
+
+
+def log_mean_exp(log_z: torch.Tensor) -> float:
+    """``log`` of the mean of ``exp(log_z)``, without overflow."""
+    return float(torch.logsumexp(log_z, 0) - math.log(len(log_z)))
 
 
 def _reweight(logw: torch.Tensor, logz: torch.Tensor, inc: torch.Tensor):
@@ -154,8 +173,8 @@ def smc_sample(proposal: Denoiser, base: Denoiser, potential: Callable[..., torc
     if record:
         paths.append(x)
     nfe = len(plan) * nfe_of(base) + (len(plan) - 1) * nfe_of(proposal)
-    return SmcResult(x, state.logw, state.logz, state.ess_min, float(state.resamples.mean()),
-                     nfe, state.cond, paths)
+    return SmcResult(x, state.logw, state.logz, state.ess_min, state.resamples, nfe,
+                     state.cond, paths)
 
 
 class _Runs:
@@ -167,7 +186,8 @@ class _Runs:
         self.logw = torch.full((r, p), -math.log(p), dtype=torch.float64)
         self.logz = torch.zeros(r, dtype=torch.float64)
         self.psi_prev = self.ratio = None
-        self.ess_min, self.resamples = float(p), torch.zeros(r)
+        self.ess_min = torch.full((r,), float(p), dtype=torch.float64)
+        self.resamples = torch.zeros(r)
 
     def reweight(self, psi: torch.Tensor, k: int) -> None:
         """Weights times ``p_pre / q`` of the last move and ``exp(psi - psi_prev)``."""
@@ -178,7 +198,7 @@ class _Runs:
         """Systematic resampling of the runs whose ESS fell below the threshold; ``rows``
         (and the conditioning) follow their particles."""
         e = ess(self.logw)
-        self.ess_min = min(self.ess_min, float(e.min()))
+        self.ess_min = torch.minimum(self.ess_min, e)
         redo = e < self.threshold * self.p
         if not bool(redo.any()):
             return rows

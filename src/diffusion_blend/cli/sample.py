@@ -21,6 +21,7 @@ from diffusion_blend.cli.args import (
     positive_int,
     threads,
 )
+from diffusion_blend.distributed import Dist
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.methods import METHODS
 
@@ -53,6 +54,8 @@ def cmd_toy2d(a: argparse.Namespace) -> None:
     if a.out:
         check_out_dir(a.out, a.overwrite, "toy2d-sample")
     summary, x0 = run_sample(domain, cfg, mcfg, progress=not a.json)
+    if not Dist().main:   # under accelerate launch, rank 0 writes what every rank gathered
+        return
     pref = cfg.preference(len(domain.experts))
     summary |= {"sampler": mcfg.sampler, "target_coefficients": domain.coefficients(pref)}
     summary |= {"experts": a.experts.split(",")} if trained else {}
@@ -84,6 +87,8 @@ def cmd_digits(a: argparse.Namespace) -> None:
     domain = DigitsDomain(a.experts.split(","))
     summary, x0 = run_sample(domain, cfg, mcfg, cond=domain.cond(range(a.seed, a.seed + a.n),
                                                                   cls))
+    if not Dist().main:
+        return
     summary |= {"class": cls, "experts": domain.names}
     check_result(summary)
     if a.out:
@@ -109,6 +114,8 @@ def cmd_sd(a: argparse.Namespace) -> None:
     domain = SdDomain(a.model, experts, prompts, steps=a.steps, guidance=guidance,
                       height=a.height, width=a.width)
     summary, x0 = run_sample(domain, cfg, mcfg, progress=not a.json)
+    if not Dist().main:
+        return
     save_image_row(domain.images(x0), a.out)
     emit(summary | {"model": a.model, "experts": experts, "prompts": prompts,
                     "guidance": guidance, "out": a.out}, a.json)

@@ -71,6 +71,7 @@ def reference(a: argparse.Namespace, k: int | None = None) -> tuple[float, ...] 
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
+    from diffusion_blend.distributed import Dist
     from diffusion_blend.evaluation.report import write_report
     from diffusion_blend.evaluation.sweep import check_sweep_out, run_sweep
 
@@ -80,6 +81,8 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     ref = reference(a, cfg.k())
     check_sweep_out(cfg, a.out, a.overwrite)
     out = run_sweep(cfg, a.out, a.overwrite, progress=not a.json)
+    if not Dist().main:    # under accelerate launch, rank 0 reports the merged results
+        return
     emit(write_report(out, ref) | {"out": str(out)}, a.json)
 
 

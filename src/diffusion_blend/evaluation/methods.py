@@ -25,7 +25,7 @@ from diffusion_blend.domains.base import Domain
 from diffusion_blend.errors import UsageError
 from diffusion_blend.sampling import SAMPLERS, sample
 from diffusion_blend.seeding import sample_uniforms
-from diffusion_blend.smc import draw_one, smc_sample
+from diffusion_blend.smc import collapsed, draw_one, log_mean_exp, smc_sample
 
 log = logging.getLogger(__name__)
 METHODS = ("pretrained", "exact", "db-mpa", "db-mpa-ls", "db-kla", "soup", "code", "rgg", "morl",
@@ -66,7 +66,8 @@ class MethodConfig:
 class Output:
     """Samples and what they cost; ``chain`` is the Markov denoiser sampled (for path KLs).
     SMC adds ``estimates`` (each run's weighted mean of the rewards, ``[n, K]``: better than
-    the rewards of the one particle it outputs) and its diagnostics."""
+    the rewards of the one particle it outputs), ``runs`` (per-run values, one row per output)
+    and the diagnostics made of them."""
 
     x0: torch.Tensor
     nfe_per_sample: float
@@ -78,6 +79,7 @@ class Output:
     chain: Denoiser | None
     estimates: torch.Tensor | None = None
     diagnostics: dict = field(default_factory=dict)
+    runs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def reward_w(domain: Domain, c: list[float]) -> Callable[..., torch.Tensor]:
@@ -180,18 +182,23 @@ def run_smc(domain: Domain, pref: Preference, seeds: list[int], mcfg: MethodConf
     if res.collapsed_runs():
         log.warning("smc: %d of %d runs ended with fewer than 2 effective particles: their "
                     "estimates are unreliable (use more particles)", res.collapsed_runs(), n)
+    runs = {"log_z": res.log_z, "ess_min": res.run_ess_min, "final_ess": res.final_ess,
+            "resamples": res.resamples}
     return Output(x0, p * res.nfe_per_particle, p * float(domain.steps + 1), *cost,
-                  domain.params(["base", *experts]), None, estimates, smc_diagnostics(res))
+                  domain.params(["base", *experts]), None, estimates, smc_diagnostics(runs, p),
+                  runs)
 
 
-def smc_diagnostics(res) -> dict:
-    """ESS, resampling and ``log Z`` of the runs (``SmcResult``), with collapsed runs counted."""
-    r = len(res.log_z)
-    z = res.log_z.exp()
-    return {"particles": res.log_weights.shape[1], "runs": r, "ess_min": res.ess_min,
-            "final_ess_min": float(res.final_ess.min()),
-            "ess_collapsed_runs": res.collapsed_runs(),
-            "resampling_count": res.resampling_count, "log_z_estimate": res.log_z_estimate(),
+def smc_diagnostics(runs: dict[str, torch.Tensor], particles: int) -> dict:
+    """ESS, resampling and ``log Z`` over the runs (``Output.runs``), collapsed runs counted
+    (fewer than 2 effective particles at the end)."""
+    r, log_z, final = len(runs["log_z"]), runs["log_z"], runs["final_ess"]
+    z = (log_z - log_z.max()).exp()
+    return {"particles": particles, "runs": r, "ess_min": float(runs["ess_min"].min()),
+            "final_ess_min": float(final.min()),
+            "ess_collapsed_runs": collapsed(final, particles),
+            "resampling_count": float(runs["resamples"].mean()),
+            "log_z_estimate": log_mean_exp(log_z),
             "log_z_stderr": float(z.std() / z.mean() / r**0.5) if r > 1 else 0.0}
 
 

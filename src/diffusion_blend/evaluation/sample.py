@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusion_blend.blend import Preference
+from diffusion_blend.blend import Preference, select_rows
+from diffusion_blend.distributed import Dist
 from diffusion_blend.domains.base import Domain
 from diffusion_blend.errors import UsageError
-from diffusion_blend.evaluation.methods import METHODS, MethodConfig, run_method
+from diffusion_blend.evaluation.methods import METHODS, MethodConfig, run_method, smc_diagnostics
 from diffusion_blend.evaluation.metrics import energy_distance, mean_and_stderr
 from diffusion_blend.seeding import check_seed_range, seed_range
 
@@ -48,25 +49,36 @@ class SampleConfig:
 
 def run_sample(domain: Domain, cfg: SampleConfig, mcfg: MethodConfig | None = None,
                cond: dict | None = None, progress: bool = False) -> tuple[dict, torch.Tensor]:
-    """Sample with ``cfg.method``; the JSON summary and the samples."""
+    """Sample with ``cfg.method``; the JSON summary and the samples. Under ``accelerate
+    launch`` each process samples every world-th seed and every process gets all samples, in
+    seed order (per-sample streams: the samples of one process)."""
     pref = cfg.preference(len(domain.experts))
-    seeds = seed_range(cfg.seed, cfg.n)
+    dist, seeds = Dist(), seed_range(cfg.seed, cfg.n)
+    if dist.world > cfg.n:
+        raise UsageError(f"--n {cfg.n} is fewer than the {dist.world} processes; use --n >= "
+                         f"{dist.world} or fewer processes")
     cond = domain.cond(seeds) if cond is None else cond
+    mine = torch.arange(cfg.n)[dist.rank::dist.world]
     start = time.perf_counter()
-    out = run_method(cfg.method, domain, pref, seeds, mcfg, cond, progress)
+    cond = {k: select_rows(v, mine, cfg.n) for k, v in cond.items()}   # this process's rows
+    out = run_method(cfg.method, domain, pref, dist.shard(seeds), mcfg, cond,
+                     progress and dist.main)
     if out is None:
         raise UsageError(f"--method {cfg.method} is not available on {domain.name} at "
                          f"w={list(pref.w)}, lam={pref.lam:g}")
     with torch.no_grad():
         values = out.estimates if out.estimates is not None else domain.rewards(
             out.x0, **cond).double()
+    x0, values = dist.gather(out.x0, cfg.n), dist.gather(values, cfg.n)
+    runs = {k: dist.gather(v, cfg.n) for k, v in out.runs.items()}
+    diagnostics = smc_diagnostics(runs, out.diagnostics["particles"]) if runs else out.diagnostics
     means, errs = mean_and_stderr(values.reshape(len(values), -1))
     summary = {"domain": domain.name, "method": cfg.method, "w": list(pref.w),
                "lam": pref.lam, "n": cfg.n, "seed": cfg.seed, "steps": domain.steps,
                "nfe_per_sample": out.nfe_per_sample, "reward_names": domain.reward_names,
                "mean_rewards": means, "stderr_rewards": errs,
-               "seconds": time.perf_counter() - start, **out.diagnostics}
-    return summary | target_summary(domain, pref, out.x0, cfg.seed), out.x0
+               "seconds": time.perf_counter() - start, **diagnostics}
+    return summary | target_summary(domain, pref, x0, cfg.seed), x0
 
 
 def target_summary(domain: Domain, pref: Preference, x0: torch.Tensor, seed: int) -> dict:

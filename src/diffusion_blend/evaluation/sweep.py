@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_blend.blend import Preference
+from diffusion_blend.distributed import Dist
 from diffusion_blend.domains.base import Domain, ExactTarget
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.methods import METHODS, MethodConfig, path_kl, run_method
@@ -270,27 +272,65 @@ def _save_samples(out: Path, spec: RowSpec, x0: torch.Tensor) -> None:
 
 class Results:
     """``results.jsonl``: one JSON row per line, appended and flushed as each row finishes;
-    a torn last line (the run was killed mid-write) is dropped on reading."""
+    a torn last line (the run was killed mid-write) is dropped on reading. Under several
+    processes each rank appends to its own ``results.rankR.jsonl``, and rank 0 folds those
+    into ``results.jsonl`` after each phase (and at the start, after a killed run)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, dist: Dist | None = None):
+        self.path, self.dist = path, dist or Dist()
         self.rows: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.rows[row["key"]] = row
-            atomic_write(path, lambda p: p.write_text(
-                "".join(dumps(r) + "\n" for r in self.rows.values())))
+        if self.dist.main:
+            self.rows = _read_rows(path)
+            self._fold(sorted(path.parent.glob("results.rank*.jsonl")), order=())
+        self.dist.barrier()
+        self.rows = _read_rows(path)
+
+    @property
+    def mine(self) -> Path:
+        """Where this process appends its rows."""
+        return self.path if self.dist.world == 1 else self.path.with_name(
+            f"results.rank{self.dist.rank}.jsonl")
 
     def add(self, row: dict) -> None:
-        with self.path.open("a") as f:
+        with self.mine.open("a") as f:
             f.write(dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.rows[row["key"]] = row
+
+    def merge(self, order: list[str]) -> None:
+        """After a phase: every rank's rows in ``results.jsonl``, in ``order``, on every rank."""
+        if self.dist.world == 1:
+            return
+        self.dist.barrier()
+        if self.dist.main:
+            self.rows = _read_rows(self.path)      # what is on file, before this phase
+            self._fold([self.path.with_name(f"results.rank{r}.jsonl")
+                        for r in range(self.dist.world)], order)
+        self.dist.barrier()
+        self.rows = _read_rows(self.path)
+
+    def _fold(self, shards: list[Path], order: Sequence[str]) -> None:
+        """Rank 0: the shards' rows appended to the file's (``order`` first), shards removed."""
+        new = {k: v for s in shards for k, v in _read_rows(s).items() if k not in self.rows}
+        keys = [k for k in order if k in new] + [k for k in new if k not in order]
+        self.rows |= {k: new[k] for k in keys}
+        atomic_write(self.path, lambda p: p.write_text(
+            "".join(dumps(r) + "\n" for r in self.rows.values())))
+        for s in shards:
+            s.unlink(missing_ok=True)
+
+
+def _read_rows(path: Path) -> dict[str, dict]:
+    """The rows of a results file by key (none if it is absent; a torn line is skipped)."""
+    rows = {}
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[row["key"]] = row
+    return rows
 
 
 def check_sweep_out(cfg: SweepConfig, out: str | Path, overwrite: bool) -> bool:
@@ -322,17 +362,22 @@ def open_sweep(cfg: SweepConfig, out: str | Path, overwrite: bool) -> Path:
 
 def run_sweep(cfg: SweepConfig, out: str | Path, overwrite: bool = False,
               progress: bool = True, domain: Domain | None = None) -> Path:
-    """Run (or resume) the sweep; returns the output directory with ``results.jsonl``."""
+    """Run (or resume) the sweep; returns the output directory with ``results.jsonl``. Under
+    ``accelerate launch`` the rows of each phase are shared among the processes (every row
+    runs all seeds in one process, so the result is the one process's, row for row)."""
     cfg.check()
-    out = open_sweep(cfg, out, overwrite)
+    dist = Dist()
+    out = open_sweep(cfg, out, overwrite) if dist.main else Path(out)
+    dist.barrier()
     domain = domain or make_domain(cfg, out)
-    results = Results(out / "results.jsonl")
+    results = Results(out / "results.jsonl", dist)
     seeds = seed_range(cfg.seed, cfg.seeds)
 
     def run(specs: list[RowSpec]) -> None:
-        for spec in tqdm(specs, disable=not progress, desc="sweep"):
-            if spec.key not in results.rows:
-                results.add(measure_row(spec, domain, cfg, seeds, out))
+        todo = [s for s in specs if s.key not in results.rows]
+        for spec in tqdm(dist.shard(todo), disable=not (progress and dist.main), desc="sweep"):
+            results.add(measure_row(spec, domain, cfg, seeds, out))
+        results.merge([s.key for s in todo])
 
     run(main_rows(cfg, len(domain.reward_names)))
     if cfg.match:
