@@ -18,13 +18,13 @@ from diffusion_blend.domains.digits import DEFAULT_STEPS, PAIR, DigitsDomain, sa
 from diffusion_blend.evaluation.methods import run_method
 
 
-def _best(run, repeats: int = 2) -> tuple[float, float]:
+def best_of(run, repeats: int = 2) -> tuple[float, float]:
     """The fastest of ``repeats`` runs of ``run() -> (seconds, nfe per sample)``."""
     runs = [run() for _ in range(repeats)]
     return min(s for s, _ in runs), runs[-1][1]
 
 
-def _plain(classes: torch.Tensor, seeds: list[int]) -> tuple[float, float]:
+def plain_time(classes: torch.Tensor, seeds: list[int]) -> tuple[float, float]:
     """The network with no LoRA wrappers at all: the floor every method is compared with."""
     net = digits.load_base()[0]
     start = time.perf_counter()
@@ -42,9 +42,9 @@ def bench_digits(n: int = 200) -> dict:
             "amortised-k2": (pair, "amortised", (0.5, 0.5))}
     if pair.amortised(Preference((0.5, 0.5))) is None:
         del jobs["amortised-k2"]
-    timings = {name: _best(lambda d=d, m=m, w=w: _cost(run_method(m, d, Preference(w), seeds)))
+    timings = {name: best_of(lambda d=d, m=m, w=w: cost_of(run_method(m, d, Preference(w), seeds)))
                for name, (d, m, w) in jobs.items()}
-    timings["base-plain"] = _best(lambda: _plain(k3.cond(seeds)["y"], seeds))
+    timings["base-plain"] = best_of(lambda: plain_time(k3.cond(seeds)["y"], seeds))
     out = {"n": len(seeds), "steps": DEFAULT_STEPS,
            "images_per_second": {k: len(seeds) / s for k, (s, _) in timings.items()},
            "nfe_per_sample": {k: nfe for k, (_, nfe) in timings.items()}}
@@ -61,5 +61,5 @@ def bench_digits(n: int = 200) -> dict:
     return out
 
 
-def _cost(res) -> tuple[float, float]:
+def cost_of(res) -> tuple[float, float]:
     return res.seconds, res.nfe_per_sample

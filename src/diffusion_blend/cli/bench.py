@@ -66,6 +66,17 @@ def cmd_experts(a: argparse.Namespace) -> None:
     emit(bench_experts(a.n, a.runs, a.particles, a.seed, a.weights, a.steps), a.json)
 
 
+def cmd_amortised(a: argparse.Namespace) -> None:
+    from diffusion_blend.bench.amortised import bench_amortised
+
+    threads(a.threads)
+    lams = parse_floats(a.lams, "--lams")
+    if any(not 0 < lam <= 2 for lam in lams):
+        raise UsageError(f"--lams {a.lams}: each lambda must be in (0, 2], the distilled "
+                         "adapter's training range")
+    emit(bench_amortised(a.n, lams, a.seed, a.weights), a.json)
+
+
 def cmd_digits(a: argparse.Namespace) -> None:
     from diffusion_blend.bench.digits import bench_digits
 
@@ -123,6 +134,13 @@ def register(sub: Any) -> None:
             arg("--particles", type=positive_int, default=16),
             arg("--steps", type=positive_int, default=None, help="sampling steps (default: the "
                 "domain's 10; an expert is measured on the chain it was trained on)"), SEED)
+    command(bench, "amortised", cmd_amortised, "the distilled blend against DB-MPA over the w "
+            "grid at each lambda (paired seeds), and its time per image over the single model's",
+            arg("--domain", default="digits", choices=("digits",)),
+            arg("--weights", default=None, help="a weights directory with experts/ (default: "
+                "the shipped weights)"),
+            arg("--n", type=positive_int, default=500, help="paired seeds per point"),
+            arg("--lams", default="0.5,1,1.5"), SEED)
     command(bench, "digits", cmd_digits, "digits sampling throughput",
             arg("--n", type=positive_int, default=200))
     command(bench, "smc", cmd_smc, "SMC-corrected blend: error against the target vs P",
