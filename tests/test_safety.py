@@ -219,7 +219,7 @@ ROWS = [
     ("8-threads-negative", None, [*SAMPLE, "--threads", "-3"], 2, "'-3'", "{root}"),
     ("8-ui-port-out-of-range", None, ["ui", "--port", "70000"], 2, "'70000'", "{root}"),
     ("8-ui-port-in-use", lambda r: {"port": busy_port()},
-     ["ui", "--port", "{port}", "--out", "{root}/ui"], 2, "--port", "{root}"),
+     ["ui", "--port", "{port}"], 2, "--port", "{root}"),
     ("8-resume-state-without-keys", lambda r: {"d": _break_state(toy_run(r))},
      [*FT, "--out", "{d}", "--resume"], 2, "corrupt", "{d}"),
     ("8-resume-truncated-config", lambda r: {"d": _truncate(toy_run(r), "config.json")},

@@ -1,144 +1,107 @@
-"""``dblend ui`` on the shipped digits model: the server's contract, then a real headless
-browser (chromium + chromedriver, started by the test) moving a slider."""
+"""``dblend ui`` on the shipped digits model: the session's contract (the CLI's numbers, the
+server-side checks, the fronts), the Gradio app called as a client, then a real headless
+browser (chromium + chromedriver, started by the test) moving a slider and switching method."""
 
-import base64
 import json
-import logging
 import os
 import shutil
 import socket
+import sys
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from diffusion_blend.cli import main
-from diffusion_blend.ui import UiServer, run_ui
+from diffusion_blend.errors import UsageError
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("gradio")     # the ui extra (in the test extra, so CI always has it)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ui") / "out"
-    srv = run_ui(out=out, port=0)
-    srv.start()
-    yield srv
-    srv.stop()
+def session():
+    from diffusion_blend.ui import DigitsSession
+
+    return DigitsSession(["ink", "smooth"])
 
 
-def get(server, path):
-    try:
-        with urllib.request.urlopen(server.url.rstrip("/") + path, timeout=60) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def cli_sample(capsys, cls, w, lam, seed):
+def cli_sample(capsys, cls, w, lam, seed, method="db-mpa"):
     assert main(["sample", "digits", "--class", str(cls), "--experts", "ink,smooth", "--w",
-                 w, "--lam", str(lam), "--n", "8", "--seed", str(seed), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    return dict(zip(out["reward_names"], out["mean_rewards"], strict=True))
+                 w, "--lam", str(lam), "--n", "8", "--seed", str(seed), "--method", method,
+                 "--particles", "8", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["mean_rewards"]
 
 
-def test_render_matches_the_cli_and_bad_input_is_an_error_in_the_page(server, capsys):
-    code, body = get(server, "/render?w0=0.3&w1=0.7&lam=0.8&class=4&seed=11")
-    d = json.loads(body)
-    assert code == 200 and d["image"].startswith("data:image/png;base64,") and d["pareto"]
-    assert d["mean_rewards"] == cli_sample(capsys, 4, "0.3,0.7", 0.8, 11)
-    for query, msg in (("w0=0.3&w1=0.7&lam=1&class=12&seed=0", "classes are 0-9"),
-                       ("w0=abc&w1=0.7&lam=1&class=1&seed=0", "not a number"),
-                       ("w0=0.3&w1=0.7&lam=1.5&class=1&seed=0", "extrapolat"),
-                       ("w0=-0.3&w1=0.7&lam=1&class=1&seed=0", "negative"),
-                       ("w0=0.3&lam=1&class=1&seed=0", "w1 is missing")):
-        code, body = get(server, "/render?" + query)
-        assert code == 400 and msg in json.loads(body)["error"]
-    assert get(server, "/render?w0=0.5&w1=0.5&lam=1&class=1&seed=0")[0] == 200  # still serving
-    assert get(server, "/nope")[0] == 404
+@pytest.mark.parametrize("method", ["db-mpa", "amortised", "smc"])
+def test_a_render_shows_the_cli_numbers_for_the_same_seed(session, capsys, method):
+    out = session.render(method, [0.3, 0.7], 0.8, False, 4, 11)
+    assert out.summary["mean_rewards"] == cli_sample(capsys, 4, "0.3,0.7", 0.8, 11, method)
+    assert out.image.size == (8 * 8 * 16, 8 * 16)          # eight digits, 128 px each
+    assert "| ink |" in out.readout and "| smooth |" in out.readout
 
 
-def test_extrapolating_sliders_are_refused_in_the_page(server):
-    code, body = get(server, "/render?w0=0.8&w1=0.8&lam=1&class=1&seed=0")
-    assert code == 400 and "lam * sum(w)" in json.loads(body)["error"]
+@pytest.mark.parametrize("args, msg", [
+    (("db-mpa", [0.3, 0.7], 1.0, False, 12, 0), "classes are 0-9"),
+    (("db-mpa", ["abc", 0.7], 1.0, False, 1, 0), "w0='abc' is not a finite number"),
+    (("db-mpa", [0.3, 0.7], 1.5, False, 1, 0), "extrapolat"),
+    (("db-mpa", [-0.3, 0.7], 1.0, False, 1, 0), "negative"),
+    (("db-mpa", [0.8, 0.8], 1.0, False, 1, 0), "lam * sum(w)"),
+    (("nope", [0.3, 0.7], 1.0, False, 1, 0), "method 'nope' is not known"),
+    (("db-mpa", [0.3, 0.7], 1.0, False, 1, 1.5), "seed=1.5 is not a whole number"),
+    (("db-mpa", [0.3, 0.7], float("nan"), False, 1, 0), "lam=nan"),
+    (("amortised", [0.3, 0.7], 2.5, True, 1, 0), "lam=2.5 is not allowed"),
+])
+def test_bad_requests_are_refused_on_the_server(session, args, msg):
+    with pytest.raises(UsageError, match=msg.replace("*", r"\*").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        session.render(*args)
 
 
-class FakeSession:
-    """The server's contract without a model: renders a fixed 1x1 PNG."""
-
-    kind, experts, allow = "digits", ["a", "b"], False
-
-    def render(self, q):
-        return {"image": "data:image/png;base64," + base64.b64encode(b"png").decode()}
-
-
-@pytest.fixture
-def fake(tmp_path):
-    srv = UiServer(FakeSession(), tmp_path / "out", port=0)
-    srv.start()
-    yield srv
-    srv.stop()
+def test_the_current_point_sits_on_the_fronts_it_is_drawn_with(session):
+    """At lambda 1 the point of DB-MPA (and of the soup) at w = 0.5 is the front's point there:
+    the same fixed seeds, so the point does not jitter as the sliders move."""
+    fronts = session.fronts
+    assert [w for w, _ in fronts["db-mpa"]] == [i / 10 for i in range(11)]
+    assert [w for w, _ in fronts["morl"]] == [0.25, 0.5, 0.75]       # the shipped MORL adapters
+    for method in ("db-mpa", "soup"):
+        point = session.render(method, [0.5, 0.5], 1.0, False, 3, 7).summary["point"]
+        assert point == dict(fronts[method])[0.5]
+    # the soup at a vertex is that expert bit for bit: the two fronts meet there
+    assert dict(fronts["soup"])[1.0] == dict(fronts["db-mpa"])[1.0]
+    assert session.render("amortised", [0.5, 0.5], 1.0, False, 3, 7).figure is not None
 
 
-def request(server, path, method="GET", host=None):
-    req = urllib.request.Request(server.url.rstrip("/") + path, method=method,
-                                 headers={"Host": host} if host else {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def test_saves_are_post_only_never_overwrite_and_stay_in_the_output_directory(fake):
-    assert request(fake, "/save", "POST")[0] == 400          # nothing rendered yet
-    assert request(fake, "/render?x=1")[0] == 200
-    code, body = request(fake, "/save?path=/etc/passwd")
-    assert code == 405 and "POST" in body["error"]
-    (fake.out).mkdir(exist_ok=True)
-    (fake.out / "ui-0000.png").write_bytes(b"an earlier image")
-    with ThreadPoolExecutor(10) as pool:
-        saved = list(pool.map(lambda _: request(fake, "/save?path=/etc/passwd", "POST"),
-                              range(10)))
-    paths = [body["saved"] for code, body in saved if code == 200]
-    assert len(paths) == 10 and len(set(paths)) == 10
-    assert all(os.path.dirname(p) == str(fake.out) for p in paths)
-    assert (fake.out / "ui-0000.png").read_bytes() == b"an earlier image"
+@pytest.fixture(scope="module")
+def app(session):
+    from diffusion_blend.ui import build_app
+
+    demo = build_app(session)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+                quiet=True, ssr_mode=False)
+    yield demo, f"http://127.0.0.1:{port}/"
+    demo.close()
 
 
-def test_only_local_host_headers_are_served(fake):
-    code, body = request(fake, "/render?x=1", host="evil.example:7860")
-    assert code == 403 and "evil.example" in body["error"]
-    assert request(fake, "/render?x=1", host=f"localhost:{fake.httpd.server_address[1]}")[0] \
-        == 200
-    assert request(fake, "/save", "POST", host="evil.example")[0] == 403
+def test_a_client_gets_the_cli_numbers_and_bad_values_are_errors(app, capsys):
+    from gradio_client import Client
 
-
-def test_a_failed_save_is_a_json_error_and_the_server_goes_on(fake):
-    request(fake, "/render?x=1")
-    fake.out.parent.mkdir(exist_ok=True)
-    fake.out.write_text("a file where the output directory should be")
-    code, body = request(fake, "/save", "POST")
-    assert code == 500 and "failed" in body["error"]
-    assert request(fake, "/render?x=1")[0] == 200
-
-
-def test_idle_connections_time_out_and_disconnects_log_one_line(fake, caplog, monkeypatch,
-                                                                capfd):
-    import diffusion_blend.ui as ui
-
-    monkeypatch.setattr(fake.httpd.RequestHandlerClass, "timeout", 0.5)
-    caplog.set_level(logging.INFO, logger=ui.__name__)
-    host, port = fake.httpd.server_address[:2]
-    with socket.create_connection((host, port)) as s:   # says nothing: closed by the server
-        s.settimeout(5)
-        assert s.recv(1) == b""
-    with socket.create_connection((host, port)) as s:   # goes away mid-request
-        s.sendall(b"GET /render?x=1 HTTP/1.1\r\nHost: localhost\r\n")
-    time.sleep(1.0)
-    records = [r for r in caplog.records if r.name == ui.__name__]
-    assert records and all("\n" not in r.getMessage() and not r.exc_info for r in records)
-    assert "Traceback" not in capfd.readouterr().err
+    client = Client(app[1], verbose=False)
+    image, readout, plot = client.predict("db-mpa", 0.3, 0.7, 0.8, False, 4, 11,
+                                          api_name="/render")
+    shown = cli_sample(capsys, 4, "0.3,0.7", 0.8, 11)
+    assert f"| ink | {shown[0]:+.3f} |" in readout and os.path.exists(image)
+    # the page's limits are not trusted: Gradio checks the sliders' ranges, the session the rest
+    with pytest.raises(Exception, match="maximum value 1"):
+        client.predict("db-mpa", 0.3, 0.7, 1.9, False, 4, 11, api_name="/render")
+    with pytest.raises(Exception, match=r"lam \* sum\(w\)"):
+        client.predict("db-mpa", 0.8, 0.8, 1.0, False, 4, 11, api_name="/render")
 
 
 def test_a_port_in_use_is_refused_before_models_load(capsys):
@@ -149,29 +112,38 @@ def test_a_port_in_use_is_refused_before_models_load(capsys):
     assert "cannot listen" in capsys.readouterr().err
 
 
+def test_without_gradio_the_command_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    assert main(["ui"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diffusion-blend[ui]" in err[0]
+
+
 def _driver():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1000,1200"):
+                "--window-size=1400,1100"):
         opts.add_argument(arg)
     opts.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
 
 
-def _wait(driver, cond, timeout=60.0):
+def _wait(cond, timeout=90.0):
     end = time.time() + timeout
     while time.time() < end:
-        if cond():
-            return
-        time.sleep(0.1)
+        try:
+            if cond():
+                return
+        except Exception:  # noqa: BLE001 - the page is still being built
+            pass
+        time.sleep(0.2)
     raise AssertionError("the page did not update in time")
 
 
-@pytest.mark.slow
-def test_a_real_browser_moves_a_slider_and_sees_the_cli_numbers(server, capsys, tmp_path):
+def test_a_real_browser_moves_a_slider_and_switches_method(app, capsys, tmp_path):
     if not (shutil.which("chromedriver") and (shutil.which("chromium")
                                               or shutil.which("chromium-browser"))):
         if os.environ.get("CI"):
@@ -182,21 +154,16 @@ def test_a_real_browser_moves_a_slider_and_sees_the_cli_numbers(server, capsys, 
     from selenium.webdriver.common.keys import Keys
 
     driver = _driver()
+    readout = lambda: driver.find_element(By.ID, "readout").text  # noqa: E731
     try:
-        driver.get(server.url)
-        renders = lambda: int(driver.find_element(By.TAG_NAME, "body")  # noqa: E731
-                              .get_attribute("data-renders") or 0)
-        _wait(driver, lambda: renders() >= 1)
-        before = driver.find_element(By.ID, "img").get_attribute("src")
-        slider = driver.find_element(By.ID, "w0")
-        slider.send_keys(Keys.ARROW_LEFT)                  # 0.50 -> 0.45, a real key press
-        _wait(driver, lambda: renders() >= 2
-              and driver.find_element(By.ID, "w0").get_attribute("value") == "0.45"
-              and driver.find_element(By.ID, "img").get_attribute("src") != before)
-        _wait(driver, lambda: json.loads(driver.find_element(By.ID, "numbers").text)["w"][0]
-              == 0.45)
-        shown = json.loads(driver.find_element(By.ID, "numbers").text)
-        assert shown["mean_rewards"] == cli_sample(capsys, 3, "0.45,0.5", 1.0, 0)
+        driver.get(app[1])
+        _wait(lambda: "db-mpa" in readout() and "w = (0.5, 0.5)" in readout())
+        driver.find_element(By.CSS_SELECTOR, "#w0 input[type=range]").send_keys(Keys.ARROW_LEFT)
+        _wait(lambda: "w = (0.45, 0.5)" in readout())                   # a real key press
+        shown = cli_sample(capsys, 3, "0.45,0.5", 1.0, 0)
+        assert f"ink {shown[0]:+.3f}" in readout() and f"smooth {shown[1]:+.3f}" in readout()
+        driver.find_element(By.CSS_SELECTOR, "#method input[value=amortised]").click()
+        _wait(lambda: "amortised" in readout() and "w = (0.45, 0.5)" in readout())
         art = os.environ.get("DBLEND_TEST_ARTIFACTS", str(tmp_path))
         os.makedirs(art, exist_ok=True)
         assert driver.save_screenshot(os.path.join(art, "ui.png"))

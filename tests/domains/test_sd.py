@@ -122,16 +122,19 @@ def test_ui_session_on_an_sd_pipeline(model_dir, expert):
 
     lora = str(expert / "lora")
     session = SdSession(str(model_dir / "pipe"), [lora, lora], steps=2, guidance=3.0)
-    q = {"w0": ["0.3"], "w1": ["0.7"], "lam": ["1"], "seed": ["4"], "prompt": ["a red apple"]}
-    a = session.render(q)
-    b = session.render(q | {"lam": ["0"]})   # the preference changes without reloading
-    assert a["image"].startswith("data:image/png;base64,")
+    a = session.render("db-mpa", [0.3, 0.7], 1.0, False, "a red apple", 4)
+    b = session.render("db-mpa", [0.3, 0.7], 0.0, False, "a red apple", 4)   # no reload
+    assert a.figure is None and a.image.size[0] > 0
     # lam = 0 runs the base alone; lam = 1 the two experts (guided: 2 x 2 per step)
-    assert (b["lam"], b["nfe_per_sample"], a["nfe_per_sample"]) == (0.0, 2 * 2.0, 2 * 4.0)
-    assert session.render(q)["image"] == a["image"]   # the same seed, the same image
-    assert session.render(q | {"seed": ["5"]})["image"] != a["image"]
+    assert (b.summary["lam"], b.summary["nfe_per_sample"], a.summary["nfe_per_sample"]) == (
+        0.0, 2 * 2.0, 2 * 4.0)
+    same = session.render("db-mpa", [0.3, 0.7], 1.0, False, "a red apple", 4)
+    other = session.render("db-mpa", [0.3, 0.7], 1.0, False, "a red apple", 5)
+    assert same.image.tobytes() == a.image.tobytes() != other.image.tobytes()
     with pytest.raises(UsageError, match="extrapolat"):
-        session.render(q | {"lam": ["1.5"]})
+        session.render("db-mpa", [0.3, 0.7], 1.5, False, "a red apple", 4)
+    with pytest.raises(UsageError, match="prompt is empty"):
+        session.render("db-mpa", [0.3, 0.7], 1.0, False, " ", 4)
 
 
 def test_a_lora_of_the_wrong_shape_is_a_one_line_error(model_dir, expert, tmp_path, capsys):

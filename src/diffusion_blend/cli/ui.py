@@ -1,4 +1,4 @@
-"""``dblend ui``: live sliders for w and lambda on a local page."""
+"""``dblend ui``: live sliders for w and lambda (a Gradio app; the ``ui`` extra)."""
 
 from __future__ import annotations
 
@@ -11,29 +11,28 @@ from diffusion_blend.errors import UsageError
 
 
 def cmd_ui(a: argparse.Namespace) -> None:
-    from diffusion_blend.io import check_out_folder
-    from diffusion_blend.ui import bind_server, run_ui
+    from diffusion_blend.ui import check_port, make_session
 
     threads(a.threads)
     experts = [e for e in (a.experts or "").split(",") if e] or None
     if a.sd_model and not experts:
         raise UsageError("--sd-model needs --experts (LoRA directories)")
-    check_out_folder(a.out)
-    httpd = bind_server(a.host, a.port)   # a port in use is an error before models load
-    server = run_ui(experts, a.out, a.host, a.port, a.sd_model, a.allow_extrapolation, a.steps,
-                    httpd=httpd)
-    sys.stderr.write(f"dblend ui: serving {server.url} (Ctrl-C stops)\n")
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.stop()
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError("dblend ui needs Gradio: pip install 'diffusion-blend[ui]'") from None
+    check_port(a.host, a.port)        # a port in use is an error before models load
+    from diffusion_blend.ui import build_app
+
+    app = build_app(make_session(experts, a.sd_model, a.steps), a.allow_extrapolation)
+    sys.stderr.write(f"dblend ui: serving http://{a.host}:{a.port}/ (Ctrl-C stops)\n")
+    app.launch(server_name=a.host, server_port=a.port, share=False, ssr_mode=False, quiet=True)
 
 
 def register(sub: Any) -> None:
-    command(sub, "ui", cmd_ui, "live sliders for w and lambda (a local web page)",
+    command(sub, "ui", cmd_ui, "live sliders for w and lambda (a local Gradio app)",
             arg("--experts", default=None, help="digits expert names or sd LoRA dirs"),
             arg("--sd-model", default=None, help="a local diffusers pipeline instead of digits"),
             arg("--steps", type=positive_int, default=30, help="sd sampling steps"),
             arg("--host", default="127.0.0.1"), arg("--port", type=port_int, default=7860),
-            arg("--out", default="dblend-ui", help="where 'save image' writes"), EXTRAPOLATE,
-            json=False)
+            EXTRAPOLATE, json=False)

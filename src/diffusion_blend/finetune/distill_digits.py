@@ -31,6 +31,7 @@ from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.objective import iteration_seeds
 from diffusion_blend.finetune.run import load_checkpoint, save_checkpoint
 from diffusion_blend.io import prepare_out_dir, save_weights
+from diffusion_blend.lr import warmup_lr
 from diffusion_blend.sampling import sample
 
 ADAPTER, NAME = AMORTISED_ADAPTER, AMORTISED
@@ -43,6 +44,7 @@ class DistillConfig:
     iterations: int = 200
     batch_size: int = 32          # blended trajectories per iteration (10 states each)
     lr: float = 3e-3
+    lr_schedule: str = "constant"  # or "cosine": a half cosine to zero at the last iteration
     lam_max: float = 2.0          # lam drawn uniformly on [0, lam_max]
     lora_rank: int = 8
     hidden: int = 64
@@ -58,6 +60,9 @@ class DistillConfig:
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.lam_max)
                 and self.lam_max > 0):
             raise UsageError(f"lr={self.lr}, lam_max={self.lam_max}: both must be finite, > 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UsageError(f"lr_schedule {self.lr_schedule!r} is not known; use constant or "
+                             "cosine")
 
 
 class _RowBlend:
@@ -100,6 +105,8 @@ def _iteration(model, experts, emb, opt, cfg: DistillConfig, it: int) -> float:
     finally:
         emb.current = None
     loss = (pred - torch.cat(teacher.outputs)).pow(2).mean()
+    for group in opt.param_groups:
+        group["lr"] = warmup_lr(cfg.lr, it, 0, cfg.iterations, cfg.lr_schedule == "cosine")
     opt.zero_grad()
     loss.backward()
     opt.step()
