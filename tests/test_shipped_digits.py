@@ -110,11 +110,12 @@ def test_two_reward_pairs_conflict(dom, samples):
         assert diff.double().mean() + 1.96 * diff.double().std() / len(diff) ** 0.5 < 0
 
 
-def test_the_shipped_amortised_blend_tracks_db_mpa_with_one_nfe_per_step():
-    """Over the w grid at lam = 1 its r_w stays within 5% of the range of DB-MPA's r_w (paired
-    seeds), at one network evaluation per step."""
+@pytest.mark.parametrize("lam", [0.5, 1.0, 1.5])
+def test_the_shipped_amortised_blend_tracks_db_mpa_with_one_nfe_per_step(lam):
+    """Over the w grid at each lambda of its training range its r_w stays within 5% of the
+    range of DB-MPA's r_w (paired seeds), at one network evaluation per step."""
     pair = DigitsDomain(PAIR)
     assert run_method("amortised", pair, Preference((0.5, 0.5)), SEEDS[:2]).nfe_per_sample == 10
-    rows = [paired_r_w(pair, Preference((w1, 1.0 - w1)), SEEDS) for w1 in W_GRID]
+    rows = [paired_r_w(pair, Preference((w1, 1.0 - w1), lam, True), SEEDS) for w1 in W_GRID]
     assert max(r["db_mpa"] for r in rows) - min(r["db_mpa"] for r in rows) > 0.5
     assert relative_error(rows) <= 0.05

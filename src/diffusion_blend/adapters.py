@@ -8,6 +8,7 @@ model) without copying any weight.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
@@ -246,3 +247,15 @@ class LoraSoup(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         with soup_adapters(self.model, self.terms):
             return self.model(x, t, **cond)
+
+
+def base_sha256(model: nn.Module) -> str:
+    """sha256 of the network's own weights (LoRA layers left out, PEFT's wrapping undone):
+    which base an adapter was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.replace(".base_layer", "").encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()

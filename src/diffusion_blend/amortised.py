@@ -13,12 +13,22 @@ For sampling, the LoRA is merged into a plain copy of the network: one model's c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from diffusion_blend.adapters import (
+    adapter_names,
+    adapter_state,
+    add_lora,
+    base_sha256,
+    load_adapter_state,
+    use_adapter,
+)
 from diffusion_blend.blend import Denoiser, Preference
 from diffusion_blend.errors import UsageError
+from diffusion_blend.io import load_weights
 
 
 def coefficients(w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -75,15 +85,7 @@ class AmortisedDenoiser(nn.Module):
 
     @preference.setter
     def preference(self, pref: Preference) -> None:
-        """Refuse a preference outside the training range (w on the simplex, lam in
-        ``[0, lam_max]``) unless extrapolation is allowed: the adapter never saw it."""
-        pref.check_k(self.embedding.k)
-        outside = pref.lam > self.lam_max or min(pref.w) < 0 or abs(sum(pref.w) - 1) > 1e-6
-        if outside and not self.allow:
-            raise UsageError(f"the amortised adapter was trained on w on the simplex and "
-                             f"0 <= lam <= {self.lam_max:g}; w={list(pref.w)}, lam={pref.lam} "
-                             "is outside (allow extrapolation to use it anyway)")
-        self._preference = pref
+        self._preference = in_range(pref, self.embedding.k, self.lam_max, self.allow)
 
     @property
     def nfe(self) -> float:
@@ -109,3 +111,111 @@ def sample_preferences(gen: torch.Generator, n: int, k: int, lam_max: float,
     idx = torch.randint(0, k, (n,), generator=gen)
     w[vertex] = nn.functional.one_hot(idx[vertex], k).float()
     return w, torch.rand(n, generator=gen) * lam_max
+
+
+def in_range(pref: Preference, k: int, lam_max: float, allow: bool) -> Preference:
+    """``pref``, refused when outside the training range (w on the simplex, lam in ``[0,
+    lam_max]``) unless extrapolation is allowed: the adapter never saw it."""
+    pref.check_k(k)
+    outside = pref.lam > lam_max or min(pref.w) < 0 or abs(sum(pref.w) - 1) > 1e-6
+    if outside and not allow:
+        raise UsageError(f"the amortised adapter was trained on w on the simplex and "
+                         f"0 <= lam <= {lam_max:g}; w={list(pref.w)}, lam={pref.lam} "
+                         "is outside (allow extrapolation to use it anyway)")
+    return pref
+
+
+def time_embedding_of(model: nn.Module) -> tuple[nn.Module, int]:
+    """The module whose output is the timestep embedding every block reads (a UNet's
+    ``time_embedding``, a DiT's ``time_text_embed``) and its width."""
+    for attr in ("time_embedding", "time_text_embed"):
+        module = getattr(model, attr, None)
+        if isinstance(module, nn.Module):
+            linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+            return module, linears[-1].out_features
+    raise UsageError(f"{type(model).__name__} has no time_embedding / time_text_embed to "
+                     "condition on the preference")
+
+
+def pref_features(pref: Preference) -> torch.Tensor:
+    """The embedding's input for one preference, ``[1, K + 1]`` (broadcast over the batch)."""
+    w = torch.tensor(pref.w, dtype=torch.float32)[None]
+    return coefficients(w, torch.tensor([float(pref.lam)]))
+
+
+class AmortisedModel(nn.Module):
+    """A pipeline's denoiser (``pipe.unet`` / ``pipe.transformer``) with the amortised adapter
+    active and the preference added to its time embedding: its own forward, whatever it
+    predicts (eps, v or flow), at one network evaluation per call."""
+
+    def __init__(self, model: nn.Module, adapter: str, embedding: PrefEmbedding,
+                 preference: Preference, lam_max: float, allow_extrapolation: bool = False):
+        super().__init__()
+        self.model, self.adapter, self.embedding = [model], adapter, embedding
+        self.lam_max, self.allow = lam_max, allow_extrapolation
+        self.preference = preference
+
+    @property
+    def preference(self) -> Preference:
+        return self._preference
+
+    @preference.setter
+    def preference(self, pref: Preference) -> None:
+        self._preference = in_range(pref, self.embedding.k, self.lam_max, self.allow)
+
+    @property
+    def nfe(self) -> float:
+        return 1.0
+
+    def forward(self, *args, **kwargs):
+        model = self.model[0]            # a list: the wrapped network is not a submodule
+        self.embedding.current = pref_features(self.preference).to(
+            next(model.parameters()).device)
+        try:
+            with use_adapter(model, self.adapter):
+                return type(model).forward(model, *args, **kwargs)
+        finally:
+            self.embedding.current = None
+
+
+AMORTISED_ADAPTER = "amortised"
+AMORTISED_FILE = "amortised.safetensors"
+RECIPE = "dblend distill sd"
+
+
+def amortised_state(model: nn.Module, embedding: PrefEmbedding) -> dict[str, torch.Tensor]:
+    """What ``dblend distill sd`` saves: the adapter (``lora.*``) and the embedding
+    (``pref.*``)."""
+    state = {f"lora.{k}": v for k, v in adapter_state(model, AMORTISED_ADAPTER).items()}
+    return state | {f"pref.{k}": v.detach().contiguous() for k, v in
+                    embedding.state_dict().items()}
+
+
+def attach_amortised(model: nn.Module, directory: str | Path) -> tuple[PrefEmbedding, dict]:
+    """Load ``DIRECTORY/amortised.safetensors`` onto ``model`` (a pipeline's denoiser): the
+    adapter, and the embedding hooked on its time embedding; refused on another base."""
+    state, meta = _load(Path(directory) / AMORTISED_FILE)
+    if AMORTISED_ADAPTER in adapter_names(model):
+        raise UsageError(f"{type(model).__name__} already holds an amortised adapter")
+    if meta.get("base_sha256") != base_sha256(model):
+        raise UsageError(f"{directory}: the amortised adapter was distilled on another base "
+                         f"({meta.get('model')}); distil it for this model with `{RECIPE}`")
+    add_lora(model, AMORTISED_ADAPTER, meta["lora"]["rank"], meta["lora"]["targets"])
+    load_adapter_state(model, AMORTISED_ADAPTER, _part(state, "lora."))
+    module, dim = time_embedding_of(model)
+    emb = PrefEmbedding(len(meta["experts"]), dim, meta["config"]["hidden"])
+    emb.load_state_dict(_part(state, "pref."))
+    emb.to(next(model.parameters()).device).requires_grad_(False).attach(module)
+    model.requires_grad_(False)
+    return emb, meta
+
+
+def _load(path: Path) -> tuple[dict, dict]:
+    if not path.parent.is_dir():
+        raise UsageError(f"--amortised {path.parent}: no such directory (make one with "
+                         f"`{RECIPE}`)")
+    return load_weights(path, RECIPE)
+
+
+def _part(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -39,6 +39,11 @@ from diffusion_blend.adapters import (
     soup_adapters,
     unit_scales,
 )
+from diffusion_blend.amortised import (
+    AMORTISED_ADAPTER,
+    AmortisedModel,
+    attach_amortised,
+)
 from diffusion_blend.blend import BlendedDenoiser, Preference
 from diffusion_blend.errors import UsageError
 
@@ -69,7 +74,7 @@ def stack_batches(per_term: list, b: int):
     return first
 
 
-def _prediction(out) -> torch.Tensor:
+def prediction_of(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, tuple):
@@ -228,11 +233,11 @@ class BlendedModel(nn.Module):
         out, acc = None, None
         for c, model in terms:
             o = self._single(model, args, kwargs)
-            pred = _prediction(o)
+            pred = prediction_of(o)
             dtype = _accumulation_dtype(pred)
             acc = c * pred.to(dtype) if acc is None else acc.add_(pred.to(dtype), alpha=c)
             out = o if out is None else out
-        return _like(out, acc.to(_prediction(out).dtype))
+        return _like(out, acc.to(prediction_of(out).dtype))
 
     def _batched(self, terms, args: tuple, kwargs: dict):
         """Every term in one forward: the batch repeated per term, rows routed to adapters."""
@@ -244,7 +249,7 @@ class BlendedModel(nn.Module):
             kw = stack_batches([self._term_kwargs(name, kwargs) for _, name in terms], b)
         with route_rows(self.base, names):
             out = self._run(*repeat_batch(args, b, n), **kw)
-        preds = _prediction(out).split(b)
+        preds = prediction_of(out).split(b)
         dtype = _accumulation_dtype(preds[0])
         blend = sum(c * p.to(dtype) for (c, _), p in zip(terms, preds, strict=True))
         return _like(out, blend.to(preds[0].dtype))
@@ -388,13 +393,36 @@ def blend_pipeline(pipe, experts: Sequence[str | nn.Module], preference: Prefere
     model = getattr(pipe, denoiser_attr(pipe))
     blended = BlendedModel(model, experts, preference, mode, call=model.forward)
     encoders = _text_encoders(pipe, blended.adapters)
-    object.__setattr__(model, "forward", blended)    # not a submodule: nothing is saved
+    _install(pipe, model, blended)
     if encoders and hasattr(pipe, "encode_prompt"):
         object.__setattr__(pipe, "encode_prompt", _encode_per_term(pipe, blended, encoders))
+    return blended
+
+
+def amortise_pipeline(pipe, directory: str | Path, preference: Preference,
+                      allow_extrapolation: bool = False) -> AmortisedModel:
+    """Run ``pipe``'s denoiser as the amortised blend distilled into ``directory`` (``dblend
+    distill sd``): one network evaluation per step at any ``(w, lam)`` of its training range.
+    The pipeline's own ``__call__`` runs; set the returned model's ``preference`` between
+    calls; ``unblend_pipeline`` restores the pipeline (the adapter stays loaded, inactive)."""
+    unblend_pipeline(pipe)
+    model = getattr(pipe, denoiser_attr(pipe))
+    if AMORTISED_ADAPTER not in adapter_names(model):
+        model._dblend_amortised = attach_amortised(model, directory)
+    emb, meta = model._dblend_amortised
+    amortised = AmortisedModel(model, AMORTISED_ADAPTER, emb, preference,
+                               meta["config"]["lam_max"], allow_extrapolation)
+    _install(pipe, model, amortised)
+    return amortised
+
+
+def _install(pipe, model: nn.Module, forward: nn.Module) -> None:
+    """``forward`` as ``model``'s forward (not a submodule: nothing is saved), and the calls
+    that would change which adapters run refused."""
+    object.__setattr__(model, "forward", forward)
     for name, why in REFUSED.items():
         if hasattr(pipe, name):
             object.__setattr__(pipe, name, _refuse(name, why))
-    return blended
 
 
 def _refuse(name: str, why: str) -> Callable:
@@ -407,7 +435,7 @@ def _refuse(name: str, why: str) -> Callable:
 def unblend_pipeline(pipe) -> None:
     """Undo ``blend_pipeline``: the denoiser's own forward and the pipeline's LoRA API back."""
     model = getattr(pipe, denoiser_attr(pipe))
-    if isinstance(model.__dict__.get("forward"), BlendedModel):
+    if isinstance(model.__dict__.get("forward"), BlendedModel | AmortisedModel):
         del model.forward
     for name in (*REFUSED, "encode_prompt"):
         pipe.__dict__.pop(name, None)

@@ -41,10 +41,10 @@ ADAPTER, NAME = AMORTISED_ADAPTER, AMORTISED
 class DistillConfig:
     """The distillation recipe (saved in the adapter's JSON)."""
 
-    iterations: int = 200
+    iterations: int = 600
     batch_size: int = 32          # blended trajectories per iteration (10 states each)
     lr: float = 3e-3
-    lr_schedule: str = "constant"  # or "cosine": a half cosine to zero at the last iteration
+    lr_schedule: str = "cosine"   # a half cosine to zero at the last iteration (or "constant")
     lam_max: float = 2.0          # lam drawn uniformly on [0, lam_max]
     lora_rank: int = 8
     hidden: int = 64
