@@ -132,19 +132,29 @@ def teacher_calls(pipe, blended, prompts: list[str], seeds: list[int],
     return recorder.calls
 
 
-def setup(pipe, experts: list[str], cfg: SdDistillConfig):
-    """The student adapter and embedding on the pipeline's denoiser, the teacher blend."""
+def setup(pipe, names: list[str], cfg: SdDistillConfig):
+    """The student adapter and embedding on the pipeline's denoiser (whose adapters ``names``
+    are the experts), and the teacher blend installed."""
     model = getattr(pipe, denoiser_attr(pipe))
     model.requires_grad_(False)
     base = base_sha256(model)
-    add_lora(model, AMORTISED_ADAPTER, cfg.lora_rank, sd.LORA_TARGETS, seed=cfg.seed)
+    add_lora(model, AMORTISED_ADAPTER, cfg.lora_rank, expert_targets(model, names),
+             seed=cfg.seed)
     module, dim = time_embedding_of(model)
     torch.manual_seed(cfg.seed)
-    emb = PrefEmbedding(len(experts), dim, cfg.hidden).to(pipe.device)
+    emb = PrefEmbedding(len(names), dim, cfg.hidden).to(pipe.device)
     emb.attach(module)
-    names = sd.load_experts(pipe, experts)
     blended = blend_pipeline(pipe, names, Preference((1.0 / len(names),) * len(names)))
     return model, emb, blended, base
+
+
+def expert_targets(model, names: list[str]) -> list[str]:
+    """The modules the experts' LoRAs adapt (the student adapts the same ones)."""
+    targets: set[str] = set()
+    for name in names:
+        t = model.peft_config[name].target_modules
+        targets |= {t} if isinstance(t, str) else set(t)
+    return sorted(targets)
 
 
 def iteration(pipe, parts, opt, prompts: list[str], cfg: SdDistillConfig, it: int,
@@ -171,11 +181,23 @@ def iteration(pipe, parts, opt, prompts: list[str], cfg: SdDistillConfig, it: in
 def run_distill_sd(model: str | Path, experts: list[str], prompts_file: str | Path,
                    out: str | Path, cfg: SdDistillConfig | None = None, resume: bool = False,
                    overwrite: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) and save ``OUT/amortised.safetensors`` with its JSON."""
-    cfg, out, dist = cfg or SdDistillConfig(), Path(out), Dist()
+    """``dblend distill sd``: the pipeline and LoRA directories from disk, then ``distill``."""
     prompts = sd.read_prompts(prompts_file)
-    pipe = sd.load_pipeline(model, device=dist.device())
-    parts = setup(pipe, experts, cfg)
+    pipe = sd.load_pipeline(model, device=Dist().device())
+    names = sd.load_experts(pipe, experts)
+    meta = {"model": str(model), "experts": [str(e) for e in experts]}
+    return distill(pipe, names, prompts, out, cfg, resume, overwrite, progress, meta)
+
+
+def distill(pipe, names: list[str], prompts: list[str], out: str | Path,
+            cfg: SdDistillConfig | None = None, resume: bool = False, overwrite: bool = False,
+            progress: bool = True, meta: dict | None = None,
+            stop_after: int | None = None) -> dict:
+    """Train (or resume) the amortised blend of ``pipe``'s adapters ``names``; save
+    ``OUT/amortised.safetensors`` with its JSON (``meta`` added). ``stop_after``: return after
+    that iteration without saving (as a killed run would; tests resume from there)."""
+    cfg, out, dist = cfg or SdDistillConfig(), Path(out), Dist()
+    parts = setup(pipe, names, cfg)
     params = [p for p in parts[0].parameters() if p.requires_grad] + list(parts[1].parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     modules, opts = {"lora": parts[0], "pref": parts[1]}, {"optimizer": opt}
@@ -183,19 +205,22 @@ def run_distill_sd(model: str | Path, experts: list[str], prompts_file: str | Pa
         prepare_out_dir(out, overwrite, "distill-sd")
     dist.barrier()
     start = load_checkpoint(out, modules, opts)["iteration"] if resume else 0
-    t0, loss = time.perf_counter(), float("nan")
+    t0, losses = time.perf_counter(), []
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
                disable=not (progress and dist.main), desc="distill sd")
     for it in bar:
-        loss = iteration(pipe, parts, opt, prompts, cfg, it, dist)
-        bar.set_postfix(loss=f"{loss:.5f}")
+        losses.append(iteration(pipe, parts, opt, prompts, cfg, it, dist))
+        bar.set_postfix(loss=f"{losses[-1]:.5f}")
         if dist.main and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
             save_checkpoint(out, it + 1, modules, opts, asdict(cfg))
+        if stop_after is not None and it + 1 >= stop_after:
+            unblend_pipeline(pipe)
+            return {"stopped_at": it + 1}
     unblend_pipeline(pipe)
-    meta = {"recipe": "dblend distill sd", "model": str(model), "experts": list(experts),
+    meta = {"recipe": "dblend distill sd", "experts": list(names), **(meta or {}),
             "prompts": prompts, "config": asdict(cfg), "base_sha256": parts[3],
-            "final_loss": loss, "train_seconds": time.perf_counter() - t0,
-            "lora": {"rank": cfg.lora_rank, "targets": list(sd.LORA_TARGETS)}}
+            "final_loss": losses[-1] if losses else None, "train_seconds": time.perf_counter() - t0,
+            "lora": {"rank": cfg.lora_rank, "targets": expert_targets(parts[0], names)}}
     if not dist.main:
         return meta
     return save_weights(out / AMORTISED_FILE, amortised_state(parts[0], parts[1]), meta)
