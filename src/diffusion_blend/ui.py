@@ -138,13 +138,14 @@ class SdSession:
 
     kind, n_show = "sd", 1
 
-    def __init__(self, model: str, experts: list[str], steps: int = 30, guidance: float = 7.5):
+    def __init__(self, model: str, experts: list[str], steps: int = 30, guidance: float = 7.5,
+                 amortised: str | None = None):
         from diffusion_blend.domains.sd import SdDomain
         from diffusion_blend.evaluation.methods import MethodConfig
 
         self.experts = [str(e) for e in experts]
         self.domain = SdDomain(model, self.experts, ["a photo of an apple"], steps=steps,
-                               guidance=guidance)
+                               guidance=guidance, amortised=amortised)
         self.mcfg, self.fronts = MethodConfig(smc_particles=4), {}
 
     def render(self, method: str, w: list[float], lam: float, allow: bool, prompt: Any,
@@ -271,10 +272,11 @@ def build_app(session, allow_extrapolation: bool = False):
 
 
 def make_session(experts: list[str] | None = None, sd_model: str | None = None,
-                 steps: int = 30):
-    """The digits session (the shipped pair by default) or an sd pipeline's."""
+                 steps: int = 30, amortised: str | None = None):
+    """The digits session (the shipped pair by default) or an sd pipeline's (with its
+    distilled blend for the amortised method, where given)."""
     if sd_model:
-        return SdSession(sd_model, experts or [], steps)
+        return SdSession(sd_model, experts or [], steps, amortised=amortised)
     from diffusion_blend.domains.digits import PAIR
 
     return DigitsSession(list(experts or PAIR))

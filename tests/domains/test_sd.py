@@ -149,3 +149,24 @@ def test_a_lora_of_the_wrong_shape_is_a_one_line_error(model_dir, expert, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "not a LoRA diffusers can load" in err[-1]
     assert not (tmp_path / "x.png").exists()
+
+
+def test_distill_sd_then_sample_the_amortised_blend_from_the_command_line(model_dir, expert,
+                                                                          capsys, tmp_path):
+    lora, out = str(expert / "lora"), tmp_path / "amortised"
+    common = ["--model", str(model_dir / "pipe"), "--steps", "2", "--guidance", "3"]
+    assert main(["distill", "sd", *common, "--experts", f"{lora},{lora}", "--prompts",
+                 str(model_dir / "prompts.txt"), "--out", str(out), "--iterations", "2",
+                 "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["experts"] == [lora, lora] and meta["prompts"] == ["a red apple", "a blue pear"]
+    assert main(["sample", "sd", *common, "--amortised", str(out), "--w", "0.3,0.7",
+                 "--out", str(tmp_path / "img.png"), "--json"]) == 0   # experts from its JSON
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "amortised" and summary["experts"] == [lora, lora]
+    assert summary["nfe_per_sample"] == 2 * 2.0     # one guided network call per step
+    assert (tmp_path / "img.png").stat().st_size > 0
+    rc = main(["distill", "sd", *common, "--experts", f"{lora},{tmp_path / 'nope'}",
+               "--prompts", str(model_dir / "prompts.txt"), "--out", str(tmp_path / "o2")])
+    assert rc == 2 and "nope does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

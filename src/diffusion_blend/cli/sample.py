@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from diffusion_blend.cli.args import (
@@ -102,9 +103,10 @@ def cmd_sd(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.sample import run_sample
     from diffusion_blend.io import check_out_file
 
-    experts = [e for e in (a.experts or "").split(",") if e]
+    experts = [e for e in (a.experts or "").split(",") if e] or amortised_experts(a.amortised)
     if not experts:
         raise UsageError("--experts: give one or more LoRA directories, comma-separated")
+    a.method = a.method or ("amortised" if a.amortised else "db-mpa")
     prompts = read_prompts(a.prompts) if a.prompts else [a.prompt]
     cfg, mcfg = configs(a)
     cfg.preference(len(experts))
@@ -112,13 +114,28 @@ def cmd_sd(a: argparse.Namespace) -> None:
     check_size(a)
     check_out_file(a.out, ".png")
     domain = SdDomain(a.model, experts, prompts, steps=a.steps, guidance=guidance,
-                      height=a.height, width=a.width)
+                      height=a.height, width=a.width, amortised=a.amortised)
     summary, x0 = run_sample(domain, cfg, mcfg, progress=not a.json)
     if not Dist().main:
         return
     save_image_row(domain.images(x0), a.out)
     emit(summary | {"model": a.model, "experts": experts, "prompts": prompts,
                     "guidance": guidance, "out": a.out}, a.json)
+
+
+def amortised_experts(directory: str | None) -> list[str]:
+    """The experts an amortised blend was distilled from (its JSON), for ``--amortised``
+    without ``--experts``."""
+    if not directory:
+        return []
+    from diffusion_blend.amortised import AMORTISED_FILE
+    from diffusion_blend.io import read_json
+
+    path = Path(directory) / AMORTISED_FILE
+    if not path.with_suffix(".json").is_file():
+        raise UsageError(f"--amortised {directory}: no {path.with_suffix('.json').name} there "
+                         "(make it with `dblend distill sd`)")
+    return [str(e) for e in read_json(path.with_suffix(".json"), "amortised metadata")["experts"]]
 
 
 def check_size(a: argparse.Namespace) -> None:
@@ -135,9 +152,9 @@ PREFERENCE = (arg("--w", default=None, help="weights, e.g. 0.3,0.7 (default unif
               arg("--lam", default="1.0", help="KL-strength modifier lambda >= 0"), EXTRAPOLATE)
 
 
-def method_args(default_n: int) -> tuple:
+def method_args(default_n: int, method: str | None = "db-mpa") -> tuple:
     """The flags every domain's ``sample`` shares: method, preference, sampler, SMC, seeds."""
-    return (arg("--method", default="db-mpa", choices=METHODS), *PREFERENCE,
+    return (arg("--method", default=method, choices=METHODS), *PREFERENCE,
             arg("--n", type=positive_int, default=default_n, help="output samples"), SEED,
             arg("--sampler", default="ddpm", choices=("ddpm", "ddim")),
             arg("--eta", type=finite_float, default=1.0, help="ddim: 0 deterministic"),
@@ -159,7 +176,10 @@ def register(sub: Any) -> None:
             *method_args(16), arg("--out", default=None, help="a .png of the images"))
     command(dom, "sd", cmd_sd, "a method on a local diffusers pipeline with LoRA experts",
             arg("--model", required=True, help="local pipeline dir or cached hub id"),
-            arg("--experts", required=True, help="LoRA dirs, comma-separated"),
+            arg("--experts", default=None, help="LoRA dirs, comma-separated"),
             arg("--prompt", default="a photo of an apple"), arg("--prompts", default=None),
             arg("--steps", type=positive_int, default=50), arg("--guidance", default="7.5"),
-            *method_args(1), *SIZE, arg("--out", default="sd.png"))
+            arg("--amortised", default=None, help="a `dblend distill sd` output: the distilled "
+                "blend (--method amortised, one network evaluation per step; --experts default "
+                "to the ones it was distilled from)"),
+            *method_args(1, None), *SIZE, arg("--out", default="sd.png"))

@@ -17,6 +17,8 @@ def cmd_ui(a: argparse.Namespace) -> None:
     experts = [e for e in (a.experts or "").split(",") if e] or None
     if a.sd_model and not experts:
         raise UsageError("--sd-model needs --experts (LoRA directories)")
+    if a.amortised and not a.sd_model:
+        raise UsageError("--amortised is for --sd-model (digits ships its amortised blend)")
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -24,7 +26,8 @@ def cmd_ui(a: argparse.Namespace) -> None:
     check_port(a.host, a.port)        # a port in use is an error before models load
     from diffusion_blend.ui import build_app
 
-    app = build_app(make_session(experts, a.sd_model, a.steps), a.allow_extrapolation)
+    app = build_app(make_session(experts, a.sd_model, a.steps, a.amortised),
+                    a.allow_extrapolation)
     sys.stderr.write(f"dblend ui: serving http://{a.host}:{a.port}/ (Ctrl-C stops)\n")
     app.launch(server_name=a.host, server_port=a.port, share=False, ssr_mode=False, quiet=True)
 
@@ -34,5 +37,7 @@ def register(sub: Any) -> None:
             arg("--experts", default=None, help="digits expert names or sd LoRA dirs"),
             arg("--sd-model", default=None, help="a local diffusers pipeline instead of digits"),
             arg("--steps", type=positive_int, default=30, help="sd sampling steps"),
+            arg("--amortised", default=None, help="sd: a `dblend distill sd` output (the "
+                "amortised method)"),
             arg("--host", default="127.0.0.1"), arg("--port", type=port_int, default=7860),
             EXTRAPOLATE, json=False)

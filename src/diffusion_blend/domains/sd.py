@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from diffusion_blend.adapters import AdapterView, LoraSoup, adapter_names, held_params
+from diffusion_blend.amortised import AMORTISED_ADAPTER, AmortisedModel, attach_amortised
 from diffusion_blend.blend import Denoiser, Guided, Preference, nfe_of
 from diffusion_blend.errors import UsageError
 from diffusion_blend.offline import hub_offline
@@ -197,7 +198,7 @@ class SdDomain:
     def __init__(self, model, experts, prompts, rewards=(), steps: int | None = None,
                  guidance: float = 7.5, reward_kwargs: list[dict] | None = None,
                  morl: dict[float, str] | None = None, height=None, width=None,
-                 alpha: float = 0.01):
+                 alpha: float = 0.01, amortised: str | Path | None = None):
         from diffusion_blend.rewards import get_reward
 
         if rewards and len(experts) != len(rewards):
@@ -217,6 +218,7 @@ class SdDomain:
         self.base = self._guided(AdapterView(self.unet, None))
         self.experts = [self._guided(AdapterView(self.unet, n)) for n in self.names]
         self.morl_dirs = {float(k): v for k, v in (morl or {}).items()}
+        self.amortised_dir, self._amortised = amortised, None
 
     def _guided(self, module: nn.Module) -> Denoiser:
         den = UNetEps(module, self.schedule, self.pipe.scheduler.config.prediction_type)
@@ -261,8 +263,21 @@ class SdDomain:
                 self.pipe.load_lora_weights(str(path), adapter_name=name)
         return self._guided(AdapterView(self.unet, name))
 
-    def amortised(self, pref: Preference) -> None:
-        return None
+    def amortised(self, pref: Preference) -> Denoiser | None:
+        """The distilled blend of these experts (``dblend distill sd``), where one was given:
+        one network evaluation per step (guided)."""
+        if self.amortised_dir is None:
+            return None
+        if self._amortised is None:
+            emb, meta = attach_amortised(self.unet, self.amortised_dir)
+            if len(meta["experts"]) != len(self.names):
+                raise UsageError(f"--amortised {self.amortised_dir} blends "
+                                 f"{len(meta['experts'])} experts; --experts gives "
+                                 f"{len(self.names)}")
+            self._amortised = AmortisedModel(self.unet, AMORTISED_ADAPTER, emb, pref,
+                                             meta["config"]["lam_max"], True)
+        self._amortised.preference = pref
+        return self._guided(self._amortised)
 
     def target(self, pref: Preference) -> None:
         return None

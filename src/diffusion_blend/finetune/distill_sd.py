@@ -74,6 +74,12 @@ class SdDistillConfig:
         if self.lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"lr_schedule {self.lr_schedule!r} is not known; use constant or "
                              "cosine")
+        if not 0 <= self.seed < 2**24:
+            raise UsageError(f"--seed {self.seed} is not allowed; a run's seed is 0 ... 2**24 - 1")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v < 8 or v % 8):
+                raise UsageError(f"--{name} {v} is not allowed; use a multiple of 8")
 
 
 class Recorder:
