@@ -73,7 +73,7 @@ class DigitsSession:
     """The shipped digits base and experts, loaded once; renders like ``dblend sample digits``
     (the same dispatcher, so the numbers shown equal the command's for the same seed)."""
 
-    kind, n_show, n_point = "digits", 8, 64
+    kind, n_show, n_point = "digits", 8, 32
 
     def __init__(self, experts: list[str], smc_particles: int = 8):
         from diffusion_blend.domains.digits import DigitsDomain
@@ -112,6 +112,13 @@ class DigitsSession:
 
     def render(self, method: str, w: list[float], lam: float, allow: bool, cls: Any,
                seed: float) -> Render:
+        """The samples, then their point on the fronts (``sample`` then ``place``)."""
+        return self.place(self.sample(method, w, lam, allow, cls, seed))
+
+    def sample(self, method: str, w: list[float], lam: float, allow: bool, cls: Any,
+               seed: float) -> Render:
+        """The samples of ``seed ...`` and their rewards (no point, no plot: the fast part a
+        slider move waits for)."""
         from diffusion_blend.domains.digits import check_class
         from diffusion_blend.evaluation.sample import SampleConfig, run_sample
         from diffusion_blend.io import image_row
@@ -122,14 +129,20 @@ class DigitsSession:
         cond = self.domain.cond(range(seed, seed + self.n_show), cls)
         summary, x0 = run_sample(self.domain, SampleConfig(method, pref.w, pref.lam, allow,
                                                            self.n_show, seed), self.mcfg, cond)
-        point = self._mean(method, pref) if self.fronts else None
-        summary |= {"class": cls, "point": point, "seconds": time.perf_counter() - start}
+        summary |= {"class": cls, "point": None, "point_seeds": self.n_point,
+                    "seconds": time.perf_counter() - start}
         image = image_row(1 - (x0.clamp(-1, 1) + 1) / 2, 16)       # ink dark, 128 px a digit
-        return Render(image, readout(self.experts, summary), self.figure(point, method), summary)
+        return Render(image, readout(self.experts, summary), None, summary)
 
-    def figure(self, point: list[float] | None, method: str):
-        """The fronts, MORL's points and the current point, on the first two rewards."""
-        return pareto_figure(self.fronts, self.experts, point, method) if self.fronts else None
+    def place(self, shown: Render) -> Render:
+        """``shown`` with its point on the fixed seeds of the fronts, and the plot."""
+        if not self.fronts:
+            return shown
+        s = shown.summary
+        point = self._mean(s["method"], Preference(tuple(s["w"]), s["lam"], True))
+        summary = s | {"point": point}
+        return Render(shown.image, readout(self.experts, summary),
+                      pareto_figure(self.fronts, self.experts, point, s["method"]), summary)
 
 
 class SdSession:
@@ -164,6 +177,12 @@ class SdSession:
         return Render(image_row(self.domain.images(x0)), readout(self.experts, summary), None,
                       summary)
 
+    def sample(self, *args) -> Render:
+        return self.render(*args)
+
+    def place(self, shown: Render) -> Render:
+        return shown
+
 
 def readout(experts: list[str], summary: dict) -> str:
     """The rewards as a labelled table: the samples shown, and the fixed-seed point."""
@@ -175,7 +194,8 @@ def readout(experts: list[str], summary: dict) -> str:
             for n, m, p in zip(names, summary["mean_rewards"], point, strict=True)]
     return "\n".join([f"**{summary['method']}** at w = {_fmt(summary['w'])}, lambda = "
                       f"{summary['lam']:g} · rendered in {summary['seconds']:.2f} s", "",
-                      "| reward (normalised) | these samples | 64 fixed seeds |", "|---|---|---|",
+                      f"| reward (normalised) | these samples | {summary.get('point_seeds')} "
+                      "fixed seeds |", "|---|---|---|",
                       *rows])
 
 
@@ -188,8 +208,8 @@ def pareto_figure(fronts: dict, axes: list[str], point: list[float] | None, meth
     the current point, on the first two rewards (a new Figure: no global pyplot state)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.5, 4.2), dpi=100)
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(5.5, 4.2), dpi=90)
+    ax = fig.add_axes((0.14, 0.12, 0.82, 0.84))   # fixed margins: no layout pass per render
     style = {"db-mpa": dict(color="C0", marker="o", ls="-", label="DB-MPA front (lambda 1)"),
              "soup": dict(color="C2", marker=".", ls="--", label="rewarded soup"),
              "morl": dict(color="C3", marker="s", ls="none", ms=8, label="MORL (fine-tuned per w)"),
@@ -201,9 +221,8 @@ def pareto_figure(fronts: dict, axes: list[str], point: list[float] | None, meth
         ax.plot(*point[:2], marker="*", color="C1", ms=18, ls="none", label=f"current ({method})")
     ax.set_xlabel(f"{axes[0]} (mean, normalised)")
     ax.set_ylabel(f"{axes[1]} (mean, normalised)")
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper right")      # a fixed place: "best" searches each time
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     return fig
 
 
@@ -252,23 +271,43 @@ def build_app(session, allow_extrapolation: bool = False):
                 text = gr.Markdown(elem_id="readout")
                 plot = gr.Plot(label="Pareto front", elem_id="pareto")
         inputs, outputs = [method, *ws, lam, extrapolate, cond, seed], [image, text, plot]
+        last = gr.State(None)       # the samples just shown, for the plot that follows
 
-        def render(method, *values):
-            *w, lam_v, allow, c, s = values
+        def call(fn, *args):
             try:
-                out = session.render(method, list(w), lam_v, bool(allow), c, s)
+                return fn(*args)
             except UsageError as e:
                 raise gr.Error(str(e)) from None
+
+        def render(method, *values):                 # the whole render: what clients call
+            out = call(session.render, method, *_request(values))
             return out.image, out.readout, out.figure
+
+        def show(method, *values):                   # a slider move: the samples first ...
+            out = call(session.sample, method, *_request(values))
+            return out.image, out.readout, out
+
+        def place(shown):                            # ... then their point on the fronts
+            if shown is None:
+                return gr.skip(), gr.skip()
+            out = session.place(shown)
+            return out.readout, out.figure
 
         app.load(render, inputs, outputs, api_name="render")     # what clients call
         for component in inputs:     # the page's own events
-            component.change(render, inputs, outputs, trigger_mode="always_last",
-                             show_progress="hidden", api_visibility="private")
+            component.change(show, inputs, [image, text, last], trigger_mode="always_last",
+                             show_progress="hidden", api_visibility="private").then(
+                place, last, [text, plot], show_progress="hidden", api_visibility="private")
         extrapolate.change(lambda on, v: gr.update(maximum=LAM_MAX if on else 1,
                                                    value=min(v, LAM_MAX if on else 1)),
                            [extrapolate, lam], lam, api_visibility="private")
     return app
+
+
+def _request(values: tuple) -> tuple:
+    """The app's slider values as a session's arguments ``(w, lam, allow, cond, seed)``."""
+    *w, lam, allow, cond, seed = values
+    return list(w), lam, bool(allow), cond, seed
 
 
 def make_session(experts: list[str] | None = None, sd_model: str | None = None,
