@@ -90,6 +90,22 @@ def cmd_digits(a: argparse.Namespace) -> None:
           for name, m in done.items()}, a.json)
 
 
+def cmd_digits_conditioned(a: argparse.Namespace) -> None:
+    from diffusion_blend.domains import digits
+    from diffusion_blend.finetune.conditioned_digits import train_conditioned
+    from diffusion_blend.finetune.config import preset
+    from diffusion_blend.io import check_out_folder
+
+    threads(a.threads)
+    cfg = preset("digits-pathwise", alpha=a.alpha, iterations=a.iterations,
+                 lr_schedule="cosine", checkpoint_every=50)
+    digits.load_base(Path(a.weights))      # missing weights: an error before anything is written
+    check_out_folder(a.out)
+    meta = train_conditioned(Path(a.weights), Path(a.out), cfg, progress=not a.json,
+                             resume=a.resume)
+    emit({"train_seconds": meta["train_seconds"], "sha256": meta["sha256"]}, a.json)
+
+
 def cmd_sd(a: argparse.Namespace) -> None:
     from diffusion_blend.finetune.config import preset
     from diffusion_blend.finetune.run import RUN_KIND
@@ -126,6 +142,14 @@ def register(sub: Any) -> None:
             arg("--alpha", type=positive_float, default=0.5),
             arg("--iterations", type=positive_int, default=None),
             arg("--only", default=None, help="comma-separated adapter names"), STOP)
+    command(dom, "digits-conditioned", cmd_digits_conditioned, "one preference-conditioned "
+            "adapter of the digits pair trained directly (conditioned-rl: a preference per "
+            "trajectory), saved like the amortised blend",
+            arg("--weights", required=True, help="directory with base/classifier weights and "
+                "experts/rewards.json"), OUT,
+            arg("--alpha", type=positive_float, default=0.5),
+            arg("--iterations", type=positive_int, default=600),
+            arg("--resume", action="store_true"))
     command(dom, "sd", cmd_sd, "a LoRA expert for a local diffusers pipeline",
             arg("--model", required=True), arg("--prompts", required=True),
             arg("--reward", required=True, help="e.g. imagereward, pickscore, aesthetic"),

@@ -64,6 +64,10 @@ class Domain(Protocol):
     def amortised(self, pref: Preference) -> Denoiser | None:
         """The one preference-conditioned network, where one was distilled."""
 
+    def conditioned(self, pref: Preference) -> Denoiser | None:
+        """The same network trained directly by fine-tuning on ``lam w . r`` with preferences
+        drawn per trajectory (``conditioned-rl``), where one was trained."""
+
     def target(self, pref: Preference) -> ExactTarget | None:
         """The exact target of ``pref`` where it is known in closed form (toy2d)."""
 

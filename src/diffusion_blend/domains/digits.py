@@ -332,6 +332,7 @@ def attach_expert(base: nn.Module, base_meta: dict, path: Path) -> tuple[nn.Modu
 
 AMORTISED_ADAPTER = "amortised"
 AMORTISED = f"amortised_{PAIR[0]}_{PAIR[1]}"
+CONDITIONED = f"conditioned_{PAIR[0]}_{PAIR[1]}"   # the same network trained by RL directly
 
 
 def load_amortised(weights_dir: Path | None = None, preference: Preference | None = None,
@@ -384,7 +385,8 @@ class DigitsDomain:
         self.reward_fns = normalised_rewards(self.names, self.stats, self.classifier)
         self.schedule, self.shape = BaseConfig().schedule(), SHAPE
         self.steps = steps or DEFAULT_STEPS
-        self.morl_dir, self.morl_trainer, self._amortised = morl_dir, morl_trainer, None
+        self.morl_dir, self.morl_trainer = morl_dir, morl_trainer
+        self._one_network: dict[str, AmortisedDenoiser] = {}
 
     def adapter(self, name: str, directory: Path | None = None) -> Denoiser:
         """The adapter ``name`` (an expert, a MORL or lambda-specific fine-tune) as a denoiser:
@@ -444,13 +446,21 @@ class DigitsDomain:
 
     def amortised(self, pref: Preference) -> Denoiser | None:
         """The distilled ``PAIR`` blend (``dblend distill digits``), where it was shipped."""
-        path = self.experts_dir / f"{AMORTISED}.safetensors"
+        return self._one_network_at(AMORTISED, pref)
+
+    def conditioned(self, pref: Preference) -> Denoiser | None:
+        """The ``PAIR`` network fine-tuned directly with preferences drawn per trajectory
+        (``dblend finetune digits-conditioned``), where it was shipped."""
+        return self._one_network_at(CONDITIONED, pref)
+
+    def _one_network_at(self, name: str, pref: Preference) -> Denoiser | None:
+        path = self.experts_dir / f"{name}.safetensors"
         if tuple(self.names) != PAIR or not path.exists():
             return None
-        if self._amortised is None:
-            self._amortised = load_amortised(self.weights_dir, pref, allow_extrapolation=True)
-        self._amortised.preference = pref
-        return self._amortised
+        if name not in self._one_network:
+            self._one_network[name] = load_amortised(self.weights_dir, pref, path, True)
+        self._one_network[name].preference = pref
+        return self._one_network[name]
 
     def target(self, pref: Preference) -> None:
         return None

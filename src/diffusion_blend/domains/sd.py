@@ -279,6 +279,9 @@ class SdDomain:
         self._amortised.preference = pref
         return self._guided(self._amortised)
 
+    def conditioned(self, pref: Preference) -> None:
+        return None
+
     def target(self, pref: Preference) -> None:
         return None
 

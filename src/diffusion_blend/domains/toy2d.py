@@ -458,6 +458,9 @@ class Toy2dDomain:
     def amortised(self, pref: Preference) -> None:
         return None
 
+    def conditioned(self, pref: Preference) -> None:
+        return None
+
     def target(self, pref: Preference) -> ExactTarget:
         target, log_z = self.mixture(pref)
         means = torch.tensor(self.problem.expected_rewards(target), dtype=F64)

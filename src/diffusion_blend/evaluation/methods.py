@@ -29,7 +29,7 @@ from diffusion_blend.smc import collapsed, draw_one, log_mean_exp, smc_sample
 
 log = logging.getLogger(__name__)
 METHODS = ("pretrained", "exact", "db-mpa", "db-mpa-ls", "db-kla", "soup", "code", "rgg", "morl",
-           "smc", "amortised")
+           "smc", "amortised", "conditioned-rl")
 
 
 @dataclass
@@ -113,6 +113,8 @@ def chain_for(method: str, domain: Domain, pref: Preference, seeds: list[int],
         return domain.morl(pref), ["morl"]
     if method == "amortised":
         return domain.amortised(pref), ["base"]
+    if method == "conditioned-rl":
+        return domain.conditioned(pref), ["base"]
     raise UsageError(f"method {method!r} is not known; use one of {METHODS}")
 
 
