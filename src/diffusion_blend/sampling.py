@@ -104,6 +104,15 @@ def ddpm_mean_eps_coef(abar_t: float, abar_s: float) -> float:
     return _sqrt(abar_s) * beta / (1.0 - abar_t) * _sqrt(1.0 - abar_t) / _sqrt(abar_t)
 
 
+def ddpm_kl_weight(abar_t: float, abar_s: float) -> float:
+    """``KL / |eps_a - eps_b|^2`` between the DDPM step laws of two predictions at the same
+    state: ``coef^2 / (2 var)`` (the last, noise-free step's var taken as its beta, as
+    ``step_from_eps`` does). Weighting a regression of eps by it makes the loss the path KL."""
+    beta = 1.0 - abar_t / abar_s
+    var = (1.0 - abar_s) / (1.0 - abar_t) * beta
+    return ddpm_mean_eps_coef(abar_t, abar_s) ** 2 / (2.0 * (var if var > 0 else beta))
+
+
 def ddim_step(eps: torch.Tensor, x: torch.Tensor, abar_t: float, abar_s: float, eta: float,
               clip_x0: float | None = None) -> tuple[torch.Tensor, float]:
     """DDIM step with stochasticity ``eta`` (0: deterministic, 1: same law as DDPM)."""

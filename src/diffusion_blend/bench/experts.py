@@ -16,7 +16,7 @@ from diffusion_blend.io import read_json
 from diffusion_blend.sampling import sample
 from diffusion_blend.seeding import seed_range
 
-SKIP = ("amortised_",)   # the distilled blend is not a fine-tune of one objective
+SKIP = ("amortised_", "conditioned_")   # one network for every preference: no one objective
 
 
 def shipped(weights_dir: Path) -> list[str]:

@@ -454,13 +454,16 @@ class DigitsDomain:
         return self._one_network_at(CONDITIONED, pref)
 
     def _one_network_at(self, name: str, pref: Preference) -> Denoiser | None:
+        """The preference-conditioned network ``name`` at ``pref``; its last step stays the
+        pretrained map, as the experts' (a last step is noise-free: any change there costs a
+        large KL, and the blend's last step is the base's)."""
         path = self.experts_dir / f"{name}.safetensors"
         if tuple(self.names) != PAIR or not path.exists():
             return None
         if name not in self._one_network:
             self._one_network[name] = load_amortised(self.weights_dir, pref, path, True)
         self._one_network[name].preference = pref
-        return self._one_network[name]
+        return FrozenLastStep(self._one_network[name], self.base)
 
     def target(self, pref: Preference) -> None:
         return None

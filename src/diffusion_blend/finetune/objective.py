@@ -22,7 +22,7 @@ from diffusion_blend.sampling import (
     Step,
     chain_noise,
     chain_steps,
-    ddpm_mean_eps_coef,
+    ddpm_kl_weight,
     run_steps,
     step_from_eps,
 )
@@ -85,9 +85,8 @@ def kl_step(policy_eps: torch.Tensor, ref_eps: torch.Tensor, x: torch.Tensor, ab
     The two means differ by ``coef * (eps_policy - eps_ref)`` (the step is affine in eps).
     """
     out = step_from_eps(policy_eps, x, abar_t, abar_s, noise)
-    coef = ddpm_mean_eps_coef(abar_t, abar_s)
     diff = (policy_eps - ref_eps).flatten(1)
-    return out, diff.pow(2).sum(1) * (coef**2 / (2.0 * out.kl_var))
+    return out, diff.pow(2).sum(1) * ddpm_kl_weight(abar_t, abar_s)
 
 
 @torch.no_grad()
