@@ -67,16 +67,14 @@ def per_row_blend(base: Denoiser, experts: Sequence[Denoiser], x: torch.Tensor,
     return out
 
 
-class AmortisedDenoiser(nn.Module):
-    """``denoiser(x, t, **cond)`` of the amortised network at a preference (1 NFE per step)."""
+class OneNetwork(nn.Module):
+    """What both one-network forms share: the preference, refused outside the training range
+    unless extrapolation is allowed, and one network evaluation per call."""
 
-    def __init__(self, network: nn.Module, embedding: PrefEmbedding, module: nn.Module,
-                 preference: Preference, lam_max: float = float("inf"),
-                 allow_extrapolation: bool = False):
+    def __init__(self, embedding: PrefEmbedding, preference: Preference, lam_max: float,
+                 allow_extrapolation: bool):
         super().__init__()
-        self.network, self.embedding = network, embedding
-        self._handle = embedding.attach(module)
-        self.lam_max, self.allow = lam_max, allow_extrapolation
+        self.embedding, self.lam_max, self.allow = embedding, lam_max, allow_extrapolation
         self.preference = preference
 
     @property
@@ -91,10 +89,19 @@ class AmortisedDenoiser(nn.Module):
     def nfe(self) -> float:
         return 1.0
 
+
+class AmortisedDenoiser(OneNetwork):
+    """``denoiser(x, t, **cond)`` of the amortised network at a preference (1 NFE per step)."""
+
+    def __init__(self, network: nn.Module, embedding: PrefEmbedding, module: nn.Module,
+                 preference: Preference, lam_max: float = float("inf"),
+                 allow_extrapolation: bool = False):
+        super().__init__(embedding, preference, lam_max, allow_extrapolation)
+        self.network = network
+        self._handle = embedding.attach(module)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        w = torch.tensor(self.preference.w, dtype=torch.float32).expand(x.shape[0], -1)
-        lam = torch.full((x.shape[0],), float(self.preference.lam))
-        self.embedding.current = coefficients(w, lam).to(x.device)
+        self.embedding.current = pref_features(self.preference).to(x.device)
         try:
             return self.network(x, t, **cond)
         finally:
@@ -143,32 +150,18 @@ def pref_features(pref: Preference) -> torch.Tensor:
     return coefficients(w, torch.tensor([float(pref.lam)]))
 
 
-class AmortisedModel(nn.Module):
+class AmortisedModel(OneNetwork):
     """A pipeline's denoiser (``pipe.unet`` / ``pipe.transformer``) with the amortised adapter
     active and the preference added to its time embedding: its own forward, whatever it
     predicts (eps, v or flow), at one network evaluation per call."""
 
     def __init__(self, model: nn.Module, adapter: str, embedding: PrefEmbedding,
                  preference: Preference, lam_max: float, allow_extrapolation: bool = False):
-        super().__init__()
-        self.model, self.adapter, self.embedding = [model], adapter, embedding
-        self.lam_max, self.allow = lam_max, allow_extrapolation
-        self.preference = preference
-
-    @property
-    def preference(self) -> Preference:
-        return self._preference
-
-    @preference.setter
-    def preference(self, pref: Preference) -> None:
-        self._preference = in_range(pref, self.embedding.k, self.lam_max, self.allow)
-
-    @property
-    def nfe(self) -> float:
-        return 1.0
+        super().__init__(embedding, preference, lam_max, allow_extrapolation)
+        self.model, self.adapter = [model], adapter    # a list: not a submodule
 
     def forward(self, *args, **kwargs):
-        model = self.model[0]            # a list: the wrapped network is not a submodule
+        model = self.model[0]
         self.embedding.current = pref_features(self.preference).to(
             next(model.parameters()).device)
         try:
