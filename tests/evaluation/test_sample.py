@@ -17,7 +17,7 @@ def domain():
     return Toy2dDomain("bimodal", STEPS)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "amortised"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("amortised", "conditioned-rl")])
 def test_every_method_samples_and_reports_against_the_target(domain, method):
     summary, x0 = run_sample(domain, SampleConfig(method, (0.3, 0.7), 0.8, n=8),
                              MethodConfig(smc_particles=4))
@@ -30,10 +30,11 @@ def test_every_method_samples_and_reports_against_the_target(domain, method):
         assert summary["nfe_per_sample"] == per_step[method] * STEPS
 
 
-def test_a_method_the_domain_lacks_is_refused(domain):
-    assert run_method("amortised", domain, SampleConfig().preference(2), [0, 1]) is None
+@pytest.mark.parametrize("method", ["amortised", "conditioned-rl"])
+def test_a_method_the_domain_lacks_is_refused(domain, method):
+    assert run_method(method, domain, SampleConfig().preference(2), [0, 1]) is None
     with pytest.raises(UsageError, match="not available on toy2d"):
-        run_sample(domain, SampleConfig("amortised", n=2))
+        run_sample(domain, SampleConfig(method, n=2))
     with pytest.raises(UsageError, match="--method 'blend' is not known"):
         SampleConfig("blend")
 
