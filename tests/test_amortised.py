@@ -97,21 +97,3 @@ def test_a_preference_outside_the_training_range_is_refused():
     AmortisedDenoiser(net, PrefEmbedding(2, 16), net.time_embedding,
                       Preference((0.2, 0.5)), lam_max=2.0, allow_extrapolation=True)
 
-
-def test_the_kl_loss_weighs_each_step_by_its_kl_per_squared_error():
-    """Weighted by ``step_weights(..., "kl")`` the squared eps error of a state is the KL
-    between the two DDPM step laws there (closed form); the frozen last step weighs nothing."""
-    from diffusion_blend.domains import digits
-    from diffusion_blend.finetune.distill_digits import step_weights
-    from diffusion_blend.sampling import gaussian_kl, step_from_eps
-
-    steps = digits.BaseConfig().schedule().transitions(10)
-    x, ea, eb = (torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(i))
-                 for i in range(3))
-    for (_, a, s), w in zip(steps, step_weights(steps, "kl", 1), strict=True):
-        if s == 1.0:
-            assert w == 0.0
-            continue
-        la, lb = step_from_eps(ea, x, a, s, None), step_from_eps(eb, x, a, s, None)
-        kl = gaussian_kl(la.mean, lb.mean, la.kl_var)
-        assert torch.allclose(kl, w * (ea - eb).pow(2).flatten(1).sum(1), rtol=1e-4)

@@ -32,10 +32,9 @@ from diffusion_blend.finetune.objective import iteration_seeds
 from diffusion_blend.finetune.run import load_checkpoint, save_checkpoint
 from diffusion_blend.io import prepare_out_dir, save_weights
 from diffusion_blend.lr import warmup_lr
-from diffusion_blend.sampling import ddpm_kl_weight, sample
+from diffusion_blend.sampling import sample
 
 ADAPTER, NAME = AMORTISED_ADAPTER, AMORTISED
-SHAPE_SIZE = 64   # 1 x 8 x 8: ``mse`` is the mean over pixels, as the recipe before
 
 
 @dataclass
@@ -47,7 +46,6 @@ class DistillConfig:
     lr: float = 3e-3
     lr_schedule: str = "cosine"   # a half cosine to zero at the last iteration (or "constant")
     lam_max: float = 2.0          # lam drawn uniformly on [0, lam_max]
-    loss: str = "kl"              # "kl": the path KL to the blend's steps; "mse": plain eps MSE
     lora_rank: int = 8
     hidden: int = 64
     steps: int = 10
@@ -62,8 +60,6 @@ class DistillConfig:
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.lam_max)
                 and self.lam_max > 0):
             raise UsageError(f"lr={self.lr}, lam_max={self.lam_max}: both must be finite, > 0")
-        if self.loss not in ("kl", "mse"):
-            raise UsageError(f"loss {self.loss!r} is not known; use kl or mse")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"lr_schedule {self.lr_schedule!r} is not known; use constant or "
                              "cosine")
@@ -92,17 +88,6 @@ def _setup(weights_dir: Path, cfg: DistillConfig):
     return model, base_meta, experts, emb
 
 
-def step_weights(steps: list, loss: str, b: int) -> torch.Tensor:
-    """Per-state weights of the squared eps error: ``kl`` weighs each step by its KL per unit
-    of squared error, so the loss is the path KL between the student's and the blend's step
-    laws (the frozen last step, where the base runs, weighs nothing); ``mse`` is uniform."""
-    if loss == "mse":
-        w = [1.0 / SHAPE_SIZE] * len(steps)
-    else:
-        w = [0.0 if s == 1.0 else ddpm_kl_weight(a, s) for _, a, s in steps]
-    return torch.tensor(w, dtype=torch.float32).repeat_interleave(b)
-
-
 def _iteration(model, experts, emb, opt, cfg: DistillConfig, it: int) -> float:
     seeds = iteration_seeds(cfg.seed, it, cfg.batch_size)
     y = classes_for(seeds)
@@ -119,8 +104,7 @@ def _iteration(model, experts, emb, opt, cfg: DistillConfig, it: int) -> float:
         pred = AdapterView(model, ADAPTER)(x, t, y=y.repeat(len(steps)))
     finally:
         emb.current = None
-    loss = ((pred - torch.cat(teacher.outputs)).pow(2).flatten(1).sum(1)
-            * step_weights(steps, cfg.loss, len(seeds))).mean()
+    loss = (pred - torch.cat(teacher.outputs)).pow(2).mean()
     for group in opt.param_groups:
         group["lr"] = warmup_lr(cfg.lr, it, 0, cfg.iterations, cfg.lr_schedule == "cosine")
     opt.zero_grad()
