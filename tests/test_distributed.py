@@ -135,3 +135,37 @@ def test_a_two_process_sample_gathers_the_one_process_samples(tmp_path, method):
     assert torch.equal(torch.load(result, weights_only=True)["x0"], x0)
     assert json.loads(result.with_suffix(".json").read_text()) == json.loads(json.dumps(summary))
     assert summary.get("runs", n) == n
+
+
+def _distill(rank_dir, tok):
+    from diffusion_blend.finetune.distill_sd import SdDistillConfig, distill
+    from tests.finetune.test_distill_sd import PROMPTS, make_pipe
+
+    cfg = SdDistillConfig(iterations=2, batch_size=2, steps=2, guidance=3.0, lr=1e-2,
+                          checkpoint_every=1, height=16, width=16)
+    return distill(make_pipe("sd-eps", tok), ["a", "b"], PROMPTS, rank_dir, cfg, progress=False)
+
+
+def _distill_worker(rank, world, port, out, tok):
+    _join(rank, world, port)
+    _distill(out, tok / str(rank))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_two_process_distillation_ends_near_the_one_process_weights(tmp_path):
+    """Each process blends its share of the prompts; the averaged gradient is the whole
+    batch's, so the weights agree up to float summation order (and the pipeline's batch)."""
+    from safetensors.torch import load_file
+
+    from diffusion_blend.amortised import AMORTISED_FILE
+
+    _distill(tmp_path / "one", tmp_path / "tok")
+    mp.spawn(_distill_worker, args=(2, _free_port(), tmp_path / "two", tmp_path / "tok2"),
+             nprocs=2)
+    one, two = (load_file(tmp_path / d / AMORTISED_FILE) for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    moved = [k for k in one if "lora_B" in k and float(one[k].abs().max()) > 0]
+    assert moved                                   # the test can fail: the weights moved
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-3), k
