@@ -117,3 +117,19 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path):
             run_sweep(SweepConfig(**(CFG | bad)), tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
     assert w_points("0,1", 3)[0] == (1.0, 0.0, 0.0)
+
+
+def test_paired_differences_against_db_mpa_on_the_same_seeds(swept):
+    summary = write_report(swept)
+    rows = _rows(swept)
+    diff, matched = summary["paired_r_w_diff"], summary["paired_r_w_diff_matched_kl"]
+    assert "db-mpa" not in diff and set(diff["soup"]) == {"0", "0.5", "1"}
+    assert diff["soup"]["1"] == [0.0, 0.0]        # at a vertex the soup is the expert exactly
+    # the mean of the paired differences is the difference of the means ...
+    soup, mpa = rows["main|soup|w=0.5,0.5|lam=1"], rows["main|db-mpa|w=0.5,0.5|lam=1"]
+    assert diff["soup"]["0.5"][0] == pytest.approx(soup["r_w"] - mpa["r_w"])
+    # ... and pairing removes the seeds' shared noise: far tighter than the two intervals
+    assert diff["soup"]["0.5"][1] < 0.5 * (soup["r_w_ci95"] ** 2
+                                                 + mpa["r_w_ci95"] ** 2) ** 0.5
+    assert set(matched) >= {"soup", "morl"} and set(matched["morl"]) == {"0.5"}
+    assert "r_w minus DB-MPA's on the same seeds" in (swept / "report.md").read_text()

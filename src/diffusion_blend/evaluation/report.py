@@ -12,9 +12,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.hypervolume import hypervolume
-from diffusion_blend.evaluation.sweep import SweepConfig, sample_path
+from diffusion_blend.evaluation.metrics import mean_and_stderr
+from diffusion_blend.evaluation.sweep import SweepConfig, rewards_path, sample_path
 from diffusion_blend.io import read_json, save_figure, write_json, write_text
 
 if TYPE_CHECKING:
@@ -107,6 +110,41 @@ def summarise(cfg: SweepConfig, rows: list[dict], ref: list[float] | None = None
     return out
 
 
+def per_seed_r_w(out: Path, row: dict) -> torch.Tensor | None:
+    """Row ``row``'s ``r_w`` on each seed (None for a sweep made before they were kept)."""
+    from safetensors.torch import load_file
+
+    path = rewards_path(out, row["key"])
+    if not path.is_file():
+        return None
+    return load_file(path)["rewards"] @ torch.tensor(row["w"], dtype=torch.float64)
+
+
+def paired_r_w_diff(out: Path, rows: list[dict], matched: bool = False) -> dict:
+    """Each method's ``r_w`` minus DB-MPA's on the same seeds, per w: ``{METHOD: {W1: [mean,
+    ci95]}}``. ``matched``: at matched path KL, DB-MPA's and the soup's (and RGG's) matched rows
+    against DB-MPA's, and MORL (the KL they were matched to) against DB-MPA's matched row."""
+    ref_tag = "matched" if matched else "main"
+    res: dict[str, dict[str, list[float]]] = {}
+    for ref in [r for r in select(rows, ref_tag, "db-mpa") if r.get("available")]:
+        base = per_seed_r_w(out, ref)
+        for r in _paired_rows(rows, ref["w"], matched) if base is not None else ():
+            d = per_seed_r_w(out, r)
+            if d is not None:
+                (mean,), (se,) = mean_and_stderr((d - base)[:, None])
+                res.setdefault(r["method"], {})[f"{ref['w'][0]:g}"] = [mean, 1.96 * se]
+    return res
+
+
+def _paired_rows(rows: list[dict], w: list[float], matched: bool) -> list[dict]:
+    def wanted(r: dict) -> bool:
+        if matched:
+            return r["tag"] == "matched" or (r["tag"] == "main" and r["method"] == "morl")
+        return r["tag"] == "main"
+    return [r for r in rows if r["w"] == w and r.get("available") and r["method"] != "db-mpa"
+            and wanted(r)]
+
+
 def _vertices(rows: list[dict], method: str) -> list[dict]:
     return [r for r in select(rows, "main", method) if max(r["w"]) == 1.0]
 
@@ -141,6 +179,8 @@ def write_report(out: str | Path, ref: list[float] | None = None) -> dict:
     out = Path(out)
     cfg, rows = load_sweep(out)
     summary = summarise(cfg, rows, ref)
+    summary["paired_r_w_diff"] = paired_r_w_diff(out, rows)
+    summary["paired_r_w_diff_matched_kl"] = paired_r_w_diff(out, rows, matched=True)
     names = _reward_names(cfg, rows)
     if len(summary["reference_point"]) == 2:
         save_figure(pareto_figure(rows, names, summary["reference_point"]), out / "pareto.png")
@@ -316,7 +356,7 @@ def report_md(cfg: SweepConfig, rows: list[dict], summary: dict, names: list[str
         lines.append(f"| {m} | {hv[m]:.4f} | {'-' if r is None else f'{r:.3f}'} | "
                      f"{'-' if mhv is None else f'{mhv:.4f}'} | "
                      f"{'-' if mr is None else f'{mr:.3f}'} |")
-    lines += ["", _soup_note(summary), ""]
+    lines += ["", _soup_note(summary), "", *paired_table(summary)]
     if "distance_to_target" in summary:
         lines += ["## Distance to the exact target (toy2d, mean over the w grid)", "",
                   "| method | reward error | energy distance |", "|---|---|---|"]
@@ -335,3 +375,30 @@ def _soup_note(summary: dict) -> str:
     return (f"**The soup and DB-MPA coincide within the CIs** at w[0] = {', '.join(same)}: "
             "the experts' shifts are small enough to act linearly there, so this sweep "
             "cannot separate the two methods at those w.")
+
+
+def paired_table(summary: dict) -> list[str]:
+    """The paired differences of ``r_w`` against DB-MPA (same seeds), with what separates."""
+    lines = []
+    for key, title in (("paired_r_w_diff", "at lam = 1"),
+                       ("paired_r_w_diff_matched_kl", "at matched path KL")):
+        diffs = summary.get(key) or {}
+        if not diffs:
+            continue
+        ws = sorted({w for d in diffs.values() for w in d}, key=float)
+        lines += [f"## r_w minus DB-MPA's on the same seeds, {title}", "",
+                  "Mean paired difference ± its 95% CI; **bold**: the interval excludes 0 (the "
+                  "methods separate there).", "", "| method | " + " | ".join(
+                      f"w[0] = {w}" for w in ws) + " |", "|---" * (len(ws) + 1) + "|"]
+        for m, d in diffs.items():
+            cells = [_paired_cell(d.get(w)) for w in ws]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _paired_cell(v: list[float] | None) -> str:
+    if v is None:
+        return "-"
+    text = f"{v[0]:+.3f} ± {v[1]:.3f}"
+    return f"**{text}**" if abs(v[0]) > v[1] else text

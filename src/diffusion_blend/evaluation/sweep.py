@@ -217,6 +217,7 @@ def measure_row(spec: RowSpec, domain: Domain, cfg: SweepConfig, seeds: list[int
         r = domain.rewards(res.x0, **domain.cond(seeds)).double()
     row |= {"available": True, **_stats("rewards", r), **_stats("r_w", r @ torch.tensor(spec.w,
                                                                    dtype=torch.float64))}
+    _save_rewards(out, spec, r)
     if res.chain is not None:
         row |= _stats("path_kl", path_kl(domain, res.chain, seeds).double())
     row["cost"] = {"nfe_per_sample": res.nfe_per_sample, "seconds": res.seconds,
@@ -257,6 +258,20 @@ def sample_path(out: Path, key: str) -> Path:
     """Where the first ``n_show`` samples of row ``key`` are kept (for image grids)."""
     return out / "samples" / (key.replace("|", "_").replace("=", "").replace(",", "-")
                               + ".safetensors")
+
+
+def rewards_path(out: Path, key: str) -> Path:
+    """Where row ``key``'s per-seed rewards ``[seeds, K]`` are kept (for paired comparisons:
+    every row runs the same seeds)."""
+    return out / "per_seed" / sample_path(out, key).name
+
+
+def _save_rewards(out: Path, spec: RowSpec, r: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    (out / "per_seed").mkdir(exist_ok=True)
+    atomic_write(rewards_path(out, spec.key),
+                 lambda p: save_file({"rewards": r.detach().double().contiguous()}, str(p)))
 
 
 def _save_samples(out: Path, spec: RowSpec, x0: torch.Tensor) -> None:
