@@ -133,3 +133,17 @@ def test_paired_differences_against_db_mpa_on_the_same_seeds(swept):
                                                  + mpa["r_w_ci95"] ** 2) ** 0.5
     assert set(matched) >= {"soup", "morl"} and set(matched["morl"]) == {"0.5"}
     assert "r_w minus DB-MPA's on the same seeds" in (swept / "report.md").read_text()
+
+
+
+def test_every_method_is_measured_against_the_target_smc_estimates(swept):
+    """SMC's runs estimate the exact target's mean rewards (its closed-form check is in
+    test_smc); the sweep measures every method against that estimate, so image domains get
+    the toy2d distance's analogue. The pretrained model is the farthest; the blend is near."""
+    rows = _rows(swept)
+    smc = rows["main|smc|w=0.5,0.5|lam=1"]
+    assert len(smc["target_estimate"]) == 2 and all(c > 0 for c in smc["target_estimate_ci95"])
+    d = write_report(swept)["distance_to_smc_target"]
+    assert d["db-mpa"] < d["pretrained"] and d["morl"] < d["pretrained"]
+    assert d["db-mpa"] < 0.5 * d["pretrained"]
+    assert "as SMC estimates it" in (swept / "report.md").read_text()

@@ -218,6 +218,8 @@ def measure_row(spec: RowSpec, domain: Domain, cfg: SweepConfig, seeds: list[int
     row |= {"available": True, **_stats("rewards", r), **_stats("r_w", r @ torch.tensor(spec.w,
                                                                    dtype=torch.float64))}
     _save_rewards(out, spec, r)
+    if res.estimates is not None:    # SMC: its runs' weighted means estimate the exact target's
+        row |= _stats("target_estimate", res.estimates.double())
     if res.chain is not None:
         row |= _stats("path_kl", path_kl(domain, res.chain, seeds).double())
     row["cost"] = {"nfe_per_sample": res.nfe_per_sample, "seconds": res.seconds,
