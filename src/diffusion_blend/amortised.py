@@ -7,7 +7,8 @@ hook on the time-embedding module). It is trained by regressing its prediction o
 blended prediction ``c_pre eps_pre + sum_i c_i eps_i`` at states visited by blended
 trajectories, for preferences drawn over the simplex and a range of ``lam``. Both the LoRA's
 ``B`` and the MLP's last layer start at zero, so training starts from the pretrained model.
-For sampling, the LoRA is merged into a plain copy of the network: one model's cost per step.
+For sampling on digits, the LoRA is merged into a plain copy of the network; in a pipeline
+(``AmortisedModel``) it runs as the active adapter: one model's cost per step either way.
 """
 
 from __future__ import annotations
@@ -186,10 +187,15 @@ def amortised_state(model: nn.Module, embedding: PrefEmbedding) -> dict[str, tor
 
 def attach_amortised(model: nn.Module, directory: str | Path) -> tuple[PrefEmbedding, dict]:
     """Load ``DIRECTORY/amortised.safetensors`` onto ``model`` (a pipeline's denoiser): the
-    adapter, and the embedding hooked on its time embedding; refused on another base."""
-    state, meta = _load(Path(directory) / AMORTISED_FILE)
+    adapter, and the embedding hooked on its time embedding; refused on another base. Loaded
+    once per model: attaching the same directory again returns what is there."""
+    attached = getattr(model, "_dblend_amortised", None)
+    if attached is not None and attached[0] == str(directory):
+        return attached[1]
     if AMORTISED_ADAPTER in adapter_names(model):
-        raise UsageError(f"{type(model).__name__} already holds an amortised adapter")
+        raise UsageError(f"{type(model).__name__} already holds an amortised adapter "
+                         f"(not from {directory})")
+    state, meta = _load(Path(directory) / AMORTISED_FILE)
     if meta.get("base_sha256") != base_sha256(model):
         raise UsageError(f"{directory}: the amortised adapter was distilled on another base "
                          f"({meta.get('model')}); distil it for this model with `{RECIPE}`")
@@ -200,6 +206,7 @@ def attach_amortised(model: nn.Module, directory: str | Path) -> tuple[PrefEmbed
     emb.load_state_dict(_part(state, "pref."))
     emb.to(next(model.parameters()).device).requires_grad_(False).attach(module)
     model.requires_grad_(False)
+    model._dblend_amortised = (str(directory), (emb, meta))
     return emb, meta
 
 

@@ -407,9 +407,7 @@ def amortise_pipeline(pipe, directory: str | Path, preference: Preference,
     calls; ``unblend_pipeline`` restores the pipeline (the adapter stays loaded, inactive)."""
     unblend_pipeline(pipe)
     model = getattr(pipe, denoiser_attr(pipe))
-    if AMORTISED_ADAPTER not in adapter_names(model):
-        model._dblend_amortised = attach_amortised(model, directory)
-    emb, meta = model._dblend_amortised
+    emb, meta = attach_amortised(model, directory)
     amortised = AmortisedModel(model, AMORTISED_ADAPTER, emb, preference,
                                meta["config"]["lam_max"], allow_extrapolation)
     _install(pipe, model, amortised)

@@ -93,6 +93,15 @@ def log_mean_exp(log_z: torch.Tensor) -> float:
     return float(torch.logsumexp(log_z, 0) - math.log(len(log_z)))
 
 
+def log_z_stderr(log_z: torch.Tensor) -> float:
+    """Standard error of ``log_mean_exp(log_z)`` over independent runs (delta method on the
+    runs' unbiased ``Z`` estimates; 0 with one run)."""
+    if len(log_z) < 2:
+        return 0.0
+    z = (log_z - log_z.max()).exp()
+    return float(z.std() / z.mean() / math.sqrt(len(z)))
+
+
 def _reweight(logw: torch.Tensor, logz: torch.Tensor, inc: torch.Tensor):
     """Multiply the weights by ``exp(inc)``; accumulate ``log sum_i W_i exp(inc_i)``."""
     new = logw + inc

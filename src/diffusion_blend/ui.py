@@ -69,7 +69,22 @@ def whole(name: str, v: Any) -> int:
     return int(v)
 
 
-class DigitsSession:
+class Session:
+    """What a session serves: ``sample`` (the samples and their rewards: what a slider move
+    waits for), ``place`` (their point on the fronts, where the session has any), and
+    ``render``, both at once (what clients call)."""
+
+    fronts: dict = {}
+
+    def render(self, method: str, w: list[float], lam: float, allow: bool, cond: Any,
+               seed: float) -> Render:
+        return self.place(self.sample(method, w, lam, allow, cond, seed))
+
+    def place(self, shown: Render) -> Render:
+        return shown
+
+
+class DigitsSession(Session):
     """The shipped digits base and experts, loaded once; renders like ``dblend sample digits``
     (the same dispatcher, so the numbers shown equal the command's for the same seed)."""
 
@@ -110,11 +125,6 @@ class DigitsSession:
         out["pretrained"] = [(0.0, self._mean("pretrained", Preference((0.5, 0.5))))]
         return out
 
-    def render(self, method: str, w: list[float], lam: float, allow: bool, cls: Any,
-               seed: float) -> Render:
-        """The samples, then their point on the fronts (``sample`` then ``place``)."""
-        return self.place(self.sample(method, w, lam, allow, cls, seed))
-
     def sample(self, method: str, w: list[float], lam: float, allow: bool, cls: Any,
                seed: float) -> Render:
         """The samples of ``seed ...`` and their rewards (no point, no plot: the fast part a
@@ -132,7 +142,7 @@ class DigitsSession:
         summary |= {"class": cls, "point": None, "point_seeds": self.n_point,
                     "seconds": time.perf_counter() - start}
         image = image_row(1 - (x0.clamp(-1, 1) + 1) / 2, 16)       # ink dark, 128 px a digit
-        return Render(image, readout(self.experts, summary), None, summary)
+        return Render(image, readout(summary), None, summary)
 
     def place(self, shown: Render) -> Render:
         """``shown`` with its point on the fixed seeds of the fronts, and the plot."""
@@ -141,11 +151,11 @@ class DigitsSession:
         s = shown.summary
         point = self._mean(s["method"], Preference(tuple(s["w"]), s["lam"], True))
         summary = s | {"point": point}
-        return Render(shown.image, readout(self.experts, summary),
+        return Render(shown.image, readout(summary),
                       pareto_figure(self.fronts, self.experts, point, s["method"]), summary)
 
 
-class SdSession:
+class SdSession(Session):
     """A local diffusers pipeline with LoRA experts, loaded once; renders like ``dblend sample
     sd`` (the same dispatcher); the preference and the prompt change per request."""
 
@@ -159,9 +169,9 @@ class SdSession:
         self.experts = [str(e) for e in experts]
         self.domain = SdDomain(model, self.experts, ["a photo of an apple"], steps=steps,
                                guidance=guidance, amortised=amortised)
-        self.mcfg, self.fronts = MethodConfig(smc_particles=4), {}
+        self.mcfg = MethodConfig(smc_particles=4)
 
-    def render(self, method: str, w: list[float], lam: float, allow: bool, prompt: Any,
+    def sample(self, method: str, w: list[float], lam: float, allow: bool, prompt: Any,
                seed: float) -> Render:
         from diffusion_blend.evaluation.sample import SampleConfig, run_sample
         from diffusion_blend.io import image_row
@@ -174,17 +184,10 @@ class SdSession:
         summary, x0 = run_sample(self.domain, SampleConfig(method, pref.w, pref.lam, allow,
                                                            self.n_show, seed), self.mcfg)
         summary |= {"prompt": prompt, "seconds": time.perf_counter() - start}
-        return Render(image_row(self.domain.images(x0)), readout(self.experts, summary), None,
+        return Render(image_row(self.domain.images(x0)), readout(summary), None,
                       summary)
 
-    def sample(self, *args) -> Render:
-        return self.render(*args)
-
-    def place(self, shown: Render) -> Render:
-        return shown
-
-
-def readout(experts: list[str], summary: dict) -> str:
+def readout(summary: dict) -> str:
     """The rewards as a labelled table: the samples shown, and the fixed-seed point."""
     names = summary.get("reward_names") or []
     if not names:

@@ -25,7 +25,7 @@ from diffusion_blend.domains.base import Domain
 from diffusion_blend.errors import UsageError
 from diffusion_blend.sampling import SAMPLERS, sample
 from diffusion_blend.seeding import sample_uniforms
-from diffusion_blend.smc import collapsed, draw_one, log_mean_exp, smc_sample
+from diffusion_blend.smc import collapsed, draw_one, log_mean_exp, log_z_stderr, smc_sample
 
 log = logging.getLogger(__name__)
 METHODS = ("pretrained", "exact", "db-mpa", "db-mpa-ls", "db-kla", "soup", "code", "rgg", "morl",
@@ -195,13 +195,12 @@ def smc_diagnostics(runs: dict[str, torch.Tensor], particles: int) -> dict:
     """ESS, resampling and ``log Z`` over the runs (``Output.runs``), collapsed runs counted
     (fewer than 2 effective particles at the end)."""
     r, log_z, final = len(runs["log_z"]), runs["log_z"], runs["final_ess"]
-    z = (log_z - log_z.max()).exp()
     return {"particles": particles, "runs": r, "ess_min": float(runs["ess_min"].min()),
             "final_ess_min": float(final.min()),
             "ess_collapsed_runs": collapsed(final, particles),
             "resampling_count": float(runs["resamples"].mean()),
             "log_z_estimate": log_mean_exp(log_z),
-            "log_z_stderr": float(z.std() / z.mean() / r**0.5) if r > 1 else 0.0}
+            "log_z_stderr": log_z_stderr(log_z)}
 
 
 def path_kl(domain: Domain, chain: Denoiser, seeds: list[int]) -> torch.Tensor:

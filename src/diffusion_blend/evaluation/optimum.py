@@ -22,7 +22,7 @@ from diffusion_blend.domains.base import Domain
 from diffusion_blend.evaluation.metrics import mean_and_stderr
 from diffusion_blend.sampling import sample
 from diffusion_blend.seeding import seed_range
-from diffusion_blend.smc import smc_sample
+from diffusion_blend.smc import log_z_stderr, smc_sample
 
 Reward = Callable[..., torch.Tensor]
 
@@ -44,8 +44,7 @@ def log_z(domain: Domain, proposal: Denoiser, reward: Reward, alpha: float, runs
     res = smc_sample(proposal, domain.base, lambda x0, **c: reward(x0, **c).double() / alpha,
                      domain.schedule, runs, domain.shape, domain.steps, particles,
                      cond=domain.cond(runs), twist=False)
-    z = (res.log_z - res.log_z.max()).exp()
-    return res.log_z_estimate(), float(z.std() / z.mean() / math.sqrt(len(z)))
+    return res.log_z_estimate(), log_z_stderr(res.log_z)
 
 
 def gain_ratio(domain: Domain, model: Denoiser, reward: Reward, alpha: float, n: int = 512,

@@ -58,7 +58,7 @@ def run_sample(domain: Domain, cfg: SampleConfig, mcfg: MethodConfig | None = No
         raise UsageError(f"--n {cfg.n} is fewer than the {dist.world} processes; use --n >= "
                          f"{dist.world} or fewer processes")
     cond = domain.cond(seeds) if cond is None else cond
-    mine = torch.arange(cfg.n)[dist.rank::dist.world]
+    mine = torch.tensor(dist.shard(range(cfg.n)), dtype=torch.long)
     start = time.perf_counter()
     cond = {k: select_rows(v, mine, cfg.n) for k, v in cond.items()}   # this process's rows
     out = run_method(cfg.method, domain, pref, dist.shard(seeds), mcfg, cond,
