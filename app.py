@@ -1,5 +1,5 @@
 """A Hugging Face Space (Gradio SDK) or ``python app.py``: the live sliders of ``dblend ui`` on
-the shipped digits experts (the Space installs this repository with its ``ui`` extra)."""
+the shipped fashion experts (the Space installs this repository with its ``ui`` extra)."""
 
 from diffusion_blend.ui import build_app, make_session
 

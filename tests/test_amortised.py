@@ -62,21 +62,19 @@ def test_preferences_lie_on_the_simplex_and_in_the_lambda_range():
 def test_distill_recipe_resumes_to_the_same_weights_and_the_loader_accepts_it(tmp_path):
     from safetensors.torch import load_file
 
-    from diffusion_blend.domains import digits
-    from diffusion_blend.domains.digits import load_amortised
-    from diffusion_blend.finetune.distill_digits import NAME, DistillConfig, run_distill
+    from diffusion_blend.domains.digits import SPEC
+    from diffusion_blend.domains.images import amortised_name, load_amortised
+    from diffusion_blend.finetune.distill_images import DistillConfig, run_distill
 
-    cfg = dict(batch_size=4, checkpoint_every=1)
-    run_distill(digits.WEIGHTS_DIR, tmp_path / "a", DistillConfig(iterations=2, **cfg),
+    cfg, wd, NAME = dict(batch_size=4, checkpoint_every=1), SPEC.weights_dir, amortised_name(SPEC)
+    run_distill(SPEC, wd, tmp_path / "a", DistillConfig(iterations=2, **cfg), progress=False)
+    run_distill(SPEC, wd, tmp_path / "b", DistillConfig(iterations=1, **cfg), progress=False)
+    run_distill(SPEC, wd, tmp_path / "b", DistillConfig(iterations=2, **cfg), resume=True,
                 progress=False)
-    run_distill(digits.WEIGHTS_DIR, tmp_path / "b", DistillConfig(iterations=1, **cfg),
-                progress=False)
-    run_distill(digits.WEIGHTS_DIR, tmp_path / "b", DistillConfig(iterations=2, **cfg),
-                resume=True, progress=False)
     a = load_file(tmp_path / "a" / f"{NAME}.safetensors")
     b = load_file(tmp_path / "b" / f"{NAME}.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    den = load_amortised(path=tmp_path / "a" / f"{NAME}.safetensors")
+    den = load_amortised(SPEC, path=tmp_path / "a" / f"{NAME}.safetensors")
     x = den(torch.randn(2, 1, 8, 8), torch.full((2,), 10), y=torch.tensor([1, 2]))
     assert x.shape == (2, 1, 8, 8) and den.nfe == 1.0
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusion_blend.domains.digits import WEIGHTS_DIR
+from diffusion_blend.domains.digits import SPEC
 from diffusion_blend.io import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ def toy_run(root: Path) -> Path:
 
 def digits_weights_copy(root: Path) -> Path:
     dst = root / "weights"
-    shutil.copytree(WEIGHTS_DIR, dst, ignore=shutil.ignore_patterns("experts"))
+    shutil.copytree(SPEC.weights_dir, dst, ignore=shutil.ignore_patterns("experts"))
     return dst
 
 
@@ -346,7 +346,7 @@ def test_bad_input_is_one_line_exit_code_and_nothing_written(results, row):
 
 
 def test_sample_digits_is_quiet_and_draws_every_image(tmp_path):
-    from diffusion_blend.evaluation.digits_demo import grid_rows
+    from diffusion_blend.evaluation.images_demo import grid_rows
 
     r = dblend("sample", "digits", "--n", "12", "--out", str(tmp_path / "x.png"), "--json")
     assert r.returncode == 0 and r.stderr == ""          # no PEFT "peft_config" warning

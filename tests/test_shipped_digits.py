@@ -6,17 +6,17 @@ import torch
 
 from diffusion_blend.bench.amortised import W_GRID, paired_r_w, relative_error
 from diffusion_blend.blend import Preference
-from diffusion_blend.domains import digits
-from diffusion_blend.domains.digits import PAIR, DigitsDomain, normalised_rewards
-from diffusion_blend.evaluation.digits_demo import EXPERTS, cross_rewards
+from diffusion_blend.domains.digits import PAIR, SPEC, DigitsDomain
+from diffusion_blend.domains.images import load_classifier, normalised_rewards
+from diffusion_blend.evaluation.images_demo import cross_rewards
 from diffusion_blend.evaluation.methods import run_method
-from diffusion_blend.rewards.digits import DIGIT_REWARDS
 from diffusion_blend.sampling import sample
 
 pytestmark = pytest.mark.slow
 
 SEEDS = list(range(500, 620))
 CLASSES = torch.arange(10).repeat(12)   # seed s draws digit s % 10
+EXPERTS, DIGIT_REWARDS = tuple(SPEC.finetuned), SPEC.rewards
 AGREEMENT = 0.9  # the judge classifier must recognise the prompted digit this often
 
 
@@ -53,7 +53,7 @@ def test_the_domain_gives_each_seed_its_digit(dom):
 
 
 def test_base_generates_the_prompted_digit(samples):
-    judge = digits.load_classifier("judge")
+    judge = load_classifier(SPEC, "judge")
     with torch.no_grad():
         agree = (judge(samples["base"]).argmax(1) == CLASSES).float().mean()
     assert agree >= AGREEMENT
@@ -100,7 +100,7 @@ def test_two_reward_pairs_conflict(dom, samples):
 
     vals = {"pretrained": values(samples["base"])}
     vals |= {f"expert:{n}": values(samples[n]) for n in EXPERTS}
-    cross = cross_rewards(vals)
+    cross = cross_rewards(vals, DIGIT_REWARDS)
     pairs = {(c["expert"], c["lowers"]) for c in cross["conflicts"]}
     assert len(pairs) >= 2, cross["delta"]
     assert ("ink", "smooth") in pairs and ("smooth", "ink") in pairs  # a two-way trade-off

@@ -20,9 +20,9 @@ pytest.importorskip("gradio")     # the ui extra (in the test extra, so CI alway
 
 @pytest.fixture(scope="module")
 def session():
-    from diffusion_blend.ui import DigitsSession
+    from diffusion_blend.ui import ImageSession
 
-    return DigitsSession(["ink", "smooth"])
+    return ImageSession("digits", ["ink", "smooth"])
 
 
 def cli_sample(capsys, cls, w, lam, seed, method="db-mpa"):

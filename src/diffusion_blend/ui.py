@@ -3,9 +3,10 @@ diffusion-blend[ui]``; ``app.py`` serves the same app as a Hugging Face Space).
 
 One slider per expert weight, one for lambda (up to 2 behind the extrapolation toggle), a
 method switch (DB-MPA, amortised, soup, SMC) that re-renders the *same* seed, and the class
-(digits) or prompt (sd). Each render shows the samples drawn large, the rewards of those samples
-and, on fixed seeds shared with the fronts, the current point on the Pareto plot: DB-MPA's and
-the soup's fronts over ``w`` at lambda 1 with the MORL adapters' points, measured once at start.
+(fashion, digits) or prompt (sd). Each render shows the samples drawn large, the rewards of
+those samples and, on fixed seeds shared with the fronts, the current point on the Pareto plot:
+DB-MPA's and the soup's fronts over ``w`` at lambda 1 with the MORL adapters' points, measured
+once at start.
 Every input is checked on the server with the library's own checks (the CLI's messages, shown
 in the page; the server keeps running): the page's limits are not trusted.
 """
@@ -84,18 +85,19 @@ class Session:
         return shown
 
 
-class DigitsSession(Session):
-    """The shipped digits base and experts, loaded once; renders like ``dblend sample digits``
-    (the same dispatcher, so the numbers shown equal the command's for the same seed)."""
+class ImageSession(Session):
+    """An image domain's shipped base and experts (fashion, digits), loaded once; renders like
+    ``dblend sample DOMAIN`` (the same dispatcher, so the numbers shown equal the command's for
+    the same seed)."""
 
-    kind, n_show, n_point = "digits", 8, 32
+    kind, n_show, n_point = "image", 8, 32
 
-    def __init__(self, experts: list[str], smc_particles: int = 8):
-        from diffusion_blend.domains.digits import DigitsDomain
+    def __init__(self, domain: str, experts: list[str] | None = None, smc_particles: int = 8):
+        from diffusion_blend.domains import image_domain
         from diffusion_blend.evaluation.methods import MethodConfig
 
-        self.experts = list(experts)
-        self.domain = DigitsDomain(self.experts)
+        self.domain = image_domain(domain)(experts)
+        self.spec, self.experts = self.domain.spec, list(self.domain.names)
         self.mcfg = MethodConfig(smc_particles=smc_particles)
         self.fronts = self._fronts()
 
@@ -129,19 +131,18 @@ class DigitsSession(Session):
                seed: float) -> Render:
         """The samples of ``seed ...`` and their rewards (no point, no plot: the fast part a
         slider move waits for)."""
-        from diffusion_blend.domains.digits import check_class
         from diffusion_blend.evaluation.sample import SampleConfig, run_sample
         from diffusion_blend.io import image_row
 
         pref, seed = check_request(method, w, lam, allow, seed, self.n_show, len(self.experts))
-        cls = check_class(cls if isinstance(cls, str) else whole("class", cls))
+        cls = self.spec.check_class(cls if isinstance(cls, str) else whole("class", cls))
         start = time.perf_counter()
         cond = self.domain.cond(range(seed, seed + self.n_show), cls)
         summary, x0 = run_sample(self.domain, SampleConfig(method, pref.w, pref.lam, allow,
                                                            self.n_show, seed), self.mcfg, cond)
         summary |= {"class": cls, "point": None, "point_seeds": self.n_point,
                     "seconds": time.perf_counter() - start}
-        image = image_row(1 - (x0.clamp(-1, 1) + 1) / 2, 16)       # ink dark, 128 px a digit
+        image = image_row(1 - (x0.clamp(-1, 1) + 1) / 2, 128 // self.spec.size)  # 128 px each
         return Render(image, readout(summary), None, summary)
 
     def place(self, shown: Render) -> Render:
@@ -264,8 +265,11 @@ def build_app(session, allow_extrapolation: bool = False):
                 lam = gr.Slider(0, LAM_MAX if allow_extrapolation else 1, value=1, step=0.05,
                                 label="lambda (KL-strength modifier)", elem_id="lam")
                 method = gr.Radio(list(METHODS), value="db-mpa", label="method", elem_id="method")
-                cond = (gr.Slider(0, 9, value=3, step=1, label="digit class", elem_id="class")
-                        if session.kind == "digits" else
+                cond = (gr.Slider(0, len(session.spec.classes) - 1, value=3, step=1,
+                                  label="class: " + ", ".join(
+                                      f"{i} {c}" for i, c in enumerate(session.spec.classes)),
+                                  elem_id="class")
+                        if session.kind == "image" else
                         gr.Textbox("a photo of an apple", label="prompt", elem_id="prompt"))
                 seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="seed")
             with gr.Column(scale=2):
@@ -314,11 +318,9 @@ def _request(values: tuple) -> tuple:
 
 
 def make_session(experts: list[str] | None = None, sd_model: str | None = None,
-                 steps: int = 30, amortised: str | None = None):
-    """The digits session (the shipped pair by default) or an sd pipeline's (with its
+                 steps: int = 30, amortised: str | None = None, domain: str = "fashion"):
+    """An image domain's session (its shipped pair by default) or an sd pipeline's (with its
     distilled blend for the amortised method, where given)."""
     if sd_model:
         return SdSession(sd_model, experts or [], steps, amortised=amortised)
-    from diffusion_blend.domains.digits import PAIR
-
-    return DigitsSession(list(experts or PAIR))
+    return ImageSession(domain, experts)

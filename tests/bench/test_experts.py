@@ -3,14 +3,14 @@ import math
 import pytest
 
 from diffusion_blend.bench.experts import bench_experts, shipped
-from diffusion_blend.domains import digits
+from diffusion_blend.domains.digits import SPEC
 
 pytestmark = pytest.mark.slow
 
 
 def test_every_shipped_fine_tune_is_measured_against_the_optimum():
-    out = bench_experts(n=32, runs=4, particles=4)
-    names = shipped(digits.WEIGHTS_DIR)
+    out = bench_experts(n=32, runs=4, particles=4, domain_name="digits")
+    names = shipped(SPEC.weights_dir)
     assert set(out["experts"]) == set(names) and "ink" in names and "morl_ink_smooth_w050" in names
     for row in out["experts"].values():
         assert all(math.isfinite(row[k]) for k in ("gain_ratio", "gain_ratio_se", "log_z",

@@ -1,15 +1,19 @@
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
 from diffusion_blend.blend import BlendedDenoiser, Preference
 from diffusion_blend.domains import digits
-from diffusion_blend.domains.digits import DigitsDomain
+from diffusion_blend.domains.digits import SPEC, DigitsDomain
+from diffusion_blend.domains.images import BaseConfig, load_base
 from diffusion_blend.errors import UsageError
-from diffusion_blend.evaluation.digits import frechet_distance, run_train_base
-from diffusion_blend.finetune.digits import run_train_experts
+from diffusion_blend.evaluation.images import frechet_distance, run_train_base
+from diffusion_blend.finetune.images import run_train_experts
+
+TINY = replace(SPEC, classifier_config={"epochs": 1})   # the recipe, shortened
 
 
 def test_data_split_is_disjoint_and_scaled():
@@ -30,18 +34,17 @@ def test_frechet_distance_zero_for_same_set_positive_for_shift():
 def tiny_recipe(tmp_path_factory):
     """The real recipes, shortened: 3 base iterations, 1 classifier epoch, 1 expert step."""
     root = tmp_path_factory.mktemp("recipe")
-    cfg = digits.BaseConfig(iterations=3)
-    run_train_base(root / "w", cfg, progress=False, classifier_epochs=1, quality_per_class=2)
-    run_train_experts(root / "w", root / "w" / "experts", iterations=1, progress=False,
+    cfg = BaseConfig(iterations=3)
+    run_train_base(TINY, root / "w", cfg, progress=False, quality_per_class=2)
+    run_train_experts(SPEC, root / "w", root / "w" / "experts", iterations=1, progress=False,
                       only=["ink", "symmetry"], stop="plateau")
     return root
 
 
 @pytest.mark.slow
 def test_shortened_recipe_is_deterministic_and_loadable(tiny_recipe, tmp_path):
-    cfg = digits.BaseConfig(iterations=3)
-    run_train_base(tmp_path / "again", cfg, progress=False, classifier_epochs=1,
-                   quality_per_class=2)
+    cfg = BaseConfig(iterations=3)
+    run_train_base(TINY, tmp_path / "again", cfg, progress=False, quality_per_class=2)
     for name in ("base", "classifier", "judge"):
         a = json.loads((tiny_recipe / "w" / f"{name}.json").read_text())["sha256"]
         b = json.loads((tmp_path / "again" / f"{name}.json").read_text())["sha256"]
@@ -62,8 +65,8 @@ def test_shortened_recipe_is_deterministic_and_loadable(tiny_recipe, tmp_path):
 def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_recipe / "w", other)
-    run_train_base(other, digits.BaseConfig(iterations=2, seed=5), overwrite=True,
-                   progress=False, classifier_epochs=1, quality_per_class=1)
+    run_train_base(TINY, other, BaseConfig(iterations=2, seed=5), overwrite=True,
+                   progress=False, quality_per_class=1)
     shutil.copytree(tiny_recipe / "w" / "experts", other / "experts", dirs_exist_ok=True)
     with pytest.raises(UsageError, match="another base"):
         DigitsDomain(["ink"], weights_dir=other)
@@ -74,9 +77,10 @@ def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_pa
     p = broken / "base.safetensors"
     p.write_bytes(p.read_bytes()[:-4] + b"oops")
     with pytest.raises(UsageError, match="corrupt.*train-base"):
-        digits.load_base(broken)
+        load_base(SPEC, broken)
 
 
 def test_class_outside_range():
     with pytest.raises(UsageError, match="0-9"):
-        digits.check_class(10)
+        SPEC.check_class(10)
+    assert SPEC.check_class("7") == 7

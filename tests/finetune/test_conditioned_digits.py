@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffusion_blend.blend import Preference
-from diffusion_blend.domains import digits
-from diffusion_blend.domains.digits import CONDITIONED, PAIR, DigitsDomain
+from diffusion_blend.domains.digits import PAIR, SPEC, DigitsDomain
+from diffusion_blend.domains.images import conditioned_name, load_base
 from diffusion_blend.evaluation.methods import run_method
 from diffusion_blend.finetune.conditioned_digits import (
     make_task,
@@ -26,7 +26,7 @@ def test_each_trajectory_draws_its_preference_from_its_own_seed():
 
 
 def test_the_reward_is_lam_w_dot_r_per_trajectory():
-    model, _ = digits.load_base()
+    model, _ = load_base(SPEC)
     rewards = [lambda x0, y=None: x0.flatten(1).mean(1), lambda x0, y=None: -x0.flatten(1).std(1)]
     task, _ = make_task(model, rewards, preset("digits-pathwise"))
     x0 = torch.randn(3, 1, 8, 8)
@@ -41,11 +41,12 @@ def test_the_reward_is_lam_w_dot_r_per_trajectory():
 @pytest.mark.slow
 def test_a_trained_adapter_is_served_as_the_conditioned_rl_method(tmp_path):
     weights = tmp_path / "w"
-    shutil.copytree(digits.WEIGHTS_DIR, weights, ignore=shutil.ignore_patterns("conditioned_*"))
+    shutil.copytree(SPEC.weights_dir, weights, ignore=shutil.ignore_patterns("conditioned_*"))
     cfg = preset("digits-pathwise", iterations=2, batch_size=4, checkpoint_every=1,
                  eval_trajectories=8)
     meta = train_conditioned(weights, weights / "experts", cfg, progress=False)
-    assert meta["pair"] == list(PAIR) and (weights / "experts" / f"{CONDITIONED}.json").exists()
+    assert meta["pair"] == list(PAIR)
+    assert (weights / "experts" / f"{conditioned_name(SPEC)}.json").exists()
     domain = DigitsDomain(PAIR, weights_dir=weights)
     out = run_method("conditioned-rl", domain, Preference((0.3, 0.7)), [0, 1, 2])
     assert out.nfe_per_sample == 10 and out.x0.shape == (3, 1, 8, 8)   # one network a step

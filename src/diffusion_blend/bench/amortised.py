@@ -1,4 +1,4 @@
-"""``dblend bench amortised --domain digits``: how closely the distilled blend (one network
+"""``dblend bench amortised --domain fashion|digits``: how closely the distilled blend (one network
 evaluation per step) follows DB-MPA over the w grid at each lambda of its training range, and
 what an image costs next to the single model.
 
@@ -16,7 +16,8 @@ import torch
 
 from diffusion_blend.bench.digits import best_of, cost_of, plain_time
 from diffusion_blend.blend import Preference
-from diffusion_blend.domains.digits import PAIR, DigitsDomain
+from diffusion_blend.domains import image_domain
+from diffusion_blend.domains.images import ImageDomain
 from diffusion_blend.errors import UsageError
 from diffusion_blend.evaluation.methods import run_method
 from diffusion_blend.evaluation.metrics import mean_and_stderr
@@ -26,7 +27,7 @@ LAMS = (0.5, 1.0, 1.5)
 W_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def paired_r_w(domain: DigitsDomain, pref: Preference, seeds: list[int]) -> dict:
+def paired_r_w(domain: ImageDomain, pref: Preference, seeds: list[int]) -> dict:
     """Mean ``r_w`` of DB-MPA and of the amortised blend on ``seeds``, and their paired
     difference with its standard error."""
     w = torch.tensor(pref.w, dtype=torch.float64)
@@ -45,20 +46,21 @@ def relative_error(rows: list[dict]) -> float:
 
 
 def bench_amortised(n: int = 500, lams: Sequence[float] = LAMS, seed: int = 0,
-                    weights_dir: Path | None = None) -> dict:
+                    weights_dir: Path | None = None, domain_name: str = "digits") -> dict:
     """Per lambda, ``r_w`` of both methods over the w grid and the largest relative gap;
     the amortised blend's time per image over the plain network's (best of two)."""
-    domain = DigitsDomain(PAIR, weights_dir=weights_dir)
+    domain = image_domain(domain_name)(weights_dir=weights_dir)
     if domain.amortised(Preference((0.5, 0.5))) is None:
         raise UsageError(f"no amortised blend in {domain.experts_dir}; distil one with "
-                         "`dblend distill digits`")
+                         f"`{domain.spec.recipe('amortised')}`")
     seeds = seed_range(seed, n)
     rows = {f"{lam:g}": [paired_r_w(domain, Preference((w1, 1 - w1), lam, True), seeds)
                          for w1 in W_GRID] for lam in lams}
     time_seeds = list(range(200))
     amortised = best_of(lambda: cost_of(run_method("amortised", domain, Preference((0.5, 0.5)),
                                                time_seeds)))[0]
-    single = best_of(lambda: plain_time(domain.cond(time_seeds)["y"], time_seeds))[0]
-    return {"domain": "digits", "n": n, "w_grid": list(W_GRID), "rows": rows,
+    single = best_of(lambda: plain_time(domain.spec, domain.cond(time_seeds)["y"], time_seeds,
+                                        weights_dir))[0]
+    return {"domain": domain_name, "n": n, "w_grid": list(W_GRID), "rows": rows,
             "max_rel_error_by_lam": {lam: relative_error(r) for lam, r in rows.items()},
             "time_vs_single": amortised / single}

@@ -13,8 +13,8 @@ import time
 import torch
 
 from diffusion_blend.blend import Preference
-from diffusion_blend.domains import digits
-from diffusion_blend.domains.digits import DEFAULT_STEPS, PAIR, DigitsDomain, sample_digits
+from diffusion_blend.domains.digits import PAIR, SPEC, DigitsDomain
+from diffusion_blend.domains.images import ImageSpec, load_base, sample_images
 from diffusion_blend.evaluation.methods import run_method
 
 
@@ -24,11 +24,12 @@ def best_of(run, repeats: int = 2) -> tuple[float, float]:
     return min(s for s, _ in runs), runs[-1][1]
 
 
-def plain_time(classes: torch.Tensor, seeds: list[int]) -> tuple[float, float]:
+def plain_time(spec: ImageSpec, classes: torch.Tensor, seeds: list[int],
+               weights_dir=None) -> tuple[float, float]:
     """The network with no LoRA wrappers at all: the floor every method is compared with."""
-    net = digits.load_base()[0]
+    net = load_base(spec, weights_dir)[0]
     start = time.perf_counter()
-    _, nfe = sample_digits(net, classes, seeds, DEFAULT_STEPS)
+    _, nfe = sample_images(spec, net, classes, seeds)
     return time.perf_counter() - start, nfe
 
 
@@ -44,8 +45,8 @@ def bench_digits(n: int = 200) -> dict:
         del jobs["amortised-k2"]
     timings = {name: best_of(lambda d=d, m=m, w=w: cost_of(run_method(m, d, Preference(w), seeds)))
                for name, (d, m, w) in jobs.items()}
-    timings["base-plain"] = best_of(lambda: plain_time(k3.cond(seeds)["y"], seeds))
-    out = {"n": len(seeds), "steps": DEFAULT_STEPS,
+    timings["base-plain"] = best_of(lambda: plain_time(SPEC, k3.cond(seeds)["y"], seeds))
+    out = {"n": len(seeds), "steps": SPEC.steps,
            "images_per_second": {k: len(seeds) / s for k, (s, _) in timings.items()},
            "nfe_per_sample": {k: nfe for k, (_, nfe) in timings.items()}}
     base_ips = out["images_per_second"]["base"]
@@ -53,10 +54,10 @@ def bench_digits(n: int = 200) -> dict:
     if "amortised-k2" in jobs:   # the issue's target: at most 1.1x the single model
         ips = out["images_per_second"]
         out["amortised_time_vs_single_model"] = ips["base-plain"] / ips["amortised-k2"]
-    meta = json.loads((digits.WEIGHTS_DIR / "base.json").read_text())
+    meta = json.loads((SPEC.weights_dir / "base.json").read_text())
     out["recipe_seconds"] = {"train-base (diffusion model)": meta.get("train_seconds")}
     for name in ("ink", "symmetry", "crisp"):
-        m = json.loads((digits.WEIGHTS_DIR / "experts" / f"{name}.json").read_text())
+        m = json.loads((SPEC.weights_dir / "experts" / f"{name}.json").read_text())
         out["recipe_seconds"][f"train-experts ({name})"] = m.get("train_seconds")
     return out
 

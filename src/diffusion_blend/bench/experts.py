@@ -1,7 +1,7 @@
-"""``dblend bench experts --domain digits``: each shipped fine-tune against the best any model
-can reach, ``alpha * log Z`` estimated by SMC (``evaluation.optimum``): its gain ratio with
-standard errors, path KL and ``log Z``, and how often the held-out judge classifier still reads
-the prompted digit (a fine-tune that moves the base far may stop drawing the digit)."""
+"""``dblend bench experts --domain fashion|digits``: each shipped fine-tune against the best any
+model can reach, ``alpha * log Z`` estimated by SMC (``evaluation.optimum``): its gain ratio
+with standard errors, path KL and ``log Z``, and how often the held-out judge classifier still
+reads the prompted class (a fine-tune that moves the base far may stop drawing it)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from diffusion_blend.domains import digits
-from diffusion_blend.domains.digits import DigitsDomain
+from diffusion_blend.domains import image_domain
+from diffusion_blend.domains.images import ImageDomain, load_classifier
 from diffusion_blend.evaluation.optimum import gain_ratio
 from diffusion_blend.io import read_json
 from diffusion_blend.sampling import sample
@@ -26,23 +26,25 @@ def shipped(weights_dir: Path) -> list[str]:
 
 
 @torch.no_grad()
-def judge_agreement(domain: DigitsDomain, model, judge, seeds: list[int]) -> float:
-    """The share of ``model``'s digits the judge reads as the prompted class."""
+def judge_agreement(domain: ImageDomain, model, judge, seeds: list[int]) -> float:
+    """The share of ``model``'s images the judge reads as the prompted class."""
     cond = domain.cond(seeds)
     x0 = sample(model, domain.schedule, seeds, domain.shape, domain.steps, cond=cond).x0
     return float((judge(x0).argmax(1) == cond["y"]).float().mean())
 
 
 def bench_experts(n: int = 512, runs: int = 64, particles: int = 16, seed: int = 0,
-                  weights_dir: Path | None = None, steps: int | None = None) -> dict:
+                  weights_dir: Path | None = None, steps: int | None = None,
+                  domain_name: str = "digits") -> dict:
     """Gain ratio of every shipped adapter on its own objective ``w . r`` at its alpha."""
-    weights_dir = Path(weights_dir or digits.WEIGHTS_DIR)
-    domains: dict[tuple, DigitsDomain] = {}
-    rows, judge = {}, digits.load_classifier("judge", weights_dir)
+    kind = image_domain(domain_name)
+    weights_dir = Path(weights_dir or kind.spec.weights_dir)
+    domains: dict[tuple, ImageDomain] = {}
+    rows, judge = {}, load_classifier(kind.spec, "judge", weights_dir)
     for name in shipped(weights_dir):
         meta = read_json(weights_dir / "experts" / f"{name}.json", "adapter metadata")
         key = tuple(meta["rewards"])
-        domain = domains.setdefault(key, DigitsDomain(key, steps, weights_dir=weights_dir))
+        domain = domains.setdefault(key, kind(key, steps, weights_dir=weights_dir))
         w = torch.tensor(meta["w"], dtype=torch.float64)
 
         def reward(x0, y=None, domain=domain, w=w, **_):
@@ -55,6 +57,6 @@ def bench_experts(n: int = 512, runs: int = 64, particles: int = 16, seed: int =
     any_domain = next(iter(domains.values()), None)   # every domain holds the same base
     base = (judge_agreement(any_domain, any_domain.base, judge, seed_range(seed, n))
             if any_domain else None)
-    return {"domain": "digits", "n": n, "smc_runs": runs, "particles": particles,
-            "steps": steps or digits.DEFAULT_STEPS,
+    return {"domain": domain_name, "n": n, "smc_runs": runs, "particles": particles,
+            "steps": steps or kind.spec.steps,
             "pretrained_judge_agreement": base, "experts": rows}

@@ -62,8 +62,9 @@ def cmd_experts(a: argparse.Namespace) -> None:
     threads(a.threads)
     if a.weights is not None and not shipped(Path(a.weights)):
         raise UsageError(f"--weights {a.weights}: no fine-tuned adapters in "
-                         f"{Path(a.weights) / 'experts'} (run dblend finetune digits --out there)")
-    emit(bench_experts(a.n, a.runs, a.particles, a.seed, a.weights, a.steps), a.json)
+                         f"{Path(a.weights) / 'experts'} (run dblend finetune {a.domain} --out "
+                         "there)")
+    emit(bench_experts(a.n, a.runs, a.particles, a.seed, a.weights, a.steps, a.domain), a.json)
 
 
 def cmd_amortised(a: argparse.Namespace) -> None:
@@ -74,7 +75,7 @@ def cmd_amortised(a: argparse.Namespace) -> None:
     if any(not 0 < lam <= 2 for lam in lams):
         raise UsageError(f"--lams {a.lams}: each lambda must be in (0, 2], the distilled "
                          "adapter's training range")
-    emit(bench_amortised(a.n, lams, a.seed, a.weights), a.json)
+    emit(bench_amortised(a.n, lams, a.seed, a.weights, a.domain), a.json)
 
 
 def cmd_digits(a: argparse.Namespace) -> None:
@@ -126,7 +127,7 @@ def register(sub: Any) -> None:
             arg("--quick", action="store_true", help="tiny sizes (a smoke test)"))
     command(bench, "experts", cmd_experts, "each shipped fine-tune's gain ratio against the "
             "SMC-estimated optimum alpha log Z",
-            arg("--domain", default="digits", choices=("digits",)),
+            arg("--domain", default="fashion", choices=("fashion", "digits")),
             arg("--weights", default=None, help="a weights directory with experts/ (default: "
                 "the shipped weights)"),
             arg("--n", type=positive_int, default=512, help="trajectories per objective"),
@@ -136,7 +137,7 @@ def register(sub: Any) -> None:
                 "domain's 10; an expert is measured on the chain it was trained on)"), SEED)
     command(bench, "amortised", cmd_amortised, "the distilled blend against DB-MPA over the w "
             "grid at each lambda (paired seeds), and its time per image over the single model's",
-            arg("--domain", default="digits", choices=("digits",)),
+            arg("--domain", default="fashion", choices=("fashion", "digits")),
             arg("--weights", default=None, help="a weights directory with experts/ (default: "
                 "the shipped weights)"),
             arg("--n", type=positive_int, default=500, help="paired seeds per point"),

@@ -1,4 +1,5 @@
-"""``dblend demo [digits|toy2d]`` (the reports a user sees first) and ``dblend gap toy2d``."""
+"""``dblend demo [fashion|digits|toy2d]`` (the reports a user sees first) and
+``dblend gap toy2d``."""
 
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ from diffusion_blend.cli.args import (
     threads,
 )
 
-DEMO_OUT = {"digits": "dblend-demo", "toy2d": "dblend-toy2d-demo"}
+DEMO_OUT = {"fashion": "dblend-demo", "digits": "dblend-digits-demo",
+            "toy2d": "dblend-toy2d-demo"}
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
+    from diffusion_blend.errors import UsageError
     from diffusion_blend.io import check_out_dir
 
     threads(a.threads)
+    if a.domain and a.domain_flag and a.domain != a.domain_flag:
+        raise UsageError(f"demo {a.domain} --domain {a.domain_flag}: give the domain once")
+    a.domain = a.domain or a.domain_flag or "fashion"
     out = a.out or DEMO_OUT[a.domain]
     check_out_dir(out, a.overwrite, f"{a.domain}-demo")
     if a.domain == "toy2d":
@@ -34,9 +40,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
         sys.stdout.write(f"wrote {out}/report.md with the Jensen-gap plots, tables and "
                          "scatter plots beside it\n")
         return
-    from diffusion_blend.evaluation.digits_demo import run_demo
+    from diffusion_blend.evaluation.images_demo import run_demo
 
-    out = run_demo(out, a.overwrite)
+    out = run_demo(a.domain, out, a.overwrite)
     sys.stdout.write(f"wrote {out}/report.md, grid_mpa.png, grid_kla.png and pareto.png\n")
 
 
@@ -58,8 +64,11 @@ def cmd_gap_toy2d(a: argparse.Namespace) -> None:
 
 def register(sub: Any) -> None:
     command(sub, "demo", cmd_demo, "the first report to look at: grids, Pareto plot, tables",
-            arg("domain", nargs="?", default="digits", choices=tuple(DEMO_OUT)),
-            arg("--out", default=None, help="default dblend-demo (toy2d: dblend-toy2d-demo)"),
+            arg("domain", nargs="?", default=None, choices=tuple(DEMO_OUT),
+                help="default fashion"),
+            arg("--domain", dest="domain_flag", default=None, choices=tuple(DEMO_OUT)),
+            arg("--out", default=None, help="default dblend-demo (digits: dblend-digits-demo, "
+                "toy2d: dblend-toy2d-demo)"),
             OVERWRITE, json=False)
     dom = domains(sub, "gap", "the Jensen gap of the blend over a w grid")
     command(dom, "toy2d", cmd_gap_toy2d, "blend against the exact target, w over the simplex",

@@ -1,4 +1,4 @@
-"""``dblend distill digits|sd``: the amortised blend, one preference-conditioned adapter."""
+"""``dblend distill digits|fashion|sd``: the amortised blend, one preference-conditioned adapter."""
 
 from __future__ import annotations
 
@@ -21,18 +21,20 @@ from diffusion_blend.cli.args import (
 from diffusion_blend.errors import UsageError
 
 
-def cmd_digits(a: argparse.Namespace) -> None:
-    from diffusion_blend.domains import digits
-    from diffusion_blend.finetune.distill_digits import DistillConfig, run_distill
+def cmd_images(a: argparse.Namespace) -> None:
+    from diffusion_blend.domains import image_domain
+    from diffusion_blend.domains.images import load_base
+    from diffusion_blend.finetune.distill_images import DistillConfig, run_distill
     from diffusion_blend.io import check_out_dir
 
     threads(a.threads)
+    spec = image_domain(a.domain).spec
     cfg = DistillConfig(**({"iterations": a.iterations} if a.iterations is not None else {}))
-    weights = Path(a.weights) if a.weights else digits.WEIGHTS_DIR
-    digits.load_base(weights)     # missing or corrupt weights: error before anything is written
+    weights = Path(a.weights) if a.weights else spec.weights_dir
+    load_base(spec, weights)    # missing or corrupt weights: error before anything is written
     if not a.resume:
         check_out_dir(a.out, a.overwrite, "distill")
-    emit(run_distill(weights, Path(a.out), cfg, a.resume, progress=not a.json,
+    emit(run_distill(spec, weights, Path(a.out), cfg, a.resume, progress=not a.json,
                      overwrite=a.overwrite), a.json)
 
 
@@ -61,10 +63,11 @@ def cmd_sd(a: argparse.Namespace) -> None:
 
 def register(sub: Any) -> None:
     dom = domains(sub, "distill", "amortised blend: one preference-conditioned adapter")
-    command(dom, "digits", cmd_digits, "distil DB-MPA / DB-KLA of the shipped pair", OUT,
-            arg("--weights", default=None, help="base + experts (default: shipped)"),
-            arg("--iterations", type=positive_int, default=None),
-            arg("--resume", action="store_true"), OVERWRITE)
+    for name in ("digits", "fashion"):
+        command(dom, name, cmd_images, f"distil DB-MPA / DB-KLA of the shipped {name} pair",
+                OUT, arg("--weights", default=None, help="base + experts (default: shipped)"),
+                arg("--iterations", type=positive_int, default=None),
+                arg("--resume", action="store_true"), OVERWRITE).set_defaults(domain=name)
     command(dom, "sd", cmd_sd, "distil the blend of LoRA experts on a diffusers pipeline into "
             "one preference-conditioned LoRA (for sample sd --amortised)",
             arg("--model", required=True, help="local pipeline dir or cached hub id"),

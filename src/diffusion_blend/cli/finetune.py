@@ -1,4 +1,4 @@
-"""``dblend finetune toy2d|digits|sd``: experts by KL-regularised RL (pathwise or DPOK)."""
+"""``dblend finetune toy2d|digits|fashion|sd``: experts by KL-regularised RL (pathwise or DPOK)."""
 
 from __future__ import annotations
 
@@ -74,24 +74,28 @@ def cmd_toy2d(a: argparse.Namespace) -> None:
          a.json)
 
 
-def cmd_digits(a: argparse.Namespace) -> None:
-    from diffusion_blend.finetune.digits import expert_specs, run_train_experts
+def cmd_images(a: argparse.Namespace) -> None:
+    from diffusion_blend.domains import image_domain
+    from diffusion_blend.finetune.images import expert_specs, run_train_experts
     from diffusion_blend.io import check_out_folder
 
     threads(a.threads)
+    spec = image_domain(a.domain).spec
+    alpha = spec.alpha if a.alpha is None else a.alpha
     only = a.only.split(",") if a.only else None
-    known = [spec.name for spec, _, _ in expert_specs(a.alpha)]
+    known = [e.name for e, _, _ in expert_specs(spec, alpha)]
     if only and any(n not in known for n in only):
         raise UsageError(f"--only {a.only}: names must be among {','.join(known)}")
     check_out_folder(a.out)
-    done = run_train_experts(Path(a.weights), Path(a.out), a.alpha, a.iterations,
+    done = run_train_experts(spec, Path(a.weights), Path(a.out), alpha, a.iterations,
                              progress=not a.json, only=only, stop=a.stop)
     emit({name: {"eval": m["eval"], "train_seconds": m["train_seconds"]}
           for name, m in done.items()}, a.json)
 
 
 def cmd_digits_conditioned(a: argparse.Namespace) -> None:
-    from diffusion_blend.domains import digits
+    from diffusion_blend.domains.digits import SPEC
+    from diffusion_blend.domains.images import load_base
     from diffusion_blend.finetune.conditioned_digits import train_conditioned
     from diffusion_blend.finetune.config import preset
     from diffusion_blend.io import check_out_folder
@@ -99,7 +103,7 @@ def cmd_digits_conditioned(a: argparse.Namespace) -> None:
     threads(a.threads)
     cfg = preset("digits-pathwise", alpha=a.alpha, iterations=a.iterations,
                  lr_schedule="cosine", checkpoint_every=50)
-    digits.load_base(Path(a.weights))      # missing weights: an error before anything is written
+    load_base(SPEC, Path(a.weights))     # missing weights: an error before anything is written
     check_out_folder(a.out)
     meta = train_conditioned(Path(a.weights), Path(a.out), cfg, progress=not a.json,
                              resume=a.resume)
@@ -137,11 +141,14 @@ def register(sub: Any) -> None:
             arg("--kl-mode", default=None, choices=("to-go", "published"),
               help="DPOK returns (default to-go)"),
             arg("--eval-trajectories", type=positive_int, default=None), *RUN)
-    command(dom, "digits", cmd_digits, "the digits experts, MORL and DB-KLA adapters",
-            arg("--weights", required=True, help="directory with base/classifier weights"), OUT,
-            arg("--alpha", type=positive_float, default=0.5),
-            arg("--iterations", type=positive_int, default=None),
-            arg("--only", default=None, help="comma-separated adapter names"), STOP)
+    for name in ("digits", "fashion"):
+        command(dom, name, cmd_images, f"the {name} experts, MORL and DB-KLA adapters",
+                arg("--weights", required=True, help="directory with base/classifier weights"),
+                OUT, arg("--alpha", type=positive_float, default=None,
+                         help="KL strength (default: the domain's)"),
+                arg("--iterations", type=positive_int, default=None),
+                arg("--only", default=None, help="comma-separated adapter names"),
+                STOP).set_defaults(domain=name)
     command(dom, "digits-conditioned", cmd_digits_conditioned, "one preference-conditioned "
             "adapter of the digits pair trained directly (conditioned-rl: a preference per "
             "trajectory), saved like the amortised blend",

@@ -1,4 +1,4 @@
-"""``dblend sample toy2d|digits|sd``: one method at one preference, with its summary; every
+"""``dblend sample toy2d|digits|fashion|sd``: one method at one preference, with its summary; every
 domain goes through the one dispatcher (``evaluation.sample.run_sample``)."""
 
 from __future__ import annotations
@@ -74,18 +74,19 @@ def _trained(path: str, problem):
     return load_expert(path, problem)
 
 
-def cmd_digits(a: argparse.Namespace) -> None:
-    from diffusion_blend.domains.digits import DigitsDomain, check_class
-    from diffusion_blend.evaluation.digits_demo import save_sample_grid
+def cmd_images(a: argparse.Namespace) -> None:
+    from diffusion_blend.domains import image_domain
+    from diffusion_blend.evaluation.images_demo import save_sample_grid
     from diffusion_blend.evaluation.sample import run_sample
     from diffusion_blend.io import check_out_file
 
     threads(a.threads)
-    cls = check_class(a.cls)
+    kind = image_domain(a.domain)
+    cls = kind.spec.check_class(a.cls)
     cfg, mcfg = configs(a)
     if a.out:
         check_out_file(a.out, ".png")
-    domain = DigitsDomain(a.experts.split(","))
+    domain = kind(a.experts.split(",") if a.experts else None)
     summary, x0 = run_sample(domain, cfg, mcfg, cond=domain.cond(range(a.seed, a.seed + a.n),
                                                                   cls))
     if not Dist().main:
@@ -93,7 +94,8 @@ def cmd_digits(a: argparse.Namespace) -> None:
     summary |= {"class": cls, "experts": domain.names}
     check_result(summary)
     if a.out:
-        save_sample_grid(x0, f"digit {cls}, w={summary['w']}, lam={summary['lam']}", a.out)
+        save_sample_grid(x0, f"{kind.spec.classes[cls]}, w={summary['w']}, "
+                         f"lam={summary['lam']}", a.out)
         summary["out"] = a.out
     emit(summary, a.json)
 
@@ -171,9 +173,12 @@ def register(sub: Any) -> None:
               "experts); one dir with --w 1 is that fine-tuned model"),
             *method_args(20000), arg("--steps", type=positive_int, default=1000),
             arg("--out", default=None), arg("--overwrite", action="store_true"))
-    command(dom, "digits", cmd_digits, "a method with the shipped digits experts",
-            arg("--class", dest="cls", default="0"), arg("--experts", default="ink,smooth"),
-            *method_args(16), arg("--out", default=None, help="a .png of the images"))
+    for name in ("digits", "fashion"):
+        command(dom, name, cmd_images, f"a method with the shipped {name} experts",
+                arg("--class", dest="cls", default="0", help="class index or name"),
+                arg("--experts", default=None, help="expert names (default: the pair)"),
+                *method_args(16), arg("--out", default=None, help="a .png of the images")
+                ).set_defaults(domain=name)
     command(dom, "sd", cmd_sd, "a method on a local diffusers pipeline with LoRA experts",
             arg("--model", required=True, help="local pipeline dir or cached hub id"),
             arg("--experts", default=None, help="LoRA dirs, comma-separated"),

@@ -18,7 +18,7 @@ def cmd_ui(a: argparse.Namespace) -> None:
     if a.sd_model and not experts:
         raise UsageError("--sd-model needs --experts (LoRA directories)")
     if a.amortised and not a.sd_model:
-        raise UsageError("--amortised is for --sd-model (digits ships its amortised blend)")
+        raise UsageError("--amortised is for --sd-model (the image domains ship theirs)")
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -26,7 +26,7 @@ def cmd_ui(a: argparse.Namespace) -> None:
     check_port(a.host, a.port)        # a port in use is an error before models load
     from diffusion_blend.ui import build_app
 
-    app = build_app(make_session(experts, a.sd_model, a.steps, a.amortised),
+    app = build_app(make_session(experts, a.sd_model, a.steps, a.amortised, a.domain),
                     a.allow_extrapolation)
     sys.stderr.write(f"dblend ui: serving http://{a.host}:{a.port}/ (Ctrl-C stops)\n")
     app.launch(server_name=a.host, server_port=a.port, share=False, ssr_mode=False, quiet=True)
@@ -34,8 +34,11 @@ def cmd_ui(a: argparse.Namespace) -> None:
 
 def register(sub: Any) -> None:
     command(sub, "ui", cmd_ui, "live sliders for w and lambda (a local Gradio app)",
-            arg("--experts", default=None, help="digits expert names or sd LoRA dirs"),
-            arg("--sd-model", default=None, help="a local diffusers pipeline instead of digits"),
+            arg("--domain", default="fashion", choices=("fashion", "digits")),
+            arg("--experts", default=None, help="the domain's expert names (default: its pair) "
+                "or sd LoRA dirs"),
+            arg("--sd-model", default=None, help="a local diffusers pipeline instead of "
+                "--domain"),
             arg("--steps", type=positive_int, default=30, help="sd sampling steps"),
             arg("--amortised", default=None, help="sd: a `dblend distill sd` output (the "
                 "amortised method)"),

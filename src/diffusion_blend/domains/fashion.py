@@ -1,20 +1,23 @@
-"""The fashion domain (issue 16, in progress): Fashion-MNIST, read offline from Debian's
-``dataset-fashion-mnist`` IDX files (or any directory holding the same four files).
+"""The fashion domain: a class-conditional diffusion model on Fashion-MNIST, read offline from
+Debian's ``dataset-fashion-mnist`` IDX files (or any directory holding the same four files).
 
-Only the data is here so far; the class-conditional base, the judge, the rewards and the experts
-follow the digits domain's shape. Images are ``1 x S x S`` in [-1, 1] (ink, i.e. the garment,
-bright as in the files), ``S`` 28 or downsampled by area averaging (16 by default: the
-measured cost of a training step, issue 16).
+Images are ``1 x 16 x 16`` in [-1, 1] (the garment bright, as in the files), downsampled from
+28 by area averaging: the measured cost of a training step on 2 CPU threads (0.34 s at 16 px
+with 1.1M parameters and batch 128) lets the base train in half an hour. The networks, weight
+files and the domain object are the image domains' (``domains.images``); the prompt is the
+class (``CLASSES``), the pair is bright (``ink``) against soft (``smooth``).
 """
 
 from __future__ import annotations
 
 import gzip
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffusion_blend.domains.images import ImageDomain, ImageSpec
 from diffusion_blend.errors import UsageError
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -61,3 +64,35 @@ def load_data(root: str | Path | None = None, size: int = 16) -> dict[str, torch
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
         out[f"{split}_x"], out[f"{split}_y"] = x * 2.0 - 1.0, y.long()
     return out
+
+
+SIZE = 16
+UNET_CONFIG = dict(
+    sample_size=SIZE, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), layers_per_block=1,
+    num_class_embeds=11, norm_num_groups=8, attention_head_dim=16,
+)
+
+
+def spec(root: str | Path | None = None) -> ImageSpec:
+    """The fashion domain reading its data from ``root`` (Debian's directory by default)."""
+    return ImageSpec(
+        name="fashion", classes=CLASSES, size=SIZE, unet=UNET_CONFIG,
+        load_data=partial(load_data, root, SIZE),
+        data_source={"source": "Fashion-MNIST (IDX files)", "size": SIZE,
+                     "split": "the files' train / test"},
+        weights_dir=Path(__file__).resolve().parent.parent / "weights" / "fashion",
+        pair=("ink", "smooth"), rewards=("class-logprob", "ink", "smooth"),
+        finetuned={"ink": "images-pathwise", "smooth": "images-pathwise",
+                   "class-logprob": "images-pathwise"},
+        base_config={"iterations": 5000}, classifier_config={"epochs": 10, "batch_size": 128})
+
+
+SPEC = spec()
+
+
+class FashionDomain(ImageDomain):
+    """fashion as a ``Domain`` (``ImageDomain`` on ``SPEC``)."""
+
+    spec = SPEC

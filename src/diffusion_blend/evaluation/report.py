@@ -212,10 +212,10 @@ def write_report(out: str | Path, ref: list[float] | None = None) -> dict:
 
 def _reward_names(cfg: SweepConfig, rows: list[dict]) -> list[str]:
     k = len(rows[0]["rewards"]) if rows else 0
-    if cfg.domain == "digits":
-        from diffusion_blend.domains.digits import PAIR
+    if cfg.domain in ("digits", "fashion"):
+        from diffusion_blend.domains import image_domain
 
-        return list(cfg.pair or PAIR)
+        return list(cfg.pair or image_domain(cfg.domain).spec.pair)
     return [f"r{i + 1}" for i in range(k)]
 
 
@@ -286,7 +286,7 @@ def image_grids(out: Path, rows: list[dict]) -> bool:
     """One row of images per method across the w grid (the first seed); images only."""
     from safetensors.torch import load_file
 
-    from diffusion_blend.evaluation.digits_demo import image_grid
+    from diffusion_blend.evaluation.images_demo import image_grid
 
     ws = sorted({tuple(r["w"]) for r in select(rows, "main")}, key=lambda w: w[0])
     grid, labels = [], []

@@ -35,7 +35,8 @@ from diffusion_blend.io import (
 )
 from diffusion_blend.seeding import MAX_SEED, seed_range
 
-DOMAINS = ("toy2d", "digits", "sd")
+DOMAINS = ("toy2d", "digits", "fashion", "sd")
+IMAGES = ("digits", "fashion")
 DEFAULT_METHODS = ("pretrained", "db-mpa", "db-mpa-ls", "db-kla", "soup", "code", "rgg", "morl")
 MATCHED = ("db-mpa", "soup")        # matched by lam
 KL_MATCHED = (*MATCHED, "rgg")       # rgg: matched by its guidance scale gamma
@@ -48,7 +49,7 @@ class SweepConfig:
 
     domain: str = "toy2d"
     spec: str = "bimodal"                   # toy2d problem
-    pair: tuple[str, ...] | None = None     # digits rewards (default: the shipped pair)
+    pair: tuple[str, ...] | None = None     # image rewards (default: the shipped pair)
     methods: tuple[str, ...] = DEFAULT_METHODS
     w_grid: str = "0:1:0.1"
     lam_grid: tuple[float, ...] = (0.5, 1.5, 2.0)
@@ -85,20 +86,21 @@ class SweepConfig:
     def _check_pair(self) -> None:
         if self.pair is None:
             return
-        if self.domain != "digits":
-            raise UsageError(f"--pair is for sweep digits, not {self.domain}")
-        from diffusion_blend.finetune.digits import FINETUNED
+        if self.domain not in IMAGES:
+            raise UsageError(f"--pair is for the image domains, not {self.domain}")
+        from diffusion_blend.domains import image_domain
 
+        known = image_domain(self.domain).spec.finetuned
         if len(self.pair) != 2 or len(set(self.pair)) != 2 or any(
-                r not in FINETUNED for r in self.pair):
+                r not in known for r in self.pair):
             raise UsageError(f"--pair {','.join(self.pair)}: give two different rewards with "
-                             f"experts, e.g. ink,smooth (known: {','.join(FINETUNED)})")
+                             f"experts, e.g. ink,smooth (known: {','.join(known)})")
 
     def k(self) -> int:
         """How many rewards the sweep's preferences weigh."""
         if self.domain == "sd":
             return len((self.sd or {}).get("rewards", ()))
-        if self.domain == "digits":
+        if self.domain in IMAGES:
             return 2
         from diffusion_blend.domains.toy2d import load_problem
 
@@ -166,18 +168,18 @@ class RowSpec:
 
 
 def make_domain(cfg: SweepConfig, out: Path) -> Domain:
-    """The domain of ``cfg``; on digits, missing MORL adapters are trained into ``out/morl``
-    when ``cfg.train_morl``."""
+    """The domain of ``cfg``; on an image domain, missing MORL adapters are trained into
+    ``out/morl`` when ``cfg.train_morl``."""
     if cfg.domain == "toy2d":
         from diffusion_blend.domains.toy2d import Toy2dDomain
 
         return Toy2dDomain(cfg.spec, cfg.steps)
-    if cfg.domain == "digits":
-        from diffusion_blend.domains.digits import PAIR, DigitsDomain
+    if cfg.domain in IMAGES:
+        from diffusion_blend.domains import image_domain
 
         trainer = morl_trainer(out / "morl") if cfg.train_morl else None
-        return DigitsDomain(cfg.pair or PAIR, cfg.steps, morl_dir=out / "morl",
-                            morl_trainer=trainer)
+        return image_domain(cfg.domain)(cfg.pair, cfg.steps, morl_dir=out / "morl",
+                                        morl_trainer=trainer)
     if not cfg.sd:
         raise UsageError("sweep sd needs --model, --experts, --rewards and --prompts")
     from diffusion_blend.domains.sd import SdDomain
@@ -186,18 +188,18 @@ def make_domain(cfg: SweepConfig, out: Path) -> Domain:
 
 
 def morl_trainer(out: Path):
-    """A digits MORL trainer: the adapter for ``r_w`` fine-tuned by the engine (the experts'
-    recipe and alpha) into ``out``, which it returns."""
+    """An image domain's MORL trainer: the adapter for ``r_w`` fine-tuned by the engine (the
+    experts' recipe and alpha) into ``out``, which it returns."""
     def train(domain, name: str, pref: Preference) -> Path:
         import logging
 
         from diffusion_blend.finetune.config import preset
-        from diffusion_blend.finetune.digits import ExpertSpec, train_expert
+        from diffusion_blend.finetune.images import ExpertSpec, train_expert
 
         spec = ExpertSpec(name, domain.names, list(pref.w), domain.alpha, "pathwise")
-        logging.getLogger(__name__).info("training the MORL adapter %s (about 2 minutes)", name)
-        train_expert(domain.weights_dir, out, spec, preset("digits-pathwise",
-                                                           alpha=domain.alpha), domain.stats)
+        logging.getLogger(__name__).info("training the MORL adapter %s", name)
+        recipe = preset(domain.spec.finetuned[domain.names[0]], alpha=domain.alpha)
+        train_expert(domain.spec, domain.weights_dir, out, spec, recipe, domain.stats)
         return out
 
     return train

@@ -21,8 +21,16 @@ from torch import nn
 
 from diffusion_blend.adapters import AdapterView, adapter_state, add_lora
 from diffusion_blend.amortised import PrefEmbedding, coefficients, sample_preferences
-from diffusion_blend.domains import digits
-from diffusion_blend.domains.digits import CONDITIONED, LORA_TARGETS, PAIR
+from diffusion_blend.domains.digits import SPEC
+from diffusion_blend.domains.images import (
+    LORA_TARGETS,
+    BaseConfig,
+    classes_for,
+    conditioned_name,
+    load_base,
+    load_classifier,
+    normalised_rewards,
+)
 from diffusion_blend.finetune.config import FinetuneConfig
 from diffusion_blend.finetune.objective import Task
 from diffusion_blend.finetune.run import train
@@ -78,10 +86,10 @@ def make_task(model: nn.Module, rewards: list, cfg: FinetuneConfig) -> tuple[Tas
         return (r * pref[:, :k].to(r.dtype)).sum(1)
 
     def cond(seeds: Sequence[int]) -> dict:
-        return {"y": digits.classes_for(seeds), "pref": preferences_for(seeds, k)}
+        return {"y": classes_for(seeds), "pref": preferences_for(seeds, k)}
 
     task = Task(PrefPolicy(AdapterView(model, ADAPTER), emb), DropPref(AdapterView(model, None)),
-                reward, digits.BaseConfig().schedule(), digits.SHAPE, cond=cond,
+                reward, BaseConfig().schedule(), SPEC.shape, cond=cond,
                 freeze_last_step=cfg.freeze_last_step)
     return task, emb
 
@@ -90,20 +98,20 @@ def train_conditioned(weights_dir: Path, out: Path, cfg: FinetuneConfig,
                       progress: bool = True, resume: bool = False) -> dict:
     """Fine-tune the conditioned adapter on the shipped pair's normalised rewards; save it
     beside the experts (``OUT/conditioned_<pair>.safetensors``)."""
-    model, base_meta = digits.load_base(weights_dir)
-    classifier = digits.load_classifier("classifier", weights_dir)
+    model, base_meta = load_base(SPEC, weights_dir)
+    classifier = load_classifier(SPEC, "classifier", weights_dir)
     stats = read_json(Path(weights_dir) / "experts" / "rewards.json", "reward statistics")
-    rewards = digits.normalised_rewards(PAIR, stats, classifier)
+    rewards = normalised_rewards(SPEC.pair, stats, classifier)
     task, emb = make_task(model, rewards, cfg)
-    meta = {"domain": "digits", "pair": list(PAIR), "alpha": cfg.alpha,
+    meta = {"domain": "digits", "pair": list(SPEC.pair), "alpha": cfg.alpha,
             "base_sha256": base_meta["sha256"]}
     start = time.perf_counter()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    train(task, cfg, out / "runs" / CONDITIONED, meta, resume=resume, overwrite=not resume,
-          progress=progress)
+    train(task, cfg, out / "runs" / conditioned_name(SPEC), meta, resume=resume,
+          overwrite=not resume, progress=progress)
     state = {f"lora.{k}": v for k, v in adapter_state(model, ADAPTER).items()}
     state |= {f"pref.{k}": v.detach().contiguous() for k, v in emb.state_dict().items()}
-    return save_weights(out / f"{CONDITIONED}.safetensors", state, meta | {
+    return save_weights(out / f"{conditioned_name(SPEC)}.safetensors", state, meta | {
         "recipe": "dblend finetune digits-conditioned", "config": cfg.to_dict() | {
             "hidden": cfg.hidden, "lam_max": LAM_MAX}, "reward_stats": stats,
         "train_seconds": time.perf_counter() - start,

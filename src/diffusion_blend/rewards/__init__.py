@@ -34,7 +34,7 @@ def register(name: str):
     return deco
 
 
-BUILTIN = ("diffusion_blend.rewards.digits", "diffusion_blend.rewards.images",
+BUILTIN = ("diffusion_blend.rewards.grey", "diffusion_blend.rewards.images",
            "diffusion_blend.rewards.imagereward", "diffusion_blend.rewards.hpsv2")
 
 

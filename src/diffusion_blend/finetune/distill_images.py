@@ -1,5 +1,6 @@
-"""``dblend distill digits``: the amortised blend of the shipped ``PAIR`` experts, distilled into
-one preference-conditioned adapter (see ``amortised``), saved beside the experts."""
+"""``dblend distill digits|fashion``: the amortised blend of an image domain's shipped pair of
+experts, distilled into one preference-conditioned adapter (see ``amortised``), saved beside
+the experts."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ from diffusion_blend.amortised import (
     per_row_blend,
     sample_preferences,
 )
-from diffusion_blend.domains import digits
-from diffusion_blend.domains.digits import (
-    AMORTISED,
+from diffusion_blend.domains.images import (
     AMORTISED_ADAPTER,
     LORA_TARGETS,
-    PAIR,
+    BaseConfig,
+    ImageSpec,
+    amortised_name,
     attach_expert,
     classes_for,
+    load_base,
 )
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.objective import iteration_seeds
@@ -34,7 +36,7 @@ from diffusion_blend.io import prepare_out_dir, save_weights
 from diffusion_blend.lr import warmup_lr
 from diffusion_blend.sampling import sample
 
-ADAPTER, NAME = AMORTISED_ADAPTER, AMORTISED
+ADAPTER = AMORTISED_ADAPTER
 
 
 @dataclass
@@ -77,26 +79,27 @@ class _RowBlend:
         return out
 
 
-def _setup(weights_dir: Path, cfg: DistillConfig):
-    model, base_meta = digits.load_base(weights_dir)
-    experts = [attach_expert(model, base_meta, weights_dir / "experts" / f"{n}.safetensors")[0]
-               for n in PAIR]
+def _setup(spec: ImageSpec, weights_dir: Path, cfg: DistillConfig):
+    model, base_meta = load_base(spec, weights_dir)
+    experts = [attach_expert(spec, model, base_meta,
+                             weights_dir / "experts" / f"{n}.safetensors")[0] for n in spec.pair]
     add_lora(model, ADAPTER, cfg.lora_rank, LORA_TARGETS, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    emb = PrefEmbedding(len(PAIR), model.unet.time_embedding.linear_2.out_features, cfg.hidden)
+    emb = PrefEmbedding(len(spec.pair), model.unet.time_embedding.linear_2.out_features, cfg.hidden)
     emb.attach(model.unet.time_embedding)
     return model, base_meta, experts, emb
 
 
-def _iteration(model, experts, emb, opt, cfg: DistillConfig, it: int) -> float:
+def _iteration(spec: ImageSpec, model, experts, emb, opt, cfg: DistillConfig,
+               it: int) -> float:
     seeds = iteration_seeds(cfg.seed, it, cfg.batch_size)
-    y = classes_for(seeds)
+    y = classes_for(seeds, len(spec.classes))
     gen = torch.Generator().manual_seed((cfg.seed << 32) + it)
-    feats = coefficients(*sample_preferences(gen, len(seeds), len(PAIR), cfg.lam_max))
+    feats = coefficients(*sample_preferences(gen, len(seeds), len(spec.pair), cfg.lam_max))
     teacher = _RowBlend(AdapterView(model, None), experts, feats)
-    res = sample(teacher, digits.BaseConfig().schedule(), seeds, digits.SHAPE, cfg.steps,
-                 cond={"y": y}, record=True)
-    steps = digits.BaseConfig().schedule().transitions(cfg.steps)
+    schedule = BaseConfig().schedule()
+    res = sample(teacher, schedule, seeds, spec.shape, cfg.steps, cond={"y": y}, record=True)
+    steps = schedule.transitions(cfg.steps)
     x = torch.cat(res.states[:-1])
     t = torch.cat([torch.full((len(seeds),), v) for v, _, _ in steps])
     emb.current = feats.repeat(len(steps), 1)
@@ -113,12 +116,12 @@ def _iteration(model, experts, emb, opt, cfg: DistillConfig, it: int) -> float:
     return float(loss.detach())
 
 
-def run_distill(weights_dir: Path, out: Path, cfg: DistillConfig | None = None,
+def run_distill(spec: ImageSpec, weights_dir: Path, out: Path, cfg: DistillConfig | None = None,
                 resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Train (or resume) and save ``OUT/amortised_<pair>.safetensors`` with its JSON."""
     cfg = cfg or DistillConfig()
     weights_dir, out = Path(weights_dir), Path(out)
-    model, base_meta, experts, emb = _setup(weights_dir, cfg)
+    model, base_meta, experts, emb = _setup(spec, weights_dir, cfg)
     params = [p for p in model.parameters() if p.requires_grad] + list(emb.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
     modules, opts = {"lora": model, "pref": emb}, {"optimizer": opt}
@@ -129,14 +132,14 @@ def run_distill(weights_dir: Path, out: Path, cfg: DistillConfig | None = None,
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
                disable=not progress, desc="distill")
     for it in bar:
-        loss = _iteration(model, experts, emb, opt, cfg, it)
+        loss = _iteration(spec, model, experts, emb, opt, cfg, it)
         bar.set_postfix(loss=f"{loss:.4f}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             save_checkpoint(out, it + 1, modules, opts, asdict(cfg))
     state = {f"lora.{k}": v for k, v in adapter_state(model, ADAPTER).items()}
     state |= {f"pref.{k}": v.detach().contiguous() for k, v in emb.state_dict().items()}
-    return save_weights(out / f"{NAME}.safetensors", state, {
-        "recipe": "dblend distill digits", "pair": list(PAIR), "config": asdict(cfg),
+    return save_weights(out / f"{amortised_name(spec)}.safetensors", state, {
+        "recipe": spec.recipe("amortised"), "pair": list(spec.pair), "config": asdict(cfg),
         "base_sha256": base_meta["sha256"], "final_loss": loss,
         "lora": {"rank": cfg.lora_rank, "targets": list(LORA_TARGETS)},
         "train_seconds": time.perf_counter() - t0})

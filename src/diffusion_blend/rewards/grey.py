@@ -1,4 +1,5 @@
-"""Rewards on 1x8x8 digit images in [-1, 1] (pixel intensity ``p = (x + 1) / 2`` in [0, 1]).
+"""Rewards on grey images ``1 x S x S`` in [-1, 1] (digits, fashion; pixel intensity
+``p = (x + 1) / 2`` in [0, 1]).
 
 All are differentiable torch functions. Raw ranges are below; each reward can be normalised by
 the pretrained model's standard deviation (``scale``) so that one alpha moves every expert a
@@ -28,7 +29,7 @@ def _intensity(x0: torch.Tensor) -> torch.Tensor:
     return ((x0.clamp(-1.5, 1.5) + 1.0) / 2.0).flatten(1)
 
 
-class DigitReward:
+class GreyReward:
     """A named differentiable reward with an affine normalisation ``(r - shift) / scale``."""
 
     differentiable = True
@@ -83,15 +84,16 @@ def class_margin(classifier):
     def fn(x0: torch.Tensor, y=None, **_) -> torch.Tensor:
         logits, y = _logits_and_class(classifier, x0, y, "class")
         own = logits.gather(1, y[:, None])[:, 0]
-        others = logits.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), float("-inf"))
+        own_mask = torch.nn.functional.one_hot(y, logits.shape[1]).bool()
+        others = logits.masked_fill(own_mask, float("-inf"))
         return own - others.max(1).values
     return fn
 
 
 def _register_pixel_reward(name: str, fn) -> None:
     """``name`` in the registry: a reward of the pixels alone, with its normalisation."""
-    def make(scale: float = 1.0, shift: float = 0.0) -> DigitReward:
-        return DigitReward(name, fn, scale, shift)
+    def make(scale: float = 1.0, shift: float = 0.0) -> GreyReward:
+        return GreyReward(name, fn, scale, shift)
     register(name)(make)
 
 
@@ -101,17 +103,15 @@ for _name, _fn in (("ink", ink), ("crisp", crisp), ("symmetry", symmetry), ("smo
 
 def _register_class_reward(name: str, fn) -> None:
     """``name`` in the registry: a reward of the reward classifier's view of the prompt."""
-    def make(classifier=None, scale: float = 1.0, shift: float = 0.0) -> DigitReward:
+    def make(classifier=None, scale: float = 1.0, shift: float = 0.0) -> GreyReward:
         if classifier is None:
             raise UsageError(f"the {name!r} reward needs classifier= (the domain's reward "
-                             "classifier, e.g. diffusion_blend.domains.digits."
-                             "load_classifier())")
-        return DigitReward(name, fn(classifier), scale, shift)
+                             "classifier, e.g. diffusion_blend.domains.images."
+                             "load_classifier(SPEC))")
+        return GreyReward(name, fn(classifier), scale, shift)
     register(name)(make)
 
 
 _register_class_reward("class", class_margin)
 _register_class_reward("class-logprob", class_logprob)
 
-
-DIGIT_REWARDS = ("class", "ink", "crisp", "symmetry", "smooth")

@@ -3,7 +3,7 @@ import torch
 
 from diffusion_blend.errors import UsageError
 from diffusion_blend.rewards import WeightedSum, get_reward
-from diffusion_blend.rewards.digits import class_margin, crisp, ink, symmetry
+from diffusion_blend.rewards.grey import class_margin, crisp, ink, symmetry
 
 
 def test_pixel_rewards_on_known_images():

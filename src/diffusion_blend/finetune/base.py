@@ -1,0 +1,113 @@
+"""Training an image domain's pretrained networks (``dblend train-base DOMAIN``): the
+class-conditional UNet by the DDPM loss with an EMA copy, resumable from checkpoints to the same
+weights, and the small classifiers (reward classifier, held-out judge)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffusion_blend.domains.images import (
+    BaseConfig,
+    Classifier,
+    ClassifierConfig,
+    ImageSpec,
+    build_unet,
+)
+from diffusion_blend.finetune.run import load_checkpoint, save_checkpoint
+from diffusion_blend.lr import warmup_lr
+
+
+def _ddpm_step(unet: nn.Module, opt, cfg: BaseConfig, abar: torch.Tensor, data: dict,
+               g: torch.Generator, it: int, null_class: int) -> float:
+    """One step of the noise-prediction loss on a random batch (class dropped with p_uncond)."""
+    x_all, y_all = data["train_x"], data["train_y"]
+    idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
+    x0, y = x_all[idx], y_all[idx].clone()
+    y[torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond] = null_class
+    t = torch.randint(0, cfg.T, (cfg.batch_size,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = abar[t][:, None, None, None]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    loss = (unet(xt, t, class_labels=y).sample - eps).pow(2).mean()
+    for group in opt.param_groups:
+        group["lr"] = warmup_lr(cfg.lr, it, cfg.warmup, cfg.iterations)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def _extra(ema: nn.Module, g: torch.Generator, losses: list[float]) -> dict:
+    """What a checkpoint keeps besides the trained weights and the optimizer."""
+    out = {f"ema.{k}": v.detach().clone() for k, v in ema.state_dict().items()}
+    return out | {"generator": g.get_state(), "losses": torch.tensor(losses[-100:])}
+
+
+def _restore_extra(extra: dict, ema: nn.Module, g: torch.Generator) -> list[float]:
+    ema.load_state_dict({k[4:]: v for k, v in extra.items() if k.startswith("ema.")})
+    g.set_state(extra["generator"])
+    return extra["losses"].tolist()
+
+
+def train_base(spec: ImageSpec, cfg: BaseConfig, out: Path | None = None,
+               resume: bool = False, progress: bool = True,
+               stop_after: int | None = None) -> tuple[nn.Module, dict]:
+    """Train the class-conditional UNet (DDPM loss); returns the EMA model and stats. With
+    ``out``, checkpoints go to ``out/checkpoints`` every ``cfg.checkpoint_every`` steps and
+    ``resume`` continues from the last one to the same weights (``stop_after``: stop there,
+    as a kill would)."""
+    data = spec.load_data()
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    unet, ema = build_unet(spec), build_unet(spec)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    abar, losses, start = cfg.schedule().abar.float(), [], 0
+    if resume:
+        state = load_checkpoint(out, {"unet": unet}, {"optimizer": opt})
+        start, losses = state["iteration"], _restore_extra(state["extra"], ema, g)
+    t0 = time.perf_counter()
+    for it in tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
+                   disable=not progress, desc=f"train-base {spec.name}"):
+        losses.append(_ddpm_step(unet, opt, cfg, abar, data, g, it, spec.null_class))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                pe.lerp_(p, 1 - cfg.ema)
+        if out is not None and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
+            save_checkpoint(out, it + 1, {"unet": unet}, {"optimizer": opt}, asdict(cfg),
+                            _extra(ema, g, losses))
+        if stop_after is not None and it + 1 >= stop_after:
+            break
+    stats = {"train_seconds": time.perf_counter() - t0, "resumed_at": start,
+             "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1)}
+    return ema.eval(), stats
+
+
+def train_classifier(spec: ImageSpec, cfg: ClassifierConfig,
+                     progress: bool = False) -> tuple[Classifier, dict]:
+    """Train on the train split (input noise as augmentation); report test accuracy."""
+    data = spec.load_data()
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = Classifier(cfg.width, spec.size, len(spec.classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    x, y = data["train_x"], data["train_y"]
+    for _ in tqdm(range(cfg.epochs), disable=not progress, desc="classifier"):
+        for idx in torch.randperm(len(x), generator=g).split(cfg.batch_size):
+            xb = x[idx] + cfg.noise * torch.randn(x[idx].shape, generator=g)
+            loss = nn.functional.cross_entropy(model(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        pred = torch.cat([model(b).argmax(1) for b in data["test_x"].split(1024)])
+    return model, {"test_accuracy": float((pred == data["test_y"]).float().mean())}
