@@ -57,3 +57,69 @@ def test_missing_or_broken_files_say_how_to_install(root, tmp_path):
         load_data(root)
     with pytest.raises(UsageError, match="size 20"):
         load_data(root, 20)
+
+
+# ---------------------------------------------------------------------------- the recipes, tiny
+
+
+def tiny(root):
+    """The fashion spec reading the synthetic files, its classifiers trained for one epoch."""
+    from dataclasses import replace
+
+    from diffusion_blend.domains import fashion
+
+    return replace(fashion.spec(root), classifier_config={"epochs": 1, "batch_size": 4})
+
+
+def test_base_recipe_stopped_and_resumed_gives_the_same_weights(root, tmp_path):
+    from diffusion_blend.domains.images import BaseConfig
+    from diffusion_blend.evaluation.images import run_train_base
+
+    spec, cfg = tiny(root), BaseConfig(iterations=3, batch_size=4, checkpoint_every=1)
+    whole = run_train_base(spec, tmp_path / "a", cfg, progress=False, quality_per_class=1)
+    part = run_train_base(spec, tmp_path / "b", cfg, progress=False, stop_after=2)
+    assert part["stopped_at"] == 2 and not (tmp_path / "b" / "base.safetensors").exists()
+    again = run_train_base(spec, tmp_path / "b", cfg, resume=True, progress=False,
+                           quality_per_class=1)
+    assert again["base"]["resumed_at"] == 2
+    for name in ("base", "classifier", "judge"):
+        assert whole[name]["sha256"] == again[name]["sha256"], name   # bit for bit
+    q = whole["base"]["quality"]
+    assert len(q["accuracy_per_class"]) == 10 and q["frechet_train_vs_test"] >= 0
+
+
+def test_train_base_fashion_command_refuses_missing_data_before_writing(capsys, tmp_path):
+    from diffusion_blend.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["train-base", "fashion", "--data", str(tmp_path / "none"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "apt-get install" in err and not out.exists()
+    rc = main(["train-base", "fashion", "--resume", "--out", str(tmp_path)])
+    assert rc == 2 and "not a fashion-base directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_path):
+    from diffusion_blend.blend import Preference
+    from diffusion_blend.domains.fashion import FashionDomain
+    from diffusion_blend.domains.images import BaseConfig
+    from diffusion_blend.evaluation.images import run_train_base
+    from diffusion_blend.evaluation.methods import run_method
+    from diffusion_blend.finetune.images import run_train_experts
+
+    spec, w = tiny(root), tmp_path / "w"
+    run_train_base(spec, w, BaseConfig(iterations=2, batch_size=4), progress=False,
+                   quality_per_class=1)
+    done = run_train_experts(spec, w, w / "experts", iterations=1, progress=False,
+                             only=["ink", "smooth"], stop="budget")
+    assert set(done) == {"ink", "smooth"} and done["ink"]["domain"] == "fashion"
+    dom = FashionDomain(weights_dir=w)
+    assert dom.names == ["ink", "smooth"] and dom.shape == (1, 16, 16)
+    seeds = [0, 1, 2]
+    base = run_method("pretrained", dom, Preference((1.0, 0.0)), seeds).x0
+    ink = run_method("db-mpa", dom, Preference((1.0, 0.0)), seeds).x0
+    assert torch.equal(run_method("db-mpa", dom, Preference((0.3, 0.7), 0.0), seeds).x0, base)
+    assert torch.equal(run_method("morl", dom, Preference((1.0, 0.0)), seeds).x0, ink)
+    assert dom.rewards(ink, **dom.cond(seeds)).shape == (3, 2)
+    assert dom.cond([13])["y"].tolist() == [3] and dom.cond([0], "Dress")["y"].tolist() == [3]

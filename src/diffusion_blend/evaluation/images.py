@@ -21,7 +21,13 @@ from diffusion_blend.domains.images import (
 )
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.base import train_base, train_classifier
-from diffusion_blend.io import prepare_out_dir, read_marker, save_weights, write_json
+from diffusion_blend.io import (
+    prepare_out_dir,
+    read_json,
+    read_marker,
+    save_weights,
+    write_json,
+)
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,6 +70,7 @@ def _classifiers(spec: ImageSpec, out: Path, cfg: BaseConfig, reuse: bool) -> di
     metas = {}
     for name, seed, width in (("classifier", cfg.seed, 32), ("judge", cfg.seed + 1, 48)):
         if reuse and (out / f"{name}.safetensors").is_file():
+            metas[name] = read_json(out / f"{name}.json", f"{name} metadata")
             continue
         ccfg = ClassifierConfig(**(spec.classifier_config | {"seed": seed, "width": width}))
         model, stats = train_classifier(spec, ccfg)
