@@ -123,3 +123,22 @@ def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_pat
     assert torch.equal(run_method("morl", dom, Preference((1.0, 0.0)), seeds).x0, ink)
     assert dom.rewards(ink, **dom.cond(seeds)).shape == (3, 2)
     assert dom.cond([13])["y"].tolist() == [3] and dom.cond([0], "Dress")["y"].tolist() == [3]
+
+
+def test_guidance_folded_into_the_base_resumes_and_changes_the_network(root, tmp_path):
+    from diffusion_blend.domains.images import BaseConfig
+    from diffusion_blend.evaluation.images import run_train_base
+
+    spec = tiny(root)
+    plain = BaseConfig(iterations=2, batch_size=4, checkpoint_every=1)
+    folded = BaseConfig(iterations=2, batch_size=4, checkpoint_every=1, guidance=3.0,
+                        guidance_iterations=2, guidance_lr=1e-2)
+    a = run_train_base(spec, tmp_path / "a", plain, progress=False, quality_per_class=1)
+    b = run_train_base(spec, tmp_path / "b", folded, progress=False, quality_per_class=1)
+    assert a["base"]["sha256"] != b["base"]["sha256"] and "guidance_final_loss" in b["base"]
+    (tmp_path / "b" / "base.safetensors").unlink()       # as if stopped before the end
+    c = run_train_base(spec, tmp_path / "b", folded, resume=True, progress=False,
+                       quality_per_class=1)
+    assert c["base"]["sha256"] == b["base"]["sha256"]
+    with pytest.raises(UsageError, match="guidance"):
+        BaseConfig(guidance=0.5)

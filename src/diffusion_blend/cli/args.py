@@ -154,6 +154,20 @@ def command(sub: Any, name: str, func: Callable, help: str, *specs: tuple,
     return p
 
 
+def domain_args(choices: tuple[str, ...], default: str) -> tuple:
+    """``VERB [DOMAIN]`` or ``VERB --domain DOMAIN`` (see ``resolve_domain``)."""
+    return (arg("domain", nargs="?", default=None, choices=choices, help=f"default {default}"),
+            arg("--domain", dest="domain_flag", default=None, choices=choices))
+
+
+def resolve_domain(a: argparse.Namespace, default: str) -> str:
+    """The domain given once, either way, or ``default``; given twice, it must agree."""
+    if a.domain and a.domain_flag and a.domain != a.domain_flag:
+        raise UsageError(f"{a.domain} and --domain {a.domain_flag}: give the domain once")
+    a.domain = a.domain or a.domain_flag or default
+    return a.domain
+
+
 def domains(sub: Any, verb: str, help: str) -> Any:
     """``dblend VERB DOMAIN``: the subparsers of one verb, one per domain."""
     return sub.add_parser(verb, help=help, description=help).add_subparsers(

@@ -13,9 +13,11 @@ from diffusion_blend.cli.args import (
     arg,
     check_result,
     command,
+    domain_args,
     domains,
     emit,
     positive_int,
+    resolve_domain,
     threads,
 )
 
@@ -24,13 +26,10 @@ DEMO_OUT = {"fashion": "dblend-demo", "digits": "dblend-digits-demo",
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    from diffusion_blend.errors import UsageError
     from diffusion_blend.io import check_out_dir
 
     threads(a.threads)
-    if a.domain and a.domain_flag and a.domain != a.domain_flag:
-        raise UsageError(f"demo {a.domain} --domain {a.domain_flag}: give the domain once")
-    a.domain = a.domain or a.domain_flag or "fashion"
+    resolve_domain(a, "fashion")
     out = a.out or DEMO_OUT[a.domain]
     check_out_dir(out, a.overwrite, f"{a.domain}-demo")
     if a.domain == "toy2d":
@@ -64,9 +63,7 @@ def cmd_gap_toy2d(a: argparse.Namespace) -> None:
 
 def register(sub: Any) -> None:
     command(sub, "demo", cmd_demo, "the first report to look at: grids, Pareto plot, tables",
-            arg("domain", nargs="?", default=None, choices=tuple(DEMO_OUT),
-                help="default fashion"),
-            arg("--domain", dest="domain_flag", default=None, choices=tuple(DEMO_OUT)),
+            *domain_args(tuple(DEMO_OUT), "fashion"),
             arg("--out", default=None, help="default dblend-demo (digits: dblend-digits-demo, "
                 "toy2d: dblend-toy2d-demo)"),
             OVERWRITE, json=False)

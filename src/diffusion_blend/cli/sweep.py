@@ -11,10 +11,12 @@ from diffusion_blend.cli.args import (
     OVERWRITE,
     arg,
     command,
+    domain_args,
     emit,
     parse_finite,
     parse_floats,
     positive_int,
+    resolve_domain,
     seed_int,
     threads,
 )
@@ -76,6 +78,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     from diffusion_blend.evaluation.sweep import check_sweep_out, run_sweep
 
     threads(a.threads)
+    resolve_domain(a, "toy2d")
     cfg = sweep_config(a)
     cfg.check()
     ref = reference(a, cfg.k())
@@ -97,9 +100,9 @@ def register(sub: Any) -> None:
     from diffusion_blend.evaluation.sweep import DEFAULT_METHODS, DOMAINS
 
     command(sub, "sweep", cmd_sweep, "every method over a w grid: results.jsonl + report",
-            arg("domain", nargs="?", default="toy2d", choices=DOMAINS),
+            *domain_args(DOMAINS, "toy2d"),
             arg("--spec", default="bimodal", help="toy2d problem"),
-            arg("--pair", default=None, help="digits rewards, e.g. ink,smooth"),
+            arg("--pair", default=None, help="image rewards, e.g. ink,smooth"),
             arg("--methods", default=",".join(DEFAULT_METHODS),
               help=f"comma-separated, of {','.join(METHODS)}"),
             arg("--w-grid", default="0:1:0.1", help="start:stop:step or a comma list"),

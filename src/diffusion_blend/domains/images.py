@@ -127,11 +127,20 @@ class BaseConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     checkpoint_every: int = 250
+    # classifier-free guidance folded into the shipped network (1 and 0 iterations: none): the
+    # trained model is the teacher, a copy regresses onto its guided prediction
+    guidance: float = 1.0
+    guidance_iterations: int = 0
+    guidance_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size", "T", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name}={getattr(self, name)} is not allowed; use >= 1")
+        if self.guidance_iterations < 0 or not (self.guidance >= 1 and self.guidance_lr > 0):
+            raise UsageError(f"guidance={self.guidance} (>= 1), guidance_iterations="
+                             f"{self.guidance_iterations} (>= 0), guidance_lr={self.guidance_lr}"
+                             " (> 0): out of range")
         if not (0 <= self.p_uncond < 1 and 0 <= self.ema < 1 and self.lr > 0):
             raise UsageError(f"p_uncond={self.p_uncond}, ema={self.ema} must be in [0, 1) "
                              f"and lr={self.lr} > 0")

@@ -20,7 +20,7 @@ from diffusion_blend.domains.images import (
     sample_images,
 )
 from diffusion_blend.errors import UsageError
-from diffusion_blend.finetune.base import train_base, train_classifier
+from diffusion_blend.finetune.base import distill_guidance, train_base, train_classifier
 from diffusion_blend.io import (
     prepare_out_dir,
     read_json,
@@ -45,16 +45,16 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 def quality(spec: ImageSpec, denoiser: Denoiser, judge: Classifier, per_class: int = 50,
             seed: int = 0, steps: int | None = None, guidance: float = 1.0) -> dict:
     """Judge-classifier agreement per class on generated images, and the Fréchet distance in
-    the judge's feature space to the real test split (and, for scale, train vs test)."""
+    the judge's feature space to the real test split; for scale, the same distance from as many
+    real train images as samples (the estimator's small-sample bias included: the floor)."""
     n = len(spec.classes)
     classes = torch.arange(n).repeat_interleave(per_class)
     x0, _ = sample_images(spec, denoiser, classes, list(range(seed, seed + len(classes))),
                           steps, guidance)
     pred = judge(x0).argmax(1)
     data = spec.load_data()
-    m = min(len(data["train_x"]), len(data["test_x"]))   # equal sizes: the floor's bias
-    feats = {k: torch.cat([judge.features(b) for b in data[k][:m].split(1024)])
-             for k in ("train_x", "test_x")}
+    feats = {k: torch.cat([judge.features(b) for b in data[k][:n].split(1024)])
+             for k, n in (("train_x", len(x0)), ("test_x", len(data["test_x"])))}
     return {
         "accuracy": float((pred == classes).float().mean()),
         "accuracy_per_class": [float((pred[classes == c] == c).float().mean()) for c in range(n)],
@@ -104,6 +104,9 @@ def run_train_base(spec: ImageSpec, out: str | Path, cfg: BaseConfig | None = No
     unet, stats = train_base(spec, cfg, out, resume_unet, progress, stop_after)
     if stop_after is not None and stop_after < cfg.iterations:
         return {"out": str(out), "stopped_at": stop_after}
+    if cfg.guidance_iterations:
+        unet, more = distill_guidance(spec, cfg, unet, out, resume, progress)
+        stats |= more
     judge = load_classifier(spec, "judge", out)
     q = quality(spec, UNetDenoiser(unet, spec.null_class), judge, quality_per_class, 10_000)
     meta = save_weights(out / "base.safetensors", unet.state_dict(), {

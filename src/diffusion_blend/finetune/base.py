@@ -91,6 +91,60 @@ def train_base(spec: ImageSpec, cfg: BaseConfig, out: Path | None = None,
     return ema.eval(), stats
 
 
+def _guided_step(student: nn.Module, teacher: nn.Module, opt, cfg: BaseConfig,
+                 abar: torch.Tensor, data: dict, g: torch.Generator, it: int,
+                 null_class: int) -> float:
+    """One regression of the student onto the teacher's guided prediction (rows whose class
+    is dropped keep the teacher's unconditional one, so guidance stays possible)."""
+    x_all, y_all = data["train_x"], data["train_y"]
+    idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
+    x0, y = x_all[idx], y_all[idx].clone()
+    drop = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond
+    y[drop] = null_class
+    t = torch.randint(0, cfg.T, (cfg.batch_size,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = abar[t][:, None, None, None]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    with torch.no_grad():
+        eu = teacher(xt, t, class_labels=torch.full_like(y, null_class)).sample
+        target = eu + cfg.guidance * (teacher(xt, t, class_labels=y).sample - eu)
+        target[drop] = eu[drop]
+    loss = (student(xt, t, class_labels=y).sample - target).pow(2).mean()
+    for group in opt.param_groups:
+        group["lr"] = warmup_lr(cfg.guidance_lr, it, 0, cfg.guidance_iterations)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def distill_guidance(spec: ImageSpec, cfg: BaseConfig, teacher: nn.Module, out: Path | None,
+                     resume: bool = False, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Classifier-free guidance at ``cfg.guidance`` folded into a copy of ``teacher`` (one
+    network call per step instead of two); checkpointed in ``out/guidance``, resumable."""
+    data, teacher = spec.load_data(), teacher.eval().requires_grad_(False)
+    student = build_unet(spec)
+    student.load_state_dict(teacher.state_dict())
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.guidance_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    abar, losses, start = cfg.schedule().abar.float(), [], 0
+    where = out / "guidance" if out is not None else None
+    if resume and where is not None and (where / "checkpoints" / "latest.json").is_file():
+        state = load_checkpoint(where, {"unet": student}, {"optimizer": opt})
+        start = state["iteration"]
+        g.set_state(state["extra"]["generator"])
+    for it in tqdm(range(start, cfg.guidance_iterations), initial=start,
+                   total=cfg.guidance_iterations, disable=not progress, desc="guidance"):
+        losses.append(_guided_step(student, teacher, opt, cfg, abar, data, g, it,
+                                   spec.null_class))
+        if where is not None and ((it + 1) % cfg.checkpoint_every == 0
+                                  or it + 1 == cfg.guidance_iterations):
+            where.mkdir(exist_ok=True)
+            save_checkpoint(where, it + 1, {"unet": student}, {"optimizer": opt}, asdict(cfg),
+                            {"generator": g.get_state()})
+    return student.eval(), {"guidance_final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1)}
+
+
 def train_classifier(spec: ImageSpec, cfg: ClassifierConfig,
                      progress: bool = False) -> tuple[Classifier, dict]:
     """Train on the train split (input noise as augmentation); report test accuracy."""

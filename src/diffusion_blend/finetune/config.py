@@ -161,7 +161,8 @@ PRESETS: dict[str, dict] = {
     "images-pathwise": {"estimator": "pathwise", "iterations": 300, "batch_size": 32,
                         "sample_steps": 10, "lr": 2e-3, "alpha": 0.25, "freeze_last_step": True,
                         "checkpoint_every": 10, "eval_trajectories": 256, "stop": "plateau",
-                        "eval_every": 10, "patience": 3, "stop_trajectories": 256},
+                        "eval_every": 10, "patience": 3, "stop_trajectories": 256,
+                        "decay": 0.5, "min_progress": 0.02},
     # Stable Diffusion (starting points after DPOK / DRaFT; not tuned here: no GPU in CI)
     "sd-dpok": {"estimator": "dpok", "iterations": 1000, "batch_size": 8, "sample_steps": 50,
                 "lr": 1e-4, "alpha": 0.01, "advantage": "batch", "minibatches": 2,
