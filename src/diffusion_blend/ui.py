@@ -76,6 +76,7 @@ class Session:
     ``render``, both at once (what clients call)."""
 
     fronts: dict = {}
+    methods: tuple[str, ...] = METHODS   # what the method switch offers
 
     def render(self, method: str, w: list[float], lam: float, allow: bool, cond: Any,
                seed: float) -> Render:
@@ -100,6 +101,8 @@ class ImageSession(Session):
         self.spec, self.experts = self.domain.spec, list(self.domain.names)
         self.mcfg = MethodConfig(smc_particles=smc_particles)
         self.fronts = self._fronts()
+        if self.domain.amortised(Preference((0.5,) * len(self.experts))) is None:
+            self.methods = tuple(m for m in METHODS if m != "amortised")   # none shipped
 
     def _mean(self, method: str, pref: Preference) -> list[float] | None:
         """Mean rewards of ``method`` at ``pref`` on the fixed point seeds (None: missing)."""
@@ -135,6 +138,9 @@ class ImageSession(Session):
         from diffusion_blend.io import image_row
 
         pref, seed = check_request(method, w, lam, allow, seed, self.n_show, len(self.experts))
+        if method not in self.methods:
+            raise UsageError(f"method {method!r} is not available here; use one of "
+                             f"{self.methods}")
         cls = self.spec.check_class(cls if isinstance(cls, str) else whole("class", cls))
         start = time.perf_counter()
         cond = self.domain.cond(range(seed, seed + self.n_show), cls)
@@ -264,7 +270,8 @@ def build_app(session, allow_extrapolation: bool = False):
                                           label="extrapolate (lambda up to 2)")
                 lam = gr.Slider(0, LAM_MAX if allow_extrapolation else 1, value=1, step=0.05,
                                 label="lambda (KL-strength modifier)", elem_id="lam")
-                method = gr.Radio(list(METHODS), value="db-mpa", label="method", elem_id="method")
+                method = gr.Radio(list(session.methods), value="db-mpa", label="method",
+                                  elem_id="method")
                 cond = (gr.Slider(0, len(session.spec.classes) - 1, value=3, step=1,
                                   label="class: " + ", ".join(
                                       f"{i} {c}" for i, c in enumerate(session.spec.classes)),

@@ -86,7 +86,8 @@ def spec(root: str | Path | None = None) -> ImageSpec:
         pair=("ink", "smooth"), rewards=("class-logprob", "ink", "smooth"),
         finetuned={"ink": "images-pathwise", "smooth": "images-pathwise",
                    "class-logprob": "images-pathwise"},
-        base_config={"iterations": 5000}, alpha=0.25,
+        base_config={"iterations": 5000, "guidance": 2.0, "guidance_iterations": 500,
+                     "guidance_lr": 3e-4}, alpha=0.25,
         morl_grid=(0.2, 0.5, 0.8), classifier_config={"epochs": 10, "batch_size": 128})
 
 
