@@ -84,10 +84,9 @@ def spec(root: str | Path | None = None) -> ImageSpec:
                      "split": "the files' train / test"},
         weights_dir=Path(__file__).resolve().parent.parent / "weights" / "fashion",
         pair=("ink", "smooth"), rewards=("class-logprob", "ink", "smooth"),
-        finetuned={"ink": "images-pathwise", "smooth": "images-pathwise",
-                   "class-logprob": "images-pathwise"},
+        finetuned={"ink": "images-pathwise", "smooth": "images-pathwise"},
         base_config={"iterations": 5000, "guidance": 2.0, "guidance_iterations": 500,
-                     "guidance_lr": 3e-4}, alpha=0.25,
+                     "guidance_lr": 3e-4}, alpha=0.1,
         morl_grid=(0.2, 0.5, 0.8), classifier_config={"epochs": 10, "batch_size": 128})
 
 

@@ -158,8 +158,8 @@ PRESETS: dict[str, dict] = {
                     "stop": "budget"},
     # the image domains' default (fashion): trained until the objective stops improving beyond
     # its noise (the stopping rule of issue 15, not a count); ``iterations`` is the guard
-    "images-pathwise": {"estimator": "pathwise", "iterations": 300, "batch_size": 32,
-                        "sample_steps": 10, "lr": 2e-3, "alpha": 0.25, "freeze_last_step": True,
+    "images-pathwise": {"estimator": "pathwise", "iterations": 200, "batch_size": 32,
+                        "sample_steps": 10, "lr": 2e-3, "alpha": 0.1, "freeze_last_step": True,
                         "checkpoint_every": 10, "eval_trajectories": 256, "stop": "plateau",
                         "eval_every": 10, "patience": 3, "stop_trajectories": 256,
                         "decay": 0.5, "min_progress": 0.02},
