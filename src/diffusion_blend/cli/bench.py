@@ -137,7 +137,8 @@ def register(sub: Any) -> None:
                 "domain's 10; an expert is measured on the chain it was trained on)"), SEED)
     command(bench, "amortised", cmd_amortised, "the distilled blend against DB-MPA over the w "
             "grid at each lambda (paired seeds), and its time per image over the single model's",
-            arg("--domain", default="fashion", choices=("fashion", "digits")),
+            arg("--domain", default="digits", choices=("digits", "fashion"),
+                help="default digits (the domain that ships a distilled blend)"),
             arg("--weights", default=None, help="a weights directory with experts/ (default: "
                 "the shipped weights)"),
             arg("--n", type=positive_int, default=500, help="paired seeds per point"),
