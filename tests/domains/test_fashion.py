@@ -79,9 +79,14 @@ def test_base_recipe_stopped_and_resumed_gives_the_same_weights(root, tmp_path):
     whole = run_train_base(spec, tmp_path / "a", cfg, progress=False, quality_per_class=1)
     part = run_train_base(spec, tmp_path / "b", cfg, progress=False, stop_after=2)
     assert part["stopped_at"] == 2 and not (tmp_path / "b" / "base.safetensors").exists()
+    from safetensors.torch import load_file
+
+    earlier = float(load_file(tmp_path / "b" / "checkpoints" / "step-000002" /
+                              "extra.safetensors")["seconds"])
     again = run_train_base(spec, tmp_path / "b", cfg, resume=True, progress=False,
                            quality_per_class=1)
     assert again["base"]["resumed_at"] == 2
+    assert again["base"]["train_seconds"] >= earlier > 0     # the stopped part counts too
     for name in ("base", "classifier", "judge"):
         assert whole[name]["sha256"] == again[name]["sha256"], name   # bit for bit
     q = whole["base"]["quality"]

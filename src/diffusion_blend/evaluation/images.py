@@ -47,8 +47,8 @@ def quality(spec: ImageSpec, denoiser: Denoiser, judge: Classifier, per_class: i
     """Judge-classifier agreement per class on generated images, and the Fréchet distance in
     the judge's feature space to the real test split; for scale, the same distance from as many
     real train images as samples (the estimator's small-sample bias included: the floor)."""
-    n = len(spec.classes)
-    classes = torch.arange(n).repeat_interleave(per_class)
+    k = len(spec.classes)
+    classes = torch.arange(k).repeat_interleave(per_class)
     x0, _ = sample_images(spec, denoiser, classes, list(range(seed, seed + len(classes))),
                           steps, guidance)
     pred = judge(x0).argmax(1)
@@ -57,7 +57,7 @@ def quality(spec: ImageSpec, denoiser: Denoiser, judge: Classifier, per_class: i
              for k, n in (("train_x", len(x0)), ("test_x", len(data["test_x"])))}
     return {
         "accuracy": float((pred == classes).float().mean()),
-        "accuracy_per_class": [float((pred[classes == c] == c).float().mean()) for c in range(n)],
+        "accuracy_per_class": [float((pred[classes == c] == c).float().mean()) for c in range(k)],
         "frechet": frechet_distance(judge.features(x0), feats["test_x"]),
         "frechet_train_vs_test": frechet_distance(feats["train_x"], feats["test_x"]),
         "samples": len(classes), "steps": steps or spec.steps, "guidance": guidance,

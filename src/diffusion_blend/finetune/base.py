@@ -23,17 +23,26 @@ from diffusion_blend.finetune.run import load_checkpoint, save_checkpoint
 from diffusion_blend.lr import warmup_lr
 
 
-def _ddpm_step(unet: nn.Module, opt, cfg: BaseConfig, abar: torch.Tensor, data: dict,
-               g: torch.Generator, it: int, null_class: int) -> float:
-    """One step of the noise-prediction loss on a random batch (class dropped with p_uncond)."""
+def _noised_batch(cfg: BaseConfig, abar: torch.Tensor, data: dict, g: torch.Generator,
+                  null_class: int) -> tuple[torch.Tensor, ...]:
+    """A random training batch noised to random steps: ``(x_t, t, y, eps, dropped)``, the class
+    replaced by the null class with probability ``p_uncond`` (draws in one fixed order, so a
+    restored generator continues the same stream)."""
     x_all, y_all = data["train_x"], data["train_y"]
     idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
     x0, y = x_all[idx], y_all[idx].clone()
-    y[torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond] = null_class
+    drop = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond
+    y[drop] = null_class
     t = torch.randint(0, cfg.T, (cfg.batch_size,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
     a = abar[t][:, None, None, None]
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, y, eps, drop
+
+
+def _ddpm_step(unet: nn.Module, opt, cfg: BaseConfig, abar: torch.Tensor, data: dict,
+               g: torch.Generator, it: int, null_class: int) -> float:
+    """One step of the noise-prediction loss on a random batch (class dropped with p_uncond)."""
+    xt, t, y, eps, _ = _noised_batch(cfg, abar, data, g, null_class)
     loss = (unet(xt, t, class_labels=y).sample - eps).pow(2).mean()
     for group in opt.param_groups:
         group["lr"] = warmup_lr(cfg.lr, it, cfg.warmup, cfg.iterations)
@@ -44,16 +53,18 @@ def _ddpm_step(unet: nn.Module, opt, cfg: BaseConfig, abar: torch.Tensor, data: 
     return float(loss.detach())
 
 
-def _extra(ema: nn.Module, g: torch.Generator, losses: list[float]) -> dict:
-    """What a checkpoint keeps besides the trained weights and the optimizer."""
+def _extra(ema: nn.Module, g: torch.Generator, losses: list[float], seconds: float) -> dict:
+    """What a checkpoint keeps besides the trained weights and the optimizer (the seconds
+    trained so far too, so a resumed run reports its whole training time)."""
     out = {f"ema.{k}": v.detach().clone() for k, v in ema.state_dict().items()}
-    return out | {"generator": g.get_state(), "losses": torch.tensor(losses[-100:])}
+    return out | {"generator": g.get_state(), "losses": torch.tensor(losses[-100:]),
+                  "seconds": torch.tensor([seconds], dtype=torch.float64)}
 
 
-def _restore_extra(extra: dict, ema: nn.Module, g: torch.Generator) -> list[float]:
+def _restore_extra(extra: dict, ema: nn.Module, g: torch.Generator) -> tuple[list[float], float]:
     ema.load_state_dict({k[4:]: v for k, v in extra.items() if k.startswith("ema.")})
     g.set_state(extra["generator"])
-    return extra["losses"].tolist()
+    return extra["losses"].tolist(), float(extra["seconds"]) if "seconds" in extra else 0.0
 
 
 def train_base(spec: ImageSpec, cfg: BaseConfig, out: Path | None = None,
@@ -70,11 +81,12 @@ def train_base(spec: ImageSpec, cfg: BaseConfig, out: Path | None = None,
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    abar, losses, start = cfg.schedule().abar.float(), [], 0
+    abar, losses, start, before = cfg.schedule().abar.float(), [], 0, 0.0
     if resume:
         state = load_checkpoint(out, {"unet": unet}, {"optimizer": opt})
-        start, losses = state["iteration"], _restore_extra(state["extra"], ema, g)
-    t0 = time.perf_counter()
+        start = state["iteration"]
+        losses, before = _restore_extra(state["extra"], ema, g)
+    t0 = time.perf_counter() - before
     for it in tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
                    disable=not progress, desc=f"train-base {spec.name}"):
         losses.append(_ddpm_step(unet, opt, cfg, abar, data, g, it, spec.null_class))
@@ -83,7 +95,7 @@ def train_base(spec: ImageSpec, cfg: BaseConfig, out: Path | None = None,
                 pe.lerp_(p, 1 - cfg.ema)
         if out is not None and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
             save_checkpoint(out, it + 1, {"unet": unet}, {"optimizer": opt}, asdict(cfg),
-                            _extra(ema, g, losses))
+                            _extra(ema, g, losses, time.perf_counter() - t0))
         if stop_after is not None and it + 1 >= stop_after:
             break
     stats = {"train_seconds": time.perf_counter() - t0, "resumed_at": start,
@@ -96,15 +108,7 @@ def _guided_step(student: nn.Module, teacher: nn.Module, opt, cfg: BaseConfig,
                  null_class: int) -> float:
     """One regression of the student onto the teacher's guided prediction (rows whose class
     is dropped keep the teacher's unconditional one, so guidance stays possible)."""
-    x_all, y_all = data["train_x"], data["train_y"]
-    idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
-    x0, y = x_all[idx], y_all[idx].clone()
-    drop = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond
-    y[drop] = null_class
-    t = torch.randint(0, cfg.T, (cfg.batch_size,), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    a = abar[t][:, None, None, None]
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    xt, t, y, _, drop = _noised_batch(cfg, abar, data, g, null_class)
     with torch.no_grad():
         eu = teacher(xt, t, class_labels=torch.full_like(y, null_class)).sample
         target = eu + cfg.guidance * (teacher(xt, t, class_labels=y).sample - eu)
@@ -127,12 +131,13 @@ def distill_guidance(spec: ImageSpec, cfg: BaseConfig, teacher: nn.Module, out: 
     student.load_state_dict(teacher.state_dict())
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.guidance_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    abar, losses, start = cfg.schedule().abar.float(), [], 0
+    abar, losses, start, t0 = cfg.schedule().abar.float(), [], 0, time.perf_counter()
     where = out / "guidance" if out is not None else None
     if resume and where is not None and (where / "checkpoints" / "latest.json").is_file():
         state = load_checkpoint(where, {"unet": student}, {"optimizer": opt})
         start = state["iteration"]
         g.set_state(state["extra"]["generator"])
+        t0 -= float(state["extra"].get("seconds", 0.0))
     for it in tqdm(range(start, cfg.guidance_iterations), initial=start,
                    total=cfg.guidance_iterations, disable=not progress, desc="guidance"):
         losses.append(_guided_step(student, teacher, opt, cfg, abar, data, g, it,
@@ -140,9 +145,11 @@ def distill_guidance(spec: ImageSpec, cfg: BaseConfig, teacher: nn.Module, out: 
         if where is not None and ((it + 1) % cfg.checkpoint_every == 0
                                   or it + 1 == cfg.guidance_iterations):
             where.mkdir(exist_ok=True)
+            seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             save_checkpoint(where, it + 1, {"unet": student}, {"optimizer": opt}, asdict(cfg),
-                            {"generator": g.get_state()})
-    return student.eval(), {"guidance_final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1)}
+                            {"generator": g.get_state(), "seconds": seconds})
+    return student.eval(), {"guidance_seconds": time.perf_counter() - t0,
+                            "guidance_final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1)}
 
 
 def train_classifier(spec: ImageSpec, cfg: ClassifierConfig,
