@@ -1,23 +1,65 @@
-"""The optimum estimated by SMC against toy2d's closed forms."""
+"""The optimum estimated by SMC against toy2d's closed forms, unconditional and prompted."""
+
+import math
+
+import torch
 
 from diffusion_blend.blend import Preference
 from diffusion_blend.domains.toy2d import Toy2dDomain
-from diffusion_blend.evaluation.optimum import gain_ratio
+from diffusion_blend.evaluation.optimum import condition_groups, gain_ratio
 from diffusion_blend.finetune.toy2d import closed_form
 from tests.conftest import z_ok
+
+W = (1.0, 0.0)
+
+
+class Prompted(Toy2dDomain):
+    """toy2d with a prompt ``c`` = seed mod 3 that the reward reads and no model sees."""
+
+    def cond(self, seeds: list[int]) -> dict:
+        return {"c": torch.tensor([s % 3 for s in seeds], dtype=torch.float64)}
+
+
+def measure(domain: Toy2dDomain, shift: float) -> dict:
+    """The exact expert of r1 on the reward ``r1 + shift * c`` (``c`` = 0 without prompts)."""
+    def reward(x0, c=None, **_):
+        return domain.rewards(x0)[:, 0] + (0.0 if c is None else shift * c)
+    return gain_ratio(domain, domain.experts[0], reward, domain.alpha, n=1024, runs=32,
+                      particles=16)
 
 
 def test_the_smc_optimum_and_the_gain_ratio_match_the_closed_forms():
     """The exact expert of r1: SMC's log Z equals the closed form, and the gain ratio computed
     from it equals the one from the closed-form optimum (both near 1: it is the optimum)."""
     domain = Toy2dDomain("bimodal-linear")
-    w = (1.0, 0.0)
-    res = gain_ratio(domain, domain.experts[0], lambda x0, **_: domain.rewards(x0)[:, 0],
-                     domain.alpha, n=1024, runs=32, particles=16)
-    cf = closed_form(domain.problem, w)
-    assert z_ok(res["log_z"], domain.target(Preference(w)).log_z, res["log_z_se"])
+    res = measure(domain, 0.0)
+    cf = closed_form(domain.problem, W)
+    assert z_ok(res["log_z"], domain.target(Preference(W)).log_z, res["log_z_se"])
     room = cf["optimum_objective"] - cf["pretrained_objective"]
     closed = (res["objective"] - cf["pretrained_objective"]) / room
     assert z_ok(res["gain_ratio"], closed, res["gain_ratio_se"])
     assert z_ok(closed, 1.0, res["objective_se"] / room)
     assert res["gain_ratio_se"] < 0.1 and res["path_kl"] > 0.3
+
+
+def test_a_prompted_optimum_is_met_per_prompt():
+    """A reward offset by the prompt (``r1 + 4 alpha c``) that no model can change: the
+    optimum is ``alpha log Z + 4 alpha E[c]`` (``E_c[alpha log Z_c]``), not the Jensen-larger
+    ``alpha log E_c[Z_c]``, and the exact expert still reaches it (gain ratio 1)."""
+    domain = Prompted("bimodal-linear")
+    shift, alpha = 4 * domain.alpha, domain.alpha
+    res = measure(domain, shift)
+    c = domain.cond(list(range(1024)))["c"]
+    log_z = domain.target(Preference(W)).log_z + shift / alpha * float(c.mean())
+    jensen = (domain.target(Preference(W)).log_z
+              + math.log(float(torch.exp(shift / alpha * c).mean())))
+    assert z_ok(res["log_z"], log_z, res["log_z_se"])
+    assert not z_ok(res["log_z"], jensen, res["log_z_se"])
+    assert z_ok(res["gain_ratio"], 1.0, res["gain_ratio_se"]) and res["gain_ratio_se"] < 0.1
+
+
+def test_rows_with_equal_conditioning_share_a_condition():
+    ids, first = condition_groups({"y": torch.tensor([2, 0, 2, 1, 0]), "scale": 3.0}, 5)
+    assert ids.tolist() == [0, 1, 0, 2, 1] and first.tolist() == [0, 1, 3]
+    ids, first = condition_groups({}, 4)
+    assert ids.tolist() == [0, 0, 0, 0] and first.tolist() == [0]

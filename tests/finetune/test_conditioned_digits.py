@@ -28,7 +28,7 @@ def test_each_trajectory_draws_its_preference_from_its_own_seed():
 def test_the_reward_is_lam_w_dot_r_per_trajectory():
     model, _ = load_base(SPEC)
     rewards = [lambda x0, y=None: x0.flatten(1).mean(1), lambda x0, y=None: -x0.flatten(1).std(1)]
-    task, _ = make_task(model, rewards, preset("digits-pathwise"))
+    task, _ = make_task(model, rewards, preset("images-pathwise", stop="budget"))
     x0 = torch.randn(3, 1, 8, 8)
     cond = task.conditioning([1, 2, 3])
     r = torch.stack([f(x0) for f in rewards], 1)
@@ -42,7 +42,7 @@ def test_the_reward_is_lam_w_dot_r_per_trajectory():
 def test_a_trained_adapter_is_served_as_the_conditioned_rl_method(tmp_path):
     weights = tmp_path / "w"
     shutil.copytree(SPEC.weights_dir, weights, ignore=shutil.ignore_patterns("conditioned_*"))
-    cfg = preset("digits-pathwise", iterations=2, batch_size=4, checkpoint_every=1,
+    cfg = preset("images-pathwise", stop="budget", iterations=2, batch_size=4, checkpoint_every=1,
                  eval_trajectories=8)
     meta = train_conditioned(weights, weights / "experts", cfg, progress=False)
     assert meta["pair"] == list(PAIR)

@@ -1,7 +1,8 @@
 """``dblend bench experts --domain fashion|digits``: each shipped fine-tune against the best any
-model can reach, ``alpha * log Z`` estimated by SMC (``evaluation.optimum``): its gain ratio
-with standard errors, path KL and ``log Z``, and how often the held-out judge classifier still
-reads the prompted class (a fine-tune that moves the base far may stop drawing it)."""
+model can reach, ``E_c[alpha * log Z_c]`` over the prompted classes, estimated by SMC
+(``evaluation.optimum``): its gain ratio with standard errors, path KL and ``log Z``, and how
+often the held-out judge classifier still reads the prompted class (a fine-tune that moves the
+base far may stop drawing it)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def judge_agreement(domain: ImageDomain, model, judge, seeds: list[int]) -> floa
     return float((judge(x0).argmax(1) == cond["y"]).float().mean())
 
 
-def bench_experts(n: int = 512, runs: int = 64, particles: int = 16, seed: int = 0,
+def bench_experts(n: int = 512, runs: int = 16, particles: int = 16, seed: int = 0,
                   weights_dir: Path | None = None, steps: int | None = None,
                   domain_name: str = "digits") -> dict:
     """Gain ratio of every shipped adapter on its own objective ``w . r`` at its alpha."""
@@ -57,6 +58,6 @@ def bench_experts(n: int = 512, runs: int = 64, particles: int = 16, seed: int =
     any_domain = next(iter(domains.values()), None)   # every domain holds the same base
     base = (judge_agreement(any_domain, any_domain.base, judge, seed_range(seed, n))
             if any_domain else None)
-    return {"domain": domain_name, "n": n, "smc_runs": runs, "particles": particles,
+    return {"domain": domain_name, "n": n, "smc_runs_per_class": runs, "particles": particles,
             "steps": steps or kind.spec.steps,
             "pretrained_judge_agreement": base, "experts": rows}

@@ -126,12 +126,13 @@ def register(sub: Any) -> None:
             OVERWRITE, arg("--dpok-seconds", type=positive_float, default=180.0),
             arg("--quick", action="store_true", help="tiny sizes (a smoke test)"))
     command(bench, "experts", cmd_experts, "each shipped fine-tune's gain ratio against the "
-            "SMC-estimated optimum alpha log Z",
+            "SMC-estimated optimum E_c[alpha log Z_c] (per prompted class)",
             arg("--domain", default="fashion", choices=("fashion", "digits")),
             arg("--weights", default=None, help="a weights directory with experts/ (default: "
                 "the shipped weights)"),
             arg("--n", type=positive_int, default=512, help="trajectories per objective"),
-            arg("--runs", type=positive_int, default=64, help="SMC runs (log Z's spread)"),
+            arg("--runs", type=positive_int, default=16,
+                help="SMC runs per class (log Z's spread)"),
             arg("--particles", type=positive_int, default=16),
             arg("--steps", type=positive_int, default=None, help="sampling steps (default: the "
                 "domain's 10; an expert is measured on the chain it was trained on)"), SEED)

@@ -101,7 +101,7 @@ def cmd_digits_conditioned(a: argparse.Namespace) -> None:
     from diffusion_blend.io import check_out_folder
 
     threads(a.threads)
-    cfg = preset("digits-pathwise", alpha=a.alpha, iterations=a.iterations,
+    cfg = preset("images-pathwise", alpha=a.alpha, iterations=a.iterations, stop="budget",
                  lr_schedule="cosine", checkpoint_every=50)
     load_base(SPEC, Path(a.weights))     # missing weights: an error before anything is written
     check_out_folder(a.out)
