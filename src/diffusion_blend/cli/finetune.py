@@ -25,7 +25,7 @@ from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.config import FinetuneConfig
 
 STOP = arg("--stop", default=None, choices=("budget", "plateau"),
-           help="plateau (default, except the digits recipe): train until the objective stops "
+           help="plateau (default): train until the objective stops "
                 "improving beyond its noise (--iterations is then the upper bound)")
 RUN = (arg("--iterations", type=positive_int, default=None, help="training iterations"),
        arg("--batch-size", type=positive_int, default=None, help="trajectories per iteration"),
@@ -101,7 +101,8 @@ def cmd_digits_conditioned(a: argparse.Namespace) -> None:
     from diffusion_blend.io import check_out_folder
 
     threads(a.threads)
-    cfg = preset("images-pathwise", alpha=a.alpha, iterations=a.iterations, stop="budget",
+    cfg = preset("images-pathwise", alpha=SPEC.alpha if a.alpha is None else a.alpha,
+                 iterations=a.iterations, stop="budget",
                  lr_schedule="cosine", checkpoint_every=50)
     load_base(SPEC, Path(a.weights))     # missing weights: an error before anything is written
     check_out_folder(a.out)
@@ -154,7 +155,8 @@ def register(sub: Any) -> None:
             "trajectory), saved like the amortised blend",
             arg("--weights", required=True, help="directory with base/classifier weights and "
                 "experts/rewards.json"), OUT,
-            arg("--alpha", type=positive_float, default=0.5),
+            arg("--alpha", type=positive_float, default=None,
+                help="KL strength (default: the domain's, that of the experts)"),
             arg("--iterations", type=positive_int, default=600),
             arg("--resume", action="store_true"))
     command(dom, "sd", cmd_sd, "a LoRA expert for a local diffusers pipeline",
