@@ -61,7 +61,7 @@ def test_an_exact_expert_as_proposal_leaves_the_weights_nearly_equal():
     problem = load_problem("gaussian")
     proposal, base, pot = _setup(problem, Preference((1.0, 0.0)))
     res = smc_sample(proposal, base, pot, problem.schedule, list(range(16)), (2,), None, 64,
-                     ess_threshold=0.0)
+                     ess_threshold=0.0, twist=True)
     w = res.log_weights.exp() * 64
     assert float(w.std()) < 0.05 and res.ess_min > 0.99 * 64
 

@@ -12,6 +12,17 @@ the state before it, ``x_1``, and every particle finishes with the *pretrained* 
 are exact, and the product of the mean incremental weights estimates ``Z = E_pre[exp(lam r_w /
 alpha)]`` without bias. Resampling (systematic, keyed by the run's seed) happens when the
 effective sample size drops below ``ess_threshold * P``.
+
+Every setting is exact as ``P`` grows, but not at the same ``P``. By default the potential is
+applied at the end only and nothing is resampled (self-normalised importance sampling of the
+paths, the blend as proposal), because on the digits (ink/smooth at w = 0.5, alpha 0.25, 48
+seeds, 8 particles; the reference is 256-particle importance sampling, which agreed within 0.003
+with 8192 pretrained samples per class reweighted) the target's mean ``r_w`` was matched within
+its error (+0.01 ± 0.06) by that default, overshot by the twisted potentials (+0.32 ± 0.08:
+``x0_hat`` at the first steps is noise amplified 160-fold, so the first resampling picks
+ancestors by a meaningless reward) and undershot with resampling on the path ratios alone
+(-0.41 ± 0.06: it pulls the particles back toward the untilted chain). ``twist=True`` with
+resampling suits smooth potentials (toy2d's).
 """
 
 from __future__ import annotations
@@ -133,17 +144,17 @@ def draw_one(logw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def smc_sample(proposal: Denoiser, base: Denoiser, potential: Callable[..., torch.Tensor],
                schedule: Schedule, seeds: Sequence[int], shape: tuple[int, ...],
-               steps: int | None, particles: int, ess_threshold: float = 0.5,
+               steps: int | None, particles: int, ess_threshold: float = 0.0,
                cond: dict | None = None, record: bool = False,
-               twist: bool = True) -> SmcResult:
+               twist: bool = False) -> SmcResult:
     """One independent SMC run of ``particles`` particles per seed (its noise, resampling and
     particles all keyed by that seed, so a run does not depend on the batch it is in).
 
     ``potential(x0, **cond) -> [N]`` is ``lam * r_w(x0) / alpha``; ``cond`` is per run (one row
     per seed). ``record`` keeps the paths (states before each step, then the final particles).
-    ``twist=False`` applies the potential at the end only (importance sampling of the paths,
-    resampled when the ESS falls): better when the proposal is already near the target and the
-    intermediate potentials on ``x0_hat`` of noisy states are poor.
+    ``twist=False`` (default) applies the potential at the end only: with ``ess_threshold=0``
+    (default) this is importance sampling of the paths, the one setting whose finite-``P``
+    estimates were right on the images (module docstring).
     """
     r, p = len(seeds), int(particles)
     if p < 1 or r < 1 or not 0 <= ess_threshold <= 1:

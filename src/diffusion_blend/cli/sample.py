@@ -35,7 +35,7 @@ def configs(a: argparse.Namespace):
     cfg = SampleConfig(a.method, parse_floats(a.w, "--w") if a.w else None,
                        parse_finite(a.lam, "--lam"), a.allow_extrapolation, a.n, a.seed)
     mcfg = MethodConfig(a.sampler, a.eta, smc_particles=a.particles,
-                        smc_ess_threshold=a.ess_threshold)
+                        smc_ess_threshold=a.ess_threshold, smc_twist=a.twist)
     return cfg, mcfg
 
 
@@ -162,7 +162,10 @@ def method_args(default_n: int, method: str | None = "db-mpa") -> tuple:
             arg("--eta", type=finite_float, default=1.0, help="ddim: 0 deterministic"),
             arg("--particles", type=positive_int, default=64,
                 help="smc: particles per output sample"),
-            arg("--ess-threshold", type=finite_float, default=0.5, help="smc: resample below"))
+            arg("--ess-threshold", type=finite_float, default=0.0,
+                help="smc: resample when the ESS falls below this share (default 0: never)"),
+            arg("--twist", action="store_true", help="smc: potentials on x0_hat along the "
+                "chain (suits smooth rewards; biased at small P on images)"))
 
 
 def register(sub: Any) -> None:

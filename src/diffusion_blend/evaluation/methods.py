@@ -44,7 +44,8 @@ class MethodConfig:
     rgg_gamma: float = 0.1
     rgg_normalise: bool = True        # DPS-style: a step of fixed size per dimension
     smc_particles: int = 8            # SMC: one run of this many particles per output sample
-    smc_ess_threshold: float = 0.5    # SMC: resample when ESS < threshold * particles
+    smc_ess_threshold: float = 0.0    # SMC: resample when ESS < threshold * particles (0: never)
+    smc_twist: bool = False           # SMC: intermediate potentials on x0_hat (see smc.py)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -175,7 +176,7 @@ def run_smc(domain: Domain, pref: Preference, seeds: list[int], mcfg: MethodConf
     r = reward_w(domain, [ci / domain.alpha for ci in pref.coefficients()[1]])
     res, *cost = measure_cost(lambda: smc_sample(
         domain.blend(pref), domain.base, r, domain.schedule, seeds, domain.shape,
-        domain.steps, p, mcfg.smc_ess_threshold, cond=cond))
+        domain.steps, p, mcfg.smc_ess_threshold, cond=cond, twist=mcfg.smc_twist))
     pick = draw_one(res.log_weights, sample_uniforms(seeds, (), "smc-output"))
     x0 = res.x0.reshape(n, p, *res.x0.shape[1:])[torch.arange(n), pick]
     with torch.no_grad():
