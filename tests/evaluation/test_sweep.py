@@ -147,3 +147,14 @@ def test_every_method_is_measured_against_the_target_smc_estimates(swept):
     assert d["db-mpa"] < d["pretrained"] and d["morl"] < d["pretrained"]
     assert d["db-mpa"] < 0.5 * d["pretrained"]
     assert "as SMC estimates it" in (swept / "report.md").read_text()
+
+
+def test_the_soup_coincides_only_where_the_paired_interval_holds_zero():
+    """Coincidence is read off the paired differences (same seeds), never at the vertices."""
+    from diffusion_blend.evaluation.report import coincidences
+
+    paired = {"soup": {"0": [0.0, 0.0], "0.25": [-0.05, 0.01], "0.5": [0.004, 0.01],
+                       "1": [0.0, 0.0]}, "morl": {"0.25": [0.0, 0.02]}}
+    assert coincidences(paired) == ["0.5"]
+    assert coincidences(paired, "morl") == ["0.25"]
+    assert coincidences({}) == []
