@@ -133,6 +133,13 @@ def test_paired_differences_against_db_mpa_on_the_same_seeds(swept):
                                                  + mpa["r_w_ci95"] ** 2) ** 0.5
     assert set(matched) >= {"soup", "morl"} and set(matched["morl"]) == {"0.5"}
     assert "r_w minus DB-MPA's on the same seeds" in (swept / "report.md").read_text()
+    # against MORL: the same pairs with the sign turned, and the matched rows against MORL
+    vs_morl = summary["paired_r_w_diff_vs_morl"]
+    assert "morl" not in vs_morl and vs_morl["db-mpa"]["0.5"][0] == pytest.approx(
+        -diff["morl"]["0.5"][0]) and vs_morl["db-mpa"]["0.5"][1] == pytest.approx(
+        diff["morl"]["0.5"][1])
+    assert set(summary["paired_r_w_diff_vs_morl_matched_kl"]) >= {"db-mpa", "soup"}
+    assert "r_w minus MORL's on the same seeds" in (swept / "report.md").read_text()
 
 
 

@@ -115,15 +115,16 @@ def per_seed_r_w(out: Path, row: dict) -> torch.Tensor | None:
     return load_file(path)["rewards"] @ torch.tensor(row["w"], dtype=torch.float64)
 
 
-def paired_r_w_diff(out: Path, rows: list[dict], matched: bool = False) -> dict:
-    """Each method's ``r_w`` minus DB-MPA's on the same seeds, per w: ``{METHOD: {W1: [mean,
-    ci95]}}``. ``matched``: at matched path KL, DB-MPA's and the soup's (and RGG's) matched rows
-    against DB-MPA's, and MORL (the KL they were matched to) against DB-MPA's matched row."""
-    ref_tag = "matched" if matched else "main"
+def paired_r_w_diff(out: Path, rows: list[dict], matched: bool = False,
+                    against: str = "db-mpa") -> dict:
+    """Each method's ``r_w`` minus ``against``'s (DB-MPA or MORL) on the same seeds, per w:
+    ``{METHOD: {W1: [mean, ci95]}}``. ``matched``: the rows matched to MORL's path KL (DB-MPA,
+    the soup, RGG); against DB-MPA, its matched row is the reference and MORL is compared too."""
+    ref_tag = "matched" if matched and against == "db-mpa" else "main"
     res: dict[str, dict[str, list[float]]] = {}
-    for ref in [r for r in select(rows, ref_tag, "db-mpa") if r.get("available")]:
+    for ref in [r for r in select(rows, ref_tag, against) if r.get("available")]:
         base = per_seed_r_w(out, ref)
-        for r in _paired_rows(rows, ref["w"], matched) if base is not None else ():
+        for r in _paired_rows(rows, ref, matched) if base is not None else ():
             d = per_seed_r_w(out, r)
             if d is not None:
                 (mean,), (se,) = mean_and_stderr((d - base)[:, None])
@@ -131,13 +132,13 @@ def paired_r_w_diff(out: Path, rows: list[dict], matched: bool = False) -> dict:
     return res
 
 
-def _paired_rows(rows: list[dict], w: list[float], matched: bool) -> list[dict]:
+def _paired_rows(rows: list[dict], ref: dict, matched: bool) -> list[dict]:
     def wanted(r: dict) -> bool:
         if matched:
             return r["tag"] == "matched" or (r["tag"] == "main" and r["method"] == "morl")
         return r["tag"] == "main"
-    return [r for r in rows if r["w"] == w and r.get("available") and r["method"] != "db-mpa"
-            and wanted(r)]
+    return [r for r in rows if r["w"] == ref["w"] and r.get("available")
+            and r["method"] != ref["method"] and wanted(r)]
 
 
 def _vertices(rows: list[dict], method: str) -> list[dict]:
@@ -191,6 +192,8 @@ def write_report(out: str | Path, ref: list[float] | None = None) -> dict:
     summary = summarise(cfg, rows, ref)
     summary["paired_r_w_diff"] = paired_r_w_diff(out, rows)
     summary["paired_r_w_diff_matched_kl"] = paired_r_w_diff(out, rows, matched=True)
+    summary["paired_r_w_diff_vs_morl"] = paired_r_w_diff(out, rows, against="morl")
+    summary["paired_r_w_diff_vs_morl_matched_kl"] = paired_r_w_diff(out, rows, True, "morl")
     summary["soup_coincides_with_db_mpa_at_w"] = coincidences(summary["paired_r_w_diff"])
     names = _reward_names(cfg, rows)
     if len(summary["reference_point"]) == 2:
@@ -399,15 +402,20 @@ def _soup_note(summary: dict) -> str:
 
 
 def paired_table(summary: dict) -> list[str]:
-    """The paired differences of ``r_w`` against DB-MPA (same seeds), with what separates."""
+    """The paired differences of ``r_w`` against DB-MPA and MORL (same seeds), with what
+    separates."""
     lines = []
-    for key, title in (("paired_r_w_diff", "at lam = 1"),
-                       ("paired_r_w_diff_matched_kl", "at matched path KL")):
+    for key, title in (("paired_r_w_diff", "DB-MPA's on the same seeds, at lam = 1"),
+                       ("paired_r_w_diff_matched_kl", "DB-MPA's on the same seeds, at matched "
+                        "path KL"),
+                       ("paired_r_w_diff_vs_morl", "MORL's on the same seeds, at lam = 1"),
+                       ("paired_r_w_diff_vs_morl_matched_kl", "MORL's on the same seeds, at "
+                        "MORL's path KL")):
         diffs = summary.get(key) or {}
         if not diffs:
             continue
         ws = sorted({w for d in diffs.values() for w in d}, key=float)
-        lines += [f"## r_w minus DB-MPA's on the same seeds, {title}", "",
+        lines += [f"## r_w minus {title}", "",
                   "Mean paired difference ± its 95% CI; **bold**: the interval excludes 0 (the "
                   "methods separate there).", "", "| method | " + " | ".join(
                       f"w[0] = {w}" for w in ws) + " |", "|---" * (len(ws) + 1) + "|"]
