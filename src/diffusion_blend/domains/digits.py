@@ -44,7 +44,7 @@ SPEC = ImageSpec(
     weights_dir=Path(__file__).resolve().parent.parent / "weights" / "digits",
     pair=("ink", "smooth"), rewards=("class", "ink", "crisp", "symmetry", "smooth"),
     finetuned={"ink": "images-pathwise", "symmetry": "images-pathwise",
-               "crisp": "images-dpok", "smooth": "images-pathwise"}, alpha=0.25,
+               "crisp": "images-pathwise", "smooth": "images-pathwise"}, alpha=0.25,
     base_config={"iterations": 2500}, classifier_config={"epochs": 40})
 PAIR = SPEC.pair   # the pair with a two-way conflict: MORL and the demo use it
 
