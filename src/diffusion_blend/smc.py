@@ -1,8 +1,9 @@
 """SMC-corrected blend: sequential Monte Carlo with the blended chain as the proposal, whose
 final target is exactly ``p_pre(x0) exp(lam * r_w(x0) / alpha) / Z``.
 
-Targets along the chain: ``gamma_k(x_T..x_t) = p_pre(path) exp(psi(x_t))`` with the potential
-``psi(x_t) = lam * r_w(x0_hat(x_t)) / alpha`` (``x0_hat`` from the pretrained prediction). Both
+Targets along the chain: ``gamma_k(x_T..x_t) = p_pre(path) exp(psi(x_t))``; with ``twist`` the
+potential is ``psi(x_t) = lam * r_w(x0_hat(x_t)) / alpha`` (``x0_hat`` from the pretrained
+prediction), without it (the default) ``psi = 0`` until the last step. Both
 chains' steps are Gaussians with the same variance, so a particle moved by the proposal ``q``
 gets the incremental weight ``p_pre(x_s | x_t) / q(x_s | x_t) * exp(psi(x_s) - psi(x_t))``.
 
