@@ -14,7 +14,8 @@ def test_every_shipped_fine_tune_is_measured_against_the_optimum():
     assert set(out["experts"]) == set(names) and "ink" in names and "morl_ink_smooth_w050" in names
     for row in out["experts"].values():
         assert all(math.isfinite(row[k]) for k in ("gain_ratio", "gain_ratio_se", "log_z",
-                                                   "log_z_se", "path_kl"))
+                                                   "log_z_se", "path_kl", "optimum_path_kl",
+                                                   "optimum_path_kl_se"))
         assert row["optimum"] == row["alpha"] * row["log_z"] and row["path_kl"] > 0
         assert 0 <= row["judge_agreement"] <= 1
     assert out["pretrained_judge_agreement"] > 0.5   # the base draws the prompted digits

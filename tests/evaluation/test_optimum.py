@@ -29,8 +29,9 @@ def measure(domain: Toy2dDomain, shift: float) -> dict:
 
 
 def test_the_smc_optimum_and_the_gain_ratio_match_the_closed_forms():
-    """The exact expert of r1: SMC's log Z equals the closed form, and the gain ratio computed
-    from it equals the one from the closed-form optimum (both near 1: it is the optimum)."""
+    """The exact expert of r1: SMC's log Z equals the closed form, the gain ratio computed from
+    it equals the one from the closed-form optimum (both near 1: it is the optimum), and the
+    optimum's path KL (``E*[r] / alpha - log Z``) the tilted target's."""
     domain = Toy2dDomain("bimodal-linear")
     res = measure(domain, 0.0)
     cf = closed_form(domain.problem, W)
@@ -40,12 +41,15 @@ def test_the_smc_optimum_and_the_gain_ratio_match_the_closed_forms():
     assert z_ok(res["gain_ratio"], closed, res["gain_ratio_se"])
     assert z_ok(closed, 1.0, res["objective_se"] / room)
     assert res["gain_ratio_se"] < 0.1 and res["path_kl"] > 0.3
+    assert z_ok(res["optimum_path_kl"], cf["target_kl"], res["optimum_path_kl_se"])
+    assert res["optimum_path_kl_se"] < 0.1 * cf["target_kl"]
 
 
 def test_a_prompted_optimum_is_met_per_prompt():
     """A reward offset by the prompt (``r1 + 4 alpha c``) that no model can change: the
     optimum is ``alpha log Z + 4 alpha E[c]`` (``E_c[alpha log Z_c]``), not the Jensen-larger
-    ``alpha log E_c[Z_c]``, and the exact expert still reaches it (gain ratio 1)."""
+    ``alpha log E_c[Z_c]``, the exact expert still reaches it (gain ratio 1), and the optimum's
+    path KL is the unprompted one."""
     domain = Prompted("bimodal-linear")
     shift, alpha = 4 * domain.alpha, domain.alpha
     res = measure(domain, shift)
@@ -56,6 +60,9 @@ def test_a_prompted_optimum_is_met_per_prompt():
     assert z_ok(res["log_z"], log_z, res["log_z_se"])
     assert not z_ok(res["log_z"], jensen, res["log_z_se"])
     assert z_ok(res["gain_ratio"], 1.0, res["gain_ratio_se"]) and res["gain_ratio_se"] < 0.1
+    # a constant per prompt does not change the tilted law: the optimum moves as far as without
+    target_kl = closed_form(domain.problem, W)["target_kl"]
+    assert z_ok(res["optimum_path_kl"], target_kl, res["optimum_path_kl_se"])
 
 
 def test_rows_with_equal_conditioning_share_a_condition():
