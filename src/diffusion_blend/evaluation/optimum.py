@@ -63,8 +63,8 @@ def condition_groups(cond: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.stack([(ids == k).nonzero()[0, 0] for k in range(len(index))])
 
 
-def optimum_estimates(domain: Domain, proposal: Denoiser, reward: Reward, alpha: float, cond: dict, n: int,
-          runs: int, particles: int, seed: int) -> dict:
+def optimum_estimates(domain: Domain, proposal: Denoiser, reward: Reward, alpha: float,
+                      cond: dict, n: int, runs: int, particles: int, seed: int) -> dict:
     """SMC estimates of ``E_c[log E_pre[exp(r / alpha) | c]]`` over the ``n`` rows of ``cond``
     and of the tilted law's mean reward ``E_c[E*[r | c]]``, with standard errors: ``runs`` runs
     per condition (``log Z_c`` from the mean of its runs' unbiased ``Z`` estimates, ``E*[r | c]``
@@ -109,7 +109,8 @@ def gain_ratio(domain: Domain, model: Denoiser, reward: Reward, alpha: float, n:
     r_pre, _ = objective(domain, domain.base, reward, alpha, seeds)
     (j, j_pre, gain), (j_se, j_pre_se, gain_se) = mean_and_stderr(
         torch.stack([r - alpha * kl, r_pre, r - alpha * kl - r_pre], 1))
-    opt = optimum_estimates(domain, model, reward, alpha, domain.cond(seeds), n, runs, particles, seed + n)
+    opt = optimum_estimates(domain, model, reward, alpha, domain.cond(seeds), n, runs, particles,
+                            seed + n)
     lz, lz_se = opt["log_z"], opt["log_z_se"]
     room = alpha * lz - j_pre
     ratio = gain / room
