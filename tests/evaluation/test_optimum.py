@@ -6,7 +6,11 @@ import torch
 
 from diffusion_blend.blend import Preference
 from diffusion_blend.domains.toy2d import Toy2dDomain
-from diffusion_blend.evaluation.optimum import condition_groups, gain_ratio
+from diffusion_blend.evaluation.optimum import (
+    condition_groups,
+    gain_ratio,
+    optimum_estimates,
+)
 from diffusion_blend.finetune.toy2d import closed_form
 from tests.conftest import z_ok
 
@@ -63,6 +67,18 @@ def test_a_prompted_optimum_is_met_per_prompt():
     # a constant per prompt does not change the tilted law: the optimum moves as far as without
     target_kl = closed_form(domain.problem, W)["target_kl"]
     assert z_ok(res["optimum_path_kl"], target_kl, res["optimum_path_kl_se"])
+
+
+def test_the_tilted_mean_reweights_a_proposal_far_from_the_target():
+    """The pretrained chain as the proposal (mean reward 0, the target's 2.2): the runs'
+    importance weights, not the particles' plain mean, give the tilted law's mean reward."""
+    domain = Toy2dDomain("bimodal-linear")
+    cf = closed_form(domain.problem, W)
+    res = optimum_estimates(domain, domain.base, lambda x0, **_: domain.rewards(x0)[:, 0],
+                            domain.alpha, {}, 4, runs=64, particles=64, seed=7)
+    assert z_ok(res["tilted_reward"], cf["target_mean_rewards"][0], res["tilted_reward_se"])
+    assert z_ok(res["log_z"], domain.target(Preference(W)).log_z, res["log_z_se"])
+    assert res["tilted_reward_se"] < 0.05 * cf["target_mean_rewards"][0]
 
 
 def test_rows_with_equal_conditioning_share_a_condition():

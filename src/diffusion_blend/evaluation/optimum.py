@@ -80,10 +80,9 @@ def optimum_estimates(domain: Domain, proposal: Denoiser, reward: Reward, alpha:
     per_run = res.log_z.view(len(first), runs)
     run_means = (res.log_weights.view(len(first), runs, particles).exp() * r).sum(2)
     share = torch.bincount(ids, minlength=len(first)).double() / n
-    lz, lz_se = (torch.tensor(v, dtype=torch.float64) for v in zip(
-        *[(log_mean_exp(z), log_z_stderr(z)) for z in per_run], strict=True))
-    m, m_se = (torch.tensor(v, dtype=torch.float64) for v in zip(
-        *[tilted_mean(z, rm) for z, rm in zip(per_run, run_means, strict=True)], strict=True))
+    lz, lz_se, m, m_se = torch.tensor(
+        [(log_mean_exp(z), log_z_stderr(z), *tilted_mean(z, rm))
+         for z, rm in zip(per_run, run_means, strict=True)], dtype=torch.float64).T
     return {"log_z": float(share @ lz), "log_z_se": float((share.pow(2) @ lz_se.pow(2)).sqrt()),
             "tilted_reward": float(share @ m),
             "tilted_reward_se": float((share.pow(2) @ m_se.pow(2)).sqrt())}
