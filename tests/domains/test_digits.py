@@ -37,7 +37,7 @@ def tiny_recipe(tmp_path_factory):
     cfg = BaseConfig(iterations=3)
     run_train_base(TINY, root / "w", cfg, progress=False, quality_per_class=2)
     run_train_experts(SPEC, root / "w", root / "w" / "experts", iterations=1, progress=False,
-                      only=["ink", "symmetry"], stop="plateau")
+                      only=["ink", "symmetry"], stop="plateau", steps=3)
     return root
 
 
@@ -60,6 +60,7 @@ def test_shortened_recipe_is_deterministic_and_loadable(tiny_recipe, tmp_path):
     base_json = json.loads((tiny_recipe / "w" / "base.json").read_text())
     assert dom.metas["ink"]["base_sha256"] == base_json["sha256"]
     assert dom.metas["ink"]["config"]["stop"] == "plateau"   # --stop reaches the recipe
+    assert dom.metas["ink"]["config"]["sample_steps"] == 3   # so does --steps
 
 
 def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_path):

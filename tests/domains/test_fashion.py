@@ -106,6 +106,8 @@ def test_train_base_fashion_command_refuses_missing_data_before_writing(capsys, 
 
 @pytest.mark.slow
 def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_path):
+    from dataclasses import replace
+
     from diffusion_blend.blend import Preference
     from diffusion_blend.domains.fashion import FashionDomain
     from diffusion_blend.domains.images import BaseConfig
@@ -113,12 +115,13 @@ def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_pat
     from diffusion_blend.evaluation.methods import run_method
     from diffusion_blend.finetune.images import run_train_experts
 
-    spec, w = tiny(root), tmp_path / "w"
+    spec, w = replace(tiny(root), steps=4), tmp_path / "w"
     run_train_base(spec, w, BaseConfig(iterations=2, batch_size=4), progress=False,
                    quality_per_class=1)
     done = run_train_experts(spec, w, w / "experts", iterations=1, progress=False,
                              only=["ink", "smooth"], stop="budget")
     assert set(done) == {"ink", "smooth"} and done["ink"]["domain"] == "fashion"
+    assert done["ink"]["config"]["sample_steps"] == 4   # trained on the chain it samples
     dom = FashionDomain(weights_dir=w)
     assert dom.names == ["ink", "smooth"] and dom.shape == (1, 16, 16)
     seeds = [0, 1, 2]

@@ -116,8 +116,9 @@ def expert_specs(domain: ImageSpec, alpha: float) -> list[tuple[ExpertSpec, str,
 def run_train_experts(domain: ImageSpec, weights_dir: Path, out: Path,
                       alpha: float | None = None, iterations: int | None = None,
                       progress: bool = True, only: list[str] | None = None,
-                      stop: str | None = None) -> dict:
-    """The experts recipe (``dblend finetune DOMAIN``); writes adapters + ``rewards.json``."""
+                      stop: str | None = None, steps: int | None = None) -> dict:
+    """The experts recipe (``dblend finetune DOMAIN``); writes adapters + ``rewards.json``.
+    ``steps``: the chain trained on (default the domain's sampling steps)."""
     alpha = domain.alpha if alpha is None else alpha
     base, _ = load_base(domain, weights_dir)        # missing weights: error, nothing written
     classifier = load_classifier(domain, "classifier", weights_dir)
@@ -128,6 +129,7 @@ def run_train_experts(domain: ImageSpec, weights_dir: Path, out: Path,
     for spec, name, extra in expert_specs(domain, alpha):
         if only and spec.name not in only:
             continue
-        cfg = preset(name, alpha=extra.get("alpha", alpha), iterations=iterations, stop=stop)
+        cfg = preset(name, alpha=extra.get("alpha", alpha), iterations=iterations, stop=stop,
+                     sample_steps=steps or domain.steps)
         done[spec.name] = train_expert(domain, weights_dir, out, spec, cfg, stats, progress)
     return done
