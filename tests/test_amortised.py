@@ -60,6 +60,9 @@ def test_preferences_lie_on_the_simplex_and_in_the_lambda_range():
 
 @pytest.mark.slow
 def test_distill_recipe_resumes_to_the_same_weights_and_the_loader_accepts_it(tmp_path):
+    import json
+    from dataclasses import replace
+
     from safetensors.torch import load_file
 
     from diffusion_blend.domains.digits import SPEC
@@ -67,6 +70,10 @@ def test_distill_recipe_resumes_to_the_same_weights_and_the_loader_accepts_it(tm
     from diffusion_blend.finetune.distill_images import DistillConfig, run_distill
 
     cfg, wd, NAME = dict(batch_size=4, checkpoint_every=1), SPEC.weights_dir, amortised_name(SPEC)
+    run_distill(replace(SPEC, steps=3), wd, tmp_path / "c", DistillConfig(iterations=1, **cfg),
+                progress=False)
+    meta = json.loads((tmp_path / "c" / f"{NAME}.json").read_text())
+    assert meta["config"]["steps"] == 3     # distilled on the chain the domain samples
     run_distill(SPEC, wd, tmp_path / "a", DistillConfig(iterations=2, **cfg), progress=False)
     run_distill(SPEC, wd, tmp_path / "b", DistillConfig(iterations=1, **cfg), progress=False)
     run_distill(SPEC, wd, tmp_path / "b", DistillConfig(iterations=2, **cfg), resume=True,

@@ -102,7 +102,7 @@ def cmd_digits_conditioned(a: argparse.Namespace) -> None:
 
     threads(a.threads)
     cfg = preset("images-pathwise", alpha=SPEC.alpha if a.alpha is None else a.alpha,
-                 iterations=a.iterations, stop="budget",
+                 iterations=a.iterations, stop="budget", sample_steps=SPEC.steps,
                  lr_schedule="cosine", checkpoint_every=50)
     load_base(SPEC, Path(a.weights))     # missing weights: an error before anything is written
     check_out_folder(a.out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,14 +50,14 @@ class DistillConfig:
     lam_max: float = 2.0          # lam drawn uniformly on [0, lam_max]
     lora_rank: int = 8
     hidden: int = 64
-    steps: int = 10
+    steps: int | None = None      # the chain distilled on (None: the domain's sampling steps)
     seed: int = 0
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size", "lora_rank", "hidden", "steps",
                      "checkpoint_every"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise UsageError(f"{name}={getattr(self, name)} is not allowed; use >= 1")
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.lam_max)
                 and self.lam_max > 0):
@@ -120,6 +120,7 @@ def run_distill(spec: ImageSpec, weights_dir: Path, out: Path, cfg: DistillConfi
                 resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Train (or resume) and save ``OUT/amortised_<pair>.safetensors`` with its JSON."""
     cfg = cfg or DistillConfig()
+    cfg = replace(cfg, steps=cfg.steps or spec.steps)      # resolved before it is saved
     weights_dir, out = Path(weights_dir), Path(out)
     model, base_meta, experts, emb = _setup(spec, weights_dir, cfg)
     params = [p for p in model.parameters() if p.requires_grad] + list(emb.parameters())
