@@ -81,6 +81,20 @@ def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_pa
         load_base(SPEC, broken)
 
 
+@pytest.mark.slow
+def test_recipe_resume_continues_each_begun_run_and_refuses_another_config(tiny_recipe,
+                                                                          tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(tiny_recipe / "w", w)
+    kw = dict(iterations=1, progress=False, stop="plateau", steps=3, resume=True)
+    ink = json.loads((w / "experts" / "ink.json").read_text())
+    again = run_train_experts(SPEC, w, w / "experts", only=["ink", "crisp"], **kw)
+    assert again["ink"]["sha256"] == ink["sha256"]       # the finished run, the same weights
+    assert (w / "experts" / "runs" / "crisp" / "config.json").is_file()   # not begun: fresh
+    with pytest.raises(UsageError, match="config differs"):   # a resume, not a restart
+        run_train_experts(SPEC, w, w / "experts", only=["ink"], alpha=0.5, **kw)
+
+
 def test_class_outside_range():
     with pytest.raises(UsageError, match="0-9"):
         SPEC.check_class(10)

@@ -88,7 +88,8 @@ def cmd_images(a: argparse.Namespace) -> None:
         raise UsageError(f"--only {a.only}: names must be among {','.join(known)}")
     check_out_folder(a.out)
     done = run_train_experts(spec, Path(a.weights), Path(a.out), alpha, a.iterations,
-                             progress=not a.json, only=only, stop=a.stop, steps=a.steps)
+                             progress=not a.json, only=only, stop=a.stop, steps=a.steps,
+                             resume=a.resume)
     emit({name: {"eval": m["eval"], "train_seconds": m["train_seconds"]}
           for name, m in done.items()}, a.json)
 
@@ -151,6 +152,8 @@ def register(sub: Any) -> None:
                 arg("--only", default=None, help="comma-separated adapter names"),
                 arg("--steps", type=positive_int, default=None, help="the chain trained on "
                     "(default: the domain's sampling steps)"),
+                arg("--resume", action="store_true", help="continue the runs a stopped "
+                    "recipe left under OUT/runs (runs not begun start afresh)"),
                 STOP).set_defaults(domain=name)
     command(dom, "digits-conditioned", cmd_digits_conditioned, "one preference-conditioned "
             "adapter of the digits pair trained directly (conditioned-rl: a preference per "

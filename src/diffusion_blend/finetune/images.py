@@ -76,8 +76,10 @@ def make_task(domain: ImageSpec, model: nn.Module, adapter: str, reward: Callabl
 
 
 def train_expert(domain: ImageSpec, weights_dir: Path, out: Path, spec: ExpertSpec,
-                 cfg: FinetuneConfig, stats: dict, progress: bool = True) -> dict:
-    """Fine-tune one adapter on ``r_w`` (normalised rewards) and save it beside the base."""
+                 cfg: FinetuneConfig, stats: dict, progress: bool = True,
+                 resume: bool = False) -> dict:
+    """Fine-tune one adapter on ``r_w`` (normalised rewards) and save it beside the base;
+    ``resume`` continues its run under ``OUT/runs`` if one was begun (the same config)."""
     base, base_meta = load_base(domain, weights_dir)
     classifier = load_classifier(domain, "classifier", weights_dir)
     reward = WeightedSum(normalised_rewards(spec.rewards, stats, classifier), spec.w)
@@ -86,8 +88,10 @@ def train_expert(domain: ImageSpec, weights_dir: Path, out: Path, spec: ExpertSp
     meta = {"domain": domain.name, "expert": spec.name, "rewards": spec.rewards, "w": spec.w,
             "alpha": cfg.alpha, "base_sha256": base_meta["sha256"]}
     start = time.perf_counter()
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    train(task, cfg, out / "runs" / spec.name, meta, overwrite=True, progress=progress)
+    run = out / "runs" / spec.name
+    run.parent.mkdir(parents=True, exist_ok=True)
+    again = resume and (run / "config.json").exists()
+    train(task, cfg, run, meta, resume=again, overwrite=not again, progress=progress)
     seconds = time.perf_counter() - start
     ev = evaluate(task, iteration_seeds(cfg.seed, 0, cfg.eval_trajectories, 1 << 39),
                   cfg.sample_steps, cfg.alpha)
@@ -116,9 +120,11 @@ def expert_specs(domain: ImageSpec, alpha: float) -> list[tuple[ExpertSpec, str,
 def run_train_experts(domain: ImageSpec, weights_dir: Path, out: Path,
                       alpha: float | None = None, iterations: int | None = None,
                       progress: bool = True, only: list[str] | None = None,
-                      stop: str | None = None, steps: int | None = None) -> dict:
+                      stop: str | None = None, steps: int | None = None,
+                      resume: bool = False) -> dict:
     """The experts recipe (``dblend finetune DOMAIN``); writes adapters + ``rewards.json``.
-    ``steps``: the chain trained on (default the domain's sampling steps)."""
+    ``steps``: the chain trained on (default the domain's sampling steps); ``resume``: each
+    adapter's run continues where a stopped recipe left it."""
     alpha = domain.alpha if alpha is None else alpha
     base, _ = load_base(domain, weights_dir)        # missing weights: error, nothing written
     classifier = load_classifier(domain, "classifier", weights_dir)
@@ -131,5 +137,6 @@ def run_train_experts(domain: ImageSpec, weights_dir: Path, out: Path,
             continue
         cfg = preset(name, alpha=extra.get("alpha", alpha), iterations=iterations, stop=stop,
                      sample_steps=steps or domain.steps)
-        done[spec.name] = train_expert(domain, weights_dir, out, spec, cfg, stats, progress)
+        done[spec.name] = train_expert(domain, weights_dir, out, spec, cfg, stats, progress,
+                                       resume)
     return done
