@@ -152,6 +152,8 @@ def test_finetune_bad_input(capsys, tmp_path, args, match):
     (["--experts", "ink,symmetry", "--w", "0.2,0.3,0.5"], "3 weights"),
     (["--lam", "nan"], "NaN"),
     (["--out", "grid.jpg"], ".png"),
+    (["--steps", "0"], "--steps"),
+    (["--weights", "/nonexistent/w"], "train-base digits"),
 ])
 def test_sample_digits_bad_input(capsys, args, match):
     rc, out, err = run(capsys, "sample", "digits", "--n", "2", *args)
@@ -166,6 +168,8 @@ def test_sample_digits_json_and_png(capsys, tmp_path):
     assert res["nfe_per_sample"] == 20 and res["reward_names"] == ["ink", "smooth"]
     assert len(res["mean_rewards"]) == len(res["stderr_rewards"]) == 2 and res["class"] == 3
     assert (tmp_path / "g.png").stat().st_size > 0
+    rc, out, err = run(capsys, "sample", "digits", "--n", "2", "--steps", "3", "--json")
+    assert rc == 0 and json.loads(out)["nfe_per_sample"] == 6   # two per step, three steps
 
 
 def test_demo_refuses_non_empty_out(capsys, tmp_path):

@@ -86,7 +86,8 @@ def cmd_images(a: argparse.Namespace) -> None:
     cfg, mcfg = configs(a)
     if a.out:
         check_out_file(a.out, ".png")
-    domain = kind(a.experts.split(",") if a.experts else None)
+    domain = kind(a.experts.split(",") if a.experts else None, a.steps,
+                  weights_dir=Path(a.weights) if a.weights else None)
     summary, x0 = run_sample(domain, cfg, mcfg, cond=domain.cond(range(a.seed, a.seed + a.n),
                                                                   cls))
     if not Dist().main:
@@ -180,7 +181,10 @@ def register(sub: Any) -> None:
         command(dom, name, cmd_images, f"a method with the shipped {name} experts",
                 arg("--class", dest="cls", default="0", help="class index or name"),
                 arg("--experts", default=None, help="expert names (default: the pair)"),
-                *method_args(16), arg("--out", default=None, help="a .png of the images")
+                *method_args(16), arg("--out", default=None, help="a .png of the images"),
+                arg("--steps", type=positive_int, default=None,
+                    help="sampling steps (default: the domain's)"),
+                arg("--weights", default=None, help="base + experts (default: shipped)"),
                 ).set_defaults(domain=name)
     command(dom, "sd", cmd_sd, "a method on a local diffusers pipeline with LoRA experts",
             arg("--model", required=True, help="local pipeline dir or cached hub id"),
