@@ -181,3 +181,10 @@ def test_demo_refuses_non_empty_out(capsys, tmp_path):
 def test_bench_experts_refuses_a_weights_dir_without_adapters(capsys, tmp_path):
     rc, out, err = run(capsys, "bench", "experts", "--weights", str(tmp_path))
     assert rc == 2 and out == "" and err.count("\n") == 1 and "no fine-tuned adapters" in err
+
+
+def test_the_spacing_flag_offers_the_schedules_spacings():
+    from diffusion_blend.cli.args import SPACING
+    from diffusion_blend.sampling import SPACINGS
+
+    assert SPACING[1]["choices"] == SPACINGS

@@ -33,6 +33,31 @@ def test_timesteps():
         SCHED.timesteps(0)
 
 
+def test_quadratic_spacing_is_dense_near_zero_and_linear_is_unchanged():
+    from dataclasses import replace
+
+    quad = replace(SCHED, spacing="quadratic")
+    assert quad.timesteps(10) == [round(99 * (i / 9) ** 2) for i in range(9, -1, -1)]
+    assert SCHED.timesteps(10) == [round(99 * i / 9) for i in range(9, -1, -1)]
+    assert quad.timesteps() == SCHED.timesteps()            # the full chain either way
+    q, lin = quad.timesteps(10), SCHED.timesteps(10)
+    assert q[-2] < lin[-2] and q[1] < lin[1]                # finer at t = 0, coarser at T
+    with pytest.raises(UsageError, match="spacing 'cosine'"):
+        replace(SCHED, spacing="cosine")
+
+
+def test_an_image_domain_samples_on_its_spec_spacing():
+    from dataclasses import replace
+
+    from diffusion_blend.domains.digits import SPEC, DigitsDomain
+
+    class Quadratic(DigitsDomain):
+        spec = replace(SPEC, spacing="quadratic")
+
+    assert Quadratic().schedule.timesteps(10)[-3:] == [49, 12, 0]
+    assert DigitsDomain().schedule.timesteps(10)[-3:] == [222, 111, 0]
+
+
 def test_ddpm_step_matches_ho_et_al_mean_and_variance():
     """mu = (x - beta / sqrt(1 - abar) eps) / sqrt(alpha), var = beta_tilde (Ho et al. eq. 11)."""
     x, eps = torch.randn(4, 2), torch.randn(4, 2)

@@ -24,11 +24,23 @@ from diffusion_blend.seeding import sample_normals
 SAMPLERS = ("ddpm", "ddim")
 
 
+SPACINGS = ("linear", "quadratic")
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """A discrete noise schedule given by its betas (float64, index 0 is the least noisy)."""
+    """A discrete noise schedule given by its betas (float64, index 0 is the least noisy) and
+    how a shorter chain spaces its steps: ``linear`` evenly, ``quadratic`` as
+    ``round((T - 1) (i / (n - 1))^2)``, dense near t = 0 (DDIM's quadratic spacing), where a
+    short chain otherwise leaves the last details to one wide pretrained jump."""
 
     betas: torch.Tensor
+    spacing: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.spacing not in SPACINGS:
+            raise UsageError(f"spacing {self.spacing!r} is not known; use one of "
+                             f"{', '.join(SPACINGS)}")
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
@@ -47,12 +59,15 @@ class Schedule:
         return torch.cumprod(1.0 - self.betas, 0)
 
     def timesteps(self, steps: int | None = None) -> list[int]:
-        """``steps`` timesteps evenly spaced over ``[0, T-1]``, noisiest first (all when None)."""
+        """``steps`` timesteps over ``[0, T-1]`` by the spacing, noisiest first (all when None)."""
         steps = self.T if steps is None else int(steps)
         if not 1 <= steps <= self.T:
             raise UsageError(f"steps={steps} is not allowed; use 1 <= steps <= T={self.T}")
-        ts = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long()
-        return sorted(set(ts.tolist()), reverse=True)
+        if self.spacing == "linear" or steps == self.T:
+            ts = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long()
+        else:       # dense near 0: with steps close to T, steps that round alike merge
+            ts = ((self.T - 1) * torch.linspace(0, 1, steps, dtype=torch.float64) ** 2).round()
+        return sorted(set(ts.long().tolist()), reverse=True)
 
     def transitions(self, steps: int | None = None) -> list[tuple[int, float, float]]:
         """``(t, abar_t, abar_s)`` for each step; ``abar_s = 1`` for the last (noise-free) step."""

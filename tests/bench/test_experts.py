@@ -27,3 +27,24 @@ def test_the_chain_length_is_the_one_asked_for():
     short = bench_experts(n=16, runs=2, particles=2)["experts"]["ink"]
     long = bench_experts(n=16, runs=2, particles=2, steps=20)["experts"]["ink"]
     assert short["pretrained_objective"] != long["pretrained_objective"]
+
+
+def test_each_adapter_is_measured_on_the_chain_it_was_trained_on(tmp_path):
+    import json
+    import shutil
+
+    w = tmp_path / "w"
+    (w / "experts").mkdir(parents=True)
+    for f in ("base", "classifier", "judge"):
+        for ext in ("json", "safetensors"):
+            (w / f"{f}.{ext}").symlink_to(SPEC.weights_dir / f"{f}.{ext}")
+    for f in ("rewards.json", "ink.safetensors"):
+        shutil.copy(SPEC.weights_dir / "experts" / f, w / "experts" / f)
+    meta = json.loads((SPEC.weights_dir / "experts" / "ink.json").read_text())
+    meta["config"]["sample_steps"], meta["spacing"] = 5, "quadratic"
+    (w / "experts" / "ink.json").write_text(json.dumps(meta))
+    row = bench_experts(n=16, runs=2, particles=2, weights_dir=w)["experts"]["ink"]
+    assert (row["steps"], row["spacing"]) == (5, "quadratic")
+    shipped_row = bench_experts(n=16, runs=2, particles=2)["experts"]["ink"]
+    assert (shipped_row["steps"], shipped_row["spacing"]) == (10, "linear")
+    assert row["pretrained_objective"] != shipped_row["pretrained_objective"]

@@ -37,15 +37,19 @@ def judge_agreement(domain: ImageDomain, model, judge, seeds: list[int]) -> floa
 def bench_experts(n: int = 512, runs: int = 16, particles: int = 16, seed: int = 0,
                   weights_dir: Path | None = None, steps: int | None = None,
                   domain_name: str = "digits") -> dict:
-    """Gain ratio of every shipped adapter on its own objective ``w . r`` at its alpha."""
+    """Gain ratio of every shipped adapter on its own objective ``w . r`` at its alpha, on the
+    chain it was trained on (its steps and spacing; ``steps`` overrides the steps)."""
     kind = image_domain(domain_name)
     weights_dir = Path(weights_dir or kind.spec.weights_dir)
     domains: dict[tuple, ImageDomain] = {}
     rows, judge = {}, load_classifier(kind.spec, "judge", weights_dir)
     for name in shipped(weights_dir):
         meta = read_json(weights_dir / "experts" / f"{name}.json", "adapter metadata")
+        chain = (steps or meta["config"]["sample_steps"], meta.get("spacing", kind.spec.spacing))
         key = tuple(meta["rewards"])
-        domain = domains.setdefault(key, kind(key, steps, weights_dir=weights_dir))
+        if key + chain not in domains:
+            domains[key + chain] = kind(key, chain[0], weights_dir=weights_dir, spacing=chain[1])
+        domain = domains[key + chain]
         w = torch.tensor(meta["w"], dtype=torch.float64)
 
         def reward(x0, y=None, domain=domain, w=w, **_):
@@ -53,11 +57,11 @@ def bench_experts(n: int = 512, runs: int = 16, particles: int = 16, seed: int =
 
         model = domain.adapter(name)
         res = gain_ratio(domain, model, reward, float(meta["alpha"]), n, runs, particles, seed)
-        rows[name] = {"rewards": meta["rewards"], "w": meta["w"], "alpha": meta["alpha"]} | res
+        rows[name] = {"rewards": meta["rewards"], "w": meta["w"], "alpha": meta["alpha"],
+                      "steps": chain[0], "spacing": chain[1]} | res
         rows[name]["judge_agreement"] = judge_agreement(domain, model, judge, seed_range(seed, n))
-    any_domain = next(iter(domains.values()), None)   # every domain holds the same base
-    base = (judge_agreement(any_domain, any_domain.base, judge, seed_range(seed, n))
-            if any_domain else None)
+    first = next(iter(domains.values()), None)   # every domain holds the same base
+    base = judge_agreement(first, first.base, judge, seed_range(seed, n)) if first else None
     return {"domain": domain_name, "n": n, "smc_runs_per_class": runs, "particles": particles,
-            "steps": steps or kind.spec.steps,
+            "steps": first.steps if first else steps,   # the pretrained model's chain
             "pretrained_judge_agreement": base, "experts": rows}

@@ -134,8 +134,8 @@ def register(sub: Any) -> None:
             arg("--runs", type=positive_int, default=16,
                 help="SMC runs per class (log Z's spread)"),
             arg("--particles", type=positive_int, default=16),
-            arg("--steps", type=positive_int, default=None, help="sampling steps (default: the "
-                "domain's 10; an expert is measured on the chain it was trained on)"), SEED)
+            arg("--steps", type=positive_int, default=None, help="sampling steps (default: "
+                "each adapter's own, the chain it was trained on)"), SEED)
     command(bench, "amortised", cmd_amortised, "the distilled blend against DB-MPA over the w "
             "grid at each lambda (paired seeds), and its time per image over the single model's",
             arg("--domain", default="digits", choices=("digits", "fashion"),

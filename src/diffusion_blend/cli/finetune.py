@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from diffusion_blend.cli.args import (
     OUT,
     OVERWRITE,
     SEED,
+    SPACING,
     arg,
     command,
     domains,
@@ -81,6 +83,7 @@ def cmd_images(a: argparse.Namespace) -> None:
 
     threads(a.threads)
     spec = image_domain(a.domain).spec
+    spec = replace(spec, spacing=a.spacing) if a.spacing else spec
     alpha = spec.alpha if a.alpha is None else a.alpha
     only = a.only.split(",") if a.only else None
     known = [e.name for e, _, _ in expert_specs(spec, alpha)]
@@ -152,6 +155,7 @@ def register(sub: Any) -> None:
                 arg("--only", default=None, help="comma-separated adapter names"),
                 arg("--steps", type=positive_int, default=None, help="the chain trained on "
                     "(default: the domain's sampling steps)"),
+                SPACING,
                 arg("--resume", action="store_true", help="continue the runs a stopped "
                     "recipe left under OUT/runs (runs not begun start afresh)"),
                 STOP).set_defaults(domain=name)

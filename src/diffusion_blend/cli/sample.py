@@ -11,6 +11,7 @@ from typing import Any
 from diffusion_blend.cli.args import (
     EXTRAPOLATE,
     SEED,
+    SPACING,
     arg,
     check_result,
     command,
@@ -87,7 +88,7 @@ def cmd_images(a: argparse.Namespace) -> None:
     if a.out:
         check_out_file(a.out, ".png")
     domain = kind(a.experts.split(",") if a.experts else None, a.steps,
-                  weights_dir=Path(a.weights) if a.weights else None)
+                  weights_dir=Path(a.weights) if a.weights else None, spacing=a.spacing)
     summary, x0 = run_sample(domain, cfg, mcfg, cond=domain.cond(range(a.seed, a.seed + a.n),
                                                                   cls))
     if not Dist().main:
@@ -185,7 +186,7 @@ def register(sub: Any) -> None:
                 arg("--steps", type=positive_int, default=None,
                     help="sampling steps (default: the domain's)"),
                 arg("--weights", default=None, help="base + experts (default: shipped)"),
-                ).set_defaults(domain=name)
+                SPACING).set_defaults(domain=name)
     command(dom, "sd", cmd_sd, "a method on a local diffusers pipeline with LoRA experts",
             arg("--model", required=True, help="local pipeline dir or cached hub id"),
             arg("--experts", default=None, help="LoRA dirs, comma-separated"),

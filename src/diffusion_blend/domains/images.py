@@ -12,7 +12,7 @@ cost a large KL.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ class ImageSpec:
     kla: tuple[float, ...] = (0.5, 2.0)
     alpha: float = 0.5
     steps: int = 10
+    spacing: str = "linear"                     # how the sampling chain spaces its steps
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -65,6 +66,10 @@ class ImageSpec:
     @property
     def null_class(self) -> int:
         return len(self.classes)
+
+    def schedule(self) -> Schedule:
+        """The sampling chain's schedule: the base's betas, the domain's spacing."""
+        return replace(BaseConfig().schedule(), spacing=self.spacing)
 
     def recipe(self, kind: str) -> str:
         """The command that makes a weight file of ``kind``."""
@@ -226,7 +231,7 @@ def sample_images(spec: ImageSpec, denoiser: Denoiser, classes: torch.Tensor, se
                   progress: bool = False) -> tuple[torch.Tensor, float]:
     """Images ``[B, 1, S, S]`` for per-sample classes and seeds (DDPM, ``steps`` steps)."""
     den = denoiser if guidance == 1.0 else Guided(denoiser, guidance, {"y": None})
-    res = sample(den, BaseConfig().schedule(), seeds, spec.shape, steps or spec.steps,
+    res = sample(den, spec.schedule(), seeds, spec.shape, steps or spec.steps,
                  cond={"y": classes}, progress=progress)
     return res.x0, res.nfe_per_sample
 
@@ -341,7 +346,8 @@ class ImageDomain:
 
     def __init__(self, experts: Sequence[str] | None = None, steps: int | None = None,
                  weights_dir: Path | None = None, morl_dir: Path | None = None,
-                 morl_trainer: Callable[[ImageDomain, str, Preference], Path] | None = None):
+                 morl_trainer: Callable[[ImageDomain, str, Preference], Path] | None = None,
+                 spacing: str | None = None):
         spec = self.spec
         self.name = spec.name
         self.weights_dir = Path(weights_dir or spec.weights_dir)
@@ -356,7 +362,8 @@ class ImageDomain:
         self.stats = read_json(self.experts_dir / "rewards.json", "reward statistics")
         self.classifier = load_classifier(spec, "classifier", self.weights_dir)
         self.reward_fns = normalised_rewards(self.names, self.stats, self.classifier)
-        self.schedule, self.shape = BaseConfig().schedule(), spec.shape
+        self.schedule = replace(spec.schedule(), spacing=spacing or spec.spacing)
+        self.shape = spec.shape
         self.steps = steps or spec.steps
         self.morl_dir, self.morl_trainer = morl_dir, morl_trainer
         self._one_network: dict[str, AmortisedDenoiser] = {}

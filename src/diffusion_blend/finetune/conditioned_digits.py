@@ -24,7 +24,6 @@ from diffusion_blend.amortised import PrefEmbedding, coefficients, sample_prefer
 from diffusion_blend.domains.digits import SPEC
 from diffusion_blend.domains.images import (
     LORA_TARGETS,
-    BaseConfig,
     classes_for,
     conditioned_name,
     load_base,
@@ -89,7 +88,7 @@ def make_task(model: nn.Module, rewards: list, cfg: FinetuneConfig) -> tuple[Tas
         return {"y": classes_for(seeds), "pref": preferences_for(seeds, k)}
 
     task = Task(PrefPolicy(AdapterView(model, ADAPTER), emb), DropPref(AdapterView(model, None)),
-                reward, BaseConfig().schedule(), SPEC.shape, cond=cond,
+                reward, SPEC.schedule(), SPEC.shape, cond=cond,
                 freeze_last_step=cfg.freeze_last_step)
     return task, emb
 

@@ -22,7 +22,6 @@ from diffusion_blend.amortised import (
 from diffusion_blend.domains.images import (
     AMORTISED_ADAPTER,
     LORA_TARGETS,
-    BaseConfig,
     ImageSpec,
     amortised_name,
     attach_expert,
@@ -97,7 +96,7 @@ def _iteration(spec: ImageSpec, model, experts, emb, opt, cfg: DistillConfig,
     gen = torch.Generator().manual_seed((cfg.seed << 32) + it)
     feats = coefficients(*sample_preferences(gen, len(seeds), len(spec.pair), cfg.lam_max))
     teacher = _RowBlend(AdapterView(model, None), experts, feats)
-    schedule = BaseConfig().schedule()
+    schedule = spec.schedule()
     res = sample(teacher, schedule, seeds, spec.shape, cfg.steps, cond={"y": y}, record=True)
     steps = schedule.transitions(cfg.steps)
     x = torch.cat(res.states[:-1])

@@ -23,7 +23,6 @@ from diffusion_blend.adapters import (
 )
 from diffusion_blend.domains.images import (
     LORA_TARGETS,
-    BaseConfig,
     ImageSpec,
     classes_for,
     kla_name,
@@ -70,7 +69,7 @@ def make_task(domain: ImageSpec, model: nn.Module, adapter: str, reward: Callabl
     add_lora(model, adapter, cfg.lora_rank, LORA_TARGETS, seed=cfg.seed)
     policy, ref = AdapterView(model, adapter), AdapterView(model, None)
     n = len(domain.classes)
-    return Task(policy, ref, reward, BaseConfig().schedule(), domain.shape,
+    return Task(policy, ref, reward, domain.schedule(), domain.shape,
                 cond=lambda seeds: {"y": classes_for(seeds, n)},
                 freeze_last_step=cfg.freeze_last_step)
 
@@ -86,7 +85,7 @@ def train_expert(domain: ImageSpec, weights_dir: Path, out: Path, spec: ExpertSp
     model = base  # the adapter is injected into the (frozen) base network
     task = make_task(domain, model, spec.name, reward, cfg)
     meta = {"domain": domain.name, "expert": spec.name, "rewards": spec.rewards, "w": spec.w,
-            "alpha": cfg.alpha, "base_sha256": base_meta["sha256"]}
+            "alpha": cfg.alpha, "spacing": domain.spacing, "base_sha256": base_meta["sha256"]}
     start = time.perf_counter()
     run = out / "runs" / spec.name
     run.parent.mkdir(parents=True, exist_ok=True)
