@@ -198,7 +198,8 @@ def morl_trainer(out: Path):
 
         spec = ExpertSpec(name, domain.names, list(pref.w), domain.alpha, "pathwise")
         logging.getLogger(__name__).info("training the MORL adapter %s", name)
-        recipe = preset(domain.spec.finetuned[domain.names[0]], alpha=domain.alpha)
+        recipe = preset(domain.spec.finetuned[domain.names[0]], alpha=domain.alpha,
+                        sample_steps=domain.steps)      # trained on the chain it is swept on
         train_expert(domain.spec, domain.weights_dir, out, spec, recipe, domain.stats)
         return out
 
