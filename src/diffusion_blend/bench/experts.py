@@ -45,7 +45,7 @@ def bench_experts(n: int = 512, runs: int = 16, particles: int = 16, seed: int =
     rows, judge = {}, load_classifier(kind.spec, "judge", weights_dir)
     for name in shipped(weights_dir):
         meta = read_json(weights_dir / "experts" / f"{name}.json", "adapter metadata")
-        chain = (steps or meta["config"]["sample_steps"], meta.get("spacing", kind.spec.spacing))
+        chain = (steps or meta["config"]["sample_steps"], meta.get("spacing", "linear"))
         key = tuple(meta["rewards"])
         if key + chain not in domains:
             domains[key + chain] = kind(key, chain[0], weights_dir=weights_dir, spacing=chain[1])

@@ -348,6 +348,8 @@ class ImageDomain:
                  weights_dir: Path | None = None, morl_dir: Path | None = None,
                  morl_trainer: Callable[[ImageDomain, str, Preference], Path] | None = None,
                  spacing: str | None = None):
+        if spacing:      # this domain's chain: every use of its spec (sampling, MORL) sees it
+            self.spec = replace(self.spec, spacing=spacing)
         spec = self.spec
         self.name = spec.name
         self.weights_dir = Path(weights_dir or spec.weights_dir)
@@ -362,8 +364,7 @@ class ImageDomain:
         self.stats = read_json(self.experts_dir / "rewards.json", "reward statistics")
         self.classifier = load_classifier(spec, "classifier", self.weights_dir)
         self.reward_fns = normalised_rewards(self.names, self.stats, self.classifier)
-        self.schedule = replace(spec.schedule(), spacing=spacing or spec.spacing)
-        self.shape = spec.shape
+        self.schedule, self.shape = spec.schedule(), spec.shape
         self.steps = steps or spec.steps
         self.morl_dir, self.morl_trainer = morl_dir, morl_trainer
         self._one_network: dict[str, AmortisedDenoiser] = {}

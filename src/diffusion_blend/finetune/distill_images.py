@@ -54,10 +54,12 @@ class DistillConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size", "lora_rank", "hidden", "steps",
-                     "checkpoint_every"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+        for name in ("iterations", "batch_size", "lora_rank", "hidden", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name}={getattr(self, name)} is not allowed; use >= 1")
+        if self.steps is not None and int(self.steps) < 1:
+            raise UsageError(f"steps={self.steps} is not allowed; use >= 1 (or None: the "
+                             "domain's)")
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.lam_max)
                 and self.lam_max > 0):
             raise UsageError(f"lr={self.lr}, lam_max={self.lam_max}: both must be finite, > 0")
