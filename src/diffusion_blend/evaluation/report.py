@@ -106,13 +106,17 @@ def summarise(cfg: SweepConfig, rows: list[dict], ref: list[float] | None = None
 
 
 def per_seed_r_w(out: Path, row: dict) -> torch.Tensor | None:
-    """Row ``row``'s ``r_w`` on each seed (None for a sweep made before they were kept)."""
+    """Row ``row``'s ``r_w`` on each seed (None for a sweep made before they were kept). For
+    SMC, each seed's run estimate ``sum_k W_k r_w(x_k)``: the output is one particle drawn by
+    the weights ``W``, so this has the same expectation and less variance (Rao-Blackwell)."""
     from safetensors.torch import load_file
 
     path = rewards_path(out, row["key"])
     if not path.is_file():
         return None
-    return load_file(path)["rewards"] @ torch.tensor(row["w"], dtype=torch.float64)
+    saved = load_file(path)
+    per_seed = saved.get("estimates", saved["rewards"])
+    return per_seed @ torch.tensor(row["w"], dtype=torch.float64)
 
 
 def paired_r_w_diff(out: Path, rows: list[dict], matched: bool = False,
@@ -415,10 +419,12 @@ def paired_table(summary: dict) -> list[str]:
         if not diffs:
             continue
         ws = sorted({w for d in diffs.values() for w in d}, key=float)
+        head = "| method | " + " | ".join(f"w[0] = {w}" for w in ws) + " |"
         lines += [f"## r_w minus {title}", "",
                   "Mean paired difference ± its 95% CI; **bold**: the interval excludes 0 (the "
-                  "methods separate there).", "", "| method | " + " | ".join(
-                      f"w[0] = {w}" for w in ws) + " |", "|---" * (len(ws) + 1) + "|"]
+                  "methods separate there). SMC is paired through each seed's weighted run "
+                  "estimate (its drawn output's expectation, less variance).", "", head,
+                  "|---" * (len(ws) + 1) + "|"]
         for m, d in diffs.items():
             cells = [_paired_cell(d.get(w)) for w in ws]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")

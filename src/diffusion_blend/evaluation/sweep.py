@@ -220,7 +220,7 @@ def measure_row(spec: RowSpec, domain: Domain, cfg: SweepConfig, seeds: list[int
         r = domain.rewards(res.x0, **domain.cond(seeds)).double()
     row |= {"available": True, **_stats("rewards", r), **_stats("r_w", r @ torch.tensor(spec.w,
                                                                    dtype=torch.float64))}
-    _save_rewards(out, spec, r)
+    _save_rewards(out, spec, r, res.estimates)
     if res.estimates is not None:    # SMC: its runs' weighted means estimate the exact target's
         row |= _stats("target_estimate", res.estimates.double())
     if res.chain is not None:
@@ -267,16 +267,18 @@ def sample_path(out: Path, key: str) -> Path:
 
 def rewards_path(out: Path, key: str) -> Path:
     """Where row ``key``'s per-seed rewards ``[seeds, K]`` are kept (for paired comparisons:
-    every row runs the same seeds)."""
+    every row runs the same seeds), with SMC's per-seed run estimates (``estimates``)."""
     return out / "per_seed" / sample_path(out, key).name
 
 
-def _save_rewards(out: Path, spec: RowSpec, r: torch.Tensor) -> None:
+def _save_rewards(out: Path, spec: RowSpec, r: torch.Tensor,
+                  estimates: torch.Tensor | None = None) -> None:
     from safetensors.torch import save_file
 
+    tensors = {"rewards": r} | ({} if estimates is None else {"estimates": estimates})
+    tensors = {k: v.detach().double().contiguous() for k, v in tensors.items()}
     (out / "per_seed").mkdir(exist_ok=True)
-    atomic_write(rewards_path(out, spec.key),
-                 lambda p: save_file({"rewards": r.detach().double().contiguous()}, str(p)))
+    atomic_write(rewards_path(out, spec.key), lambda p: save_file(tensors, str(p)))
 
 
 def _save_samples(out: Path, spec: RowSpec, x0: torch.Tensor) -> None:
