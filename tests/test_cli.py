@@ -3,6 +3,7 @@ import json
 import pytest
 
 from diffusion_blend.cli import main
+from diffusion_blend.domains.digits import SPEC
 
 
 def run(capsys, *argv):
@@ -165,7 +166,7 @@ def test_sample_digits_json_and_png(capsys, tmp_path):
                        "--json", "--out", str(tmp_path / "g.png"))
     assert rc == 0, err
     res = json.loads(out)
-    assert res["nfe_per_sample"] == 20 and res["reward_names"] == ["ink", "smooth"]
+    assert res["nfe_per_sample"] == 2 * SPEC.steps and res["reward_names"] == ["ink", "smooth"]
     assert len(res["mean_rewards"]) == len(res["stderr_rewards"]) == 2 and res["class"] == 3
     assert (tmp_path / "g.png").stat().st_size > 0
     rc, out, err = run(capsys, "sample", "digits", "--n", "2", "--steps", "3", "--json")

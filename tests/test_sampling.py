@@ -51,14 +51,14 @@ def test_an_image_domain_samples_on_its_spec_spacing():
 
     from diffusion_blend.domains.digits import SPEC, DigitsDomain
 
-    class Quadratic(DigitsDomain):
-        spec = replace(SPEC, spacing="quadratic")
+    class Linear(DigitsDomain):
+        spec = replace(SPEC, spacing="linear")
 
-    assert Quadratic().schedule.timesteps(10)[-3:] == [49, 12, 0]
-    assert DigitsDomain().schedule.timesteps(10)[-3:] == [222, 111, 0]
-    chosen = DigitsDomain(spacing="quadratic")       # --spacing: the domain's spec follows
-    assert chosen.spec.spacing == "quadratic" and DigitsDomain.spec.spacing == "linear"
-    assert chosen.schedule.timesteps(10)[-3:] == [49, 12, 0]
+    assert Linear().schedule.timesteps(10)[-3:] == [222, 111, 0]
+    assert DigitsDomain().schedule.timesteps(10)[-3:] == [49, 12, 0]     # the shipped chain
+    chosen = DigitsDomain(spacing="linear")          # --spacing: the domain's spec follows
+    assert chosen.spec.spacing == "linear" and DigitsDomain.spec.spacing == "quadratic"
+    assert chosen.schedule.timesteps(10)[-3:] == [222, 111, 0]
 
 
 def test_ddpm_step_matches_ho_et_al_mean_and_variance():

@@ -14,7 +14,8 @@ from diffusion_blend.evaluation.images import frechet_distance, run_train_base
 from diffusion_blend.finetune.images import run_train_experts
 
 TINY = replace(SPEC, classifier_config={"epochs": 1})   # the recipe, shortened
-QUAD = replace(SPEC, spacing="quadratic")                 # experts on another chain
+OTHER = "linear" if SPEC.spacing == "quadratic" else "quadratic"
+ANOTHER = replace(SPEC, spacing=OTHER)                       # experts on another chain
 
 
 def test_data_split_is_disjoint_and_scaled():
@@ -37,7 +38,7 @@ def tiny_recipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     cfg = BaseConfig(iterations=3)
     run_train_base(TINY, root / "w", cfg, progress=False, quality_per_class=2)
-    run_train_experts(QUAD, root / "w", root / "w" / "experts", iterations=1, progress=False,
+    run_train_experts(ANOTHER, root / "w", root / "w" / "experts", iterations=1, progress=False,
                       only=["ink", "symmetry"], stop="plateau", steps=3)
     return root
 
@@ -62,7 +63,7 @@ def test_shortened_recipe_is_deterministic_and_loadable(tiny_recipe, tmp_path):
     assert dom.metas["ink"]["base_sha256"] == base_json["sha256"]
     assert dom.metas["ink"]["config"]["stop"] == "plateau"   # --stop reaches the recipe
     assert dom.metas["ink"]["config"]["sample_steps"] == 3   # so does --steps
-    assert dom.metas["ink"]["spacing"] == "quadratic"        # and --spacing
+    assert dom.metas["ink"]["spacing"] == OTHER              # and --spacing
 
 
 def test_loader_refuses_other_base_missing_and_corrupt_files(tiny_recipe, tmp_path):
@@ -90,7 +91,7 @@ def test_recipe_resume_continues_each_begun_run_and_refuses_another_config(tiny_
     shutil.copytree(tiny_recipe / "w", w)
     kw = dict(iterations=1, progress=False, stop="plateau", steps=3, resume=True)
     ink = json.loads((w / "experts" / "ink.json").read_text())
-    again = run_train_experts(QUAD, w, w / "experts", only=["ink", "crisp"], **kw)
+    again = run_train_experts(ANOTHER, w, w / "experts", only=["ink", "crisp"], **kw)
     assert again["ink"]["sha256"] == ink["sha256"]       # the finished run, the same weights
     assert (w / "experts" / "runs" / "crisp" / "config.json").is_file()   # not begun: fresh
     with pytest.raises(UsageError, match="config differs"):   # a resume, not a restart
