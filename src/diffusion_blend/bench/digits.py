@@ -2,7 +2,8 @@
 
 Images per second for the base, DB-MPA with K = 2 and 3 experts, DB-MPA-LS and the amortised
 blend (each sampled through the one dispatcher, ``run_method``), and the bare network, all with
-the same seeds and 10 DDPM steps, measured in one run; plus the recipes' recorded wall times.
+the same seeds on the domain's chain (its DDPM steps), measured in one run; plus the recipes'
+recorded wall times.
 """
 
 from __future__ import annotations
