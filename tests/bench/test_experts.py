@@ -19,7 +19,7 @@ def test_every_shipped_fine_tune_is_measured_against_the_optimum():
         assert row["optimum"] == row["alpha"] * row["log_z"] and row["path_kl"] > 0
         assert 0 <= row["judge_agreement"] <= 1
     assert out["pretrained_judge_agreement"] > 0.5   # the base draws the prompted digits
-    assert out["steps"] == 10
+    assert out["steps"] == SPEC.steps
 
 
 def test_the_chain_length_is_the_one_asked_for():
@@ -41,10 +41,11 @@ def test_each_adapter_is_measured_on_the_chain_it_was_trained_on(tmp_path):
     for f in ("rewards.json", "ink.safetensors"):
         shutil.copy(SPEC.weights_dir / "experts" / f, w / "experts" / f)
     meta = json.loads((SPEC.weights_dir / "experts" / "ink.json").read_text())
-    meta["config"]["sample_steps"], meta["spacing"] = 5, "quadratic"
+    other = "linear" if SPEC.spacing == "quadratic" else "quadratic"
+    meta["config"]["sample_steps"], meta["spacing"] = 5, other
     (w / "experts" / "ink.json").write_text(json.dumps(meta))
     row = bench_experts(n=16, runs=2, particles=2, weights_dir=w)["experts"]["ink"]
-    assert (row["steps"], row["spacing"]) == (5, "quadratic")
+    assert (row["steps"], row["spacing"]) == (5, other)
     shipped_row = bench_experts(n=16, runs=2, particles=2)["experts"]["ink"]
-    assert (shipped_row["steps"], shipped_row["spacing"]) == (10, "linear")
+    assert (shipped_row["steps"], shipped_row["spacing"]) == (SPEC.steps, SPEC.spacing)
     assert row["pretrained_objective"] != shipped_row["pretrained_objective"]
