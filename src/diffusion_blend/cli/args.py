@@ -137,7 +137,8 @@ OVERWRITE = arg("--overwrite", action="store_true",
               help="replace an earlier output of this command (only what dblend wrote)")
 SEED = arg("--seed", type=seed_int, default=0)
 SPACING = arg("--spacing", default=None, choices=("linear", "quadratic"),
-              help="how the chain spaces its steps (default: the domain's, linear)")
+              help="how the chain spaces its steps (default: the domain's; digits "
+              "quadratic, fashion linear)")
 EXTRAPOLATE = arg("--allow-extrapolation", action="store_true",
                 help="allow negative weights, lam > 1 and lam * sum(w) > 1")
 
