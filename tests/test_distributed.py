@@ -133,7 +133,13 @@ def test_a_two_process_sample_gathers_the_one_process_samples(tmp_path, method):
     result = tmp_path / "two.pt"
     mp.spawn(_sample_worker, args=(2, _free_port(), method, n, result), nprocs=2)
     assert torch.equal(torch.load(result, weights_only=True)["x0"], x0)
-    assert json.loads(result.with_suffix(".json").read_text()) == json.loads(json.dumps(summary))
+    # the same draws; SMC's weights come from float32 network calls on shards of another size,
+    # whose reductions may differ in the last bits (as any batch size's do)
+    two, one = json.loads(result.with_suffix(".json").read_text()), json.loads(json.dumps(summary))
+    assert two.keys() == one.keys()
+    for k, v in one.items():
+        numeric = isinstance(v, float) or (isinstance(v, list) and v and isinstance(v[0], float))
+        assert two[k] == (pytest.approx(v, rel=1e-6) if numeric else v), k
     assert summary.get("runs", n) == n
 
 

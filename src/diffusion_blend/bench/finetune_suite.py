@@ -68,7 +68,7 @@ def run_one(name: str, estimator: str, out: Path, quick: bool) -> dict:
     spec, w = SUITE[name]
     problem = load_problem(spec)
     scale = dict(batch_size=32, eval_every=2, patience=1, stop_trajectories=64,
-                 eval_trajectories=512, iterations=6) if quick else {}
+                 eval_trajectories=512, iterations=6, sample_steps=50) if quick else {}
     cfg = preset(estimator, w=tuple(w), alpha=problem.alpha, **scale)
     run = out / f"{name}_{estimator}"
     if (run / "result.json").is_file():
