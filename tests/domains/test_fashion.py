@@ -105,7 +105,7 @@ def test_train_base_fashion_command_refuses_missing_data_before_writing(capsys, 
 
 
 @pytest.mark.slow
-def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_path):
+def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_path, monkeypatch):
     from dataclasses import replace
 
     from diffusion_blend.blend import Preference
@@ -131,6 +131,32 @@ def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_pat
     assert torch.equal(run_method("morl", dom, Preference((1.0, 0.0)), seeds).x0, ink)
     assert dom.rewards(ink, **dom.cond(seeds)).shape == (3, 2)
     assert dom.cond([13])["y"].tolist() == [3] and dom.cond([0], "Dress")["y"].tolist() == [3]
+    _missing_morl_adapters_are_trained_on_demand(w, tmp_path / "morl", seeds, monkeypatch)
+
+
+def _missing_morl_adapters_are_trained_on_demand(w, morl, seeds, monkeypatch):
+    """``sweep --train-morl``: a MORL adapter not shipped is fine-tuned by the experts' recipe on
+    the chain being swept, saved in the MORL folder, and found there the next time."""
+    import json
+
+    from diffusion_blend.blend import Preference
+    from diffusion_blend.domains.fashion import FashionDomain
+    from diffusion_blend.evaluation.methods import run_method
+    from diffusion_blend.evaluation.sweep import morl_trainer
+    from diffusion_blend.finetune.config import PRESETS
+
+    tiny_run = {"iterations": 1, "stop": "budget", "batch_size": 2, "eval_trajectories": 2}
+    monkeypatch.setitem(PRESETS, "images-pathwise", PRESETS["images-pathwise"] | tiny_run)
+    dom = FashionDomain(steps=3, weights_dir=w, morl_dir=morl, morl_trainer=morl_trainer(morl))
+    half, adapter = Preference((0.5, 0.5)), morl / "morl_ink_smooth_w050.safetensors"
+    assert dom.morl(Preference((0.5, 0.5), 0.5)) is None and not morl.exists()   # lambda 1 only
+    x0 = run_method("morl", dom, half, seeds).x0
+    meta = json.loads(adapter.with_suffix(".json").read_text())
+    assert meta["w"] == [0.5, 0.5] and meta["rewards"] == ["ink", "smooth"]
+    assert meta["config"]["sample_steps"] == 3 and meta["alpha"] == dom.alpha
+    stamp = adapter.stat().st_mtime_ns
+    assert torch.equal(run_method("morl", dom, half, seeds).x0, x0)   # found, not retrained
+    assert adapter.stat().st_mtime_ns == stamp
 
 
 def test_guidance_folded_into_the_base_resumes_and_changes_the_network(root, tmp_path):
