@@ -17,7 +17,7 @@ def test_the_suite_spans_what_the_issue_asks_and_excludes_the_tuning_specs():
     kinds = {"+".join(r["type"] for r in s["rewards"]) for s, _ in SUITE.values()}
     assert {2, 5} <= modes and {2, 4} <= dims and min(alphas) == 0.3 and max(alphas) == 2.0
     assert {"linear", "quadratic", "linear+quadratic"} <= kinds
-    for tuned in ("bimodal-linear", "bimodal"):
+    for tuned in ("bimodal-linear", "bimodal", "trimodal-3d"):
         assert all(p.spec["mixture"] != load_problem(tuned).spec["mixture"]
                    for p in problems.values())
     for name, (_, w) in SUITE.items():   # every spec has something to gain

@@ -1,12 +1,12 @@
 """``dblend bench finetune-toy2d --suite``: both estimators on problems nobody tuned on.
 
-The presets (``toy2d-pathwise``, ``toy2d-dpok``) were tuned on ``bimodal-linear`` and
-``bimodal`` and then frozen; none of the suite's specs below was looked at while tuning. They
-vary the number of modes (2-5), the dimension (2-4), alpha (0.3-2) and the reward (linear,
-quadratic, a mix of both). Each run trains with the default stopping rule and reports its gain
-ratio against the closed-form optimum on fresh trajectories. The suite can be stopped and
-continued with ``--resume`` (finished runs are kept, unfinished ones resume from their
-checkpoints).
+The presets (``toy2d-pathwise``, ``toy2d-dpok``) were tuned on ``bimodal-linear``,
+``bimodal`` and (pathwise's plateau window) ``trimodal-3d`` and then frozen; none of the
+suite's specs below was looked at while tuning. They vary the number of modes (2-5), the
+dimension (2-4), alpha (0.3-2) and the reward (linear, quadratic, a mix of both). Each run
+trains with the default stopping rule and reports its gain ratio against the closed-form
+optimum on fresh trajectories. The suite can be stopped and continued with ``--resume``
+(finished runs are kept, unfinished ones resume from their checkpoints).
 """
 
 from __future__ import annotations
