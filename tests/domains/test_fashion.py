@@ -113,7 +113,7 @@ def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_pat
     from diffusion_blend.domains.images import BaseConfig
     from diffusion_blend.evaluation.images import run_train_base
     from diffusion_blend.evaluation.methods import run_method
-    from diffusion_blend.finetune.images import run_train_experts
+    from diffusion_blend.finetune.images import expert_specs, run_train_experts
 
     spec, w = replace(tiny(root), steps=4), tmp_path / "w"
     run_train_base(spec, w, BaseConfig(iterations=2, batch_size=4), progress=False,
@@ -122,6 +122,12 @@ def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_pat
                              only=["ink", "smooth"], stop="budget")
     assert set(done) == {"ink", "smooth"} and done["ink"]["domain"] == "fashion"
     assert done["ink"]["config"]["sample_steps"] == 4   # trained on the chain it samples
+    # a reward the domain reports but does not fine-tune by default gets an expert by name
+    extra = run_train_experts(spec, w, tmp_path / "extra", iterations=1, progress=False,
+                              only=["class-logprob"], stop="budget")
+    assert set(extra) == {"class-logprob"}
+    assert extra["class-logprob"]["rewards"] == ["class-logprob"]
+    assert "class-logprob" not in [e.name for e, _, _ in expert_specs(spec, spec.alpha)]
     dom = FashionDomain(weights_dir=w)
     assert dom.names == ["ink", "smooth"] and dom.shape == (1, 16, 16)
     seeds = [0, 1, 2]

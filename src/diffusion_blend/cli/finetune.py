@@ -78,7 +78,7 @@ def cmd_toy2d(a: argparse.Namespace) -> None:
 
 def cmd_images(a: argparse.Namespace) -> None:
     from diffusion_blend.domains import image_domain
-    from diffusion_blend.finetune.images import expert_specs, run_train_experts
+    from diffusion_blend.finetune.images import expert_specs, optional_experts, run_train_experts
     from diffusion_blend.io import check_out_folder
 
     threads(a.threads)
@@ -86,7 +86,7 @@ def cmd_images(a: argparse.Namespace) -> None:
     spec = replace(spec, spacing=a.spacing) if a.spacing else spec
     alpha = spec.alpha if a.alpha is None else a.alpha
     only = a.only.split(",") if a.only else None
-    known = [e.name for e, _, _ in expert_specs(spec, alpha)]
+    known = [e.name for e, _, _ in expert_specs(spec, alpha, optional_experts(spec, spec.rewards))]
     if only and any(n not in known for n in only):
         raise UsageError(f"--only {a.only}: names must be among {','.join(known)}")
     check_out_folder(a.out)

@@ -42,7 +42,8 @@ SPEC = ImageSpec(
     data_source={"source": "sklearn.datasets.load_digits", "split_seed": 0,
                  "test_fraction": 0.2},
     weights_dir=Path(__file__).resolve().parent.parent / "weights" / "digits",
-    pair=("ink", "smooth"), rewards=("class", "ink", "crisp", "symmetry", "smooth"),
+    pair=("ink", "smooth"),
+    rewards=("class", "class-logprob", "ink", "crisp", "symmetry", "smooth"),
     finetuned={"ink": "images-pathwise", "symmetry": "images-pathwise",
                "crisp": "images-pathwise", "smooth": "images-pathwise"}, alpha=0.25,
     steps=40, spacing="quadratic",   # the chain the experts reach >= 0.8 of their optimum on

@@ -10,7 +10,7 @@ in training and in sampling.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,13 +100,16 @@ def train_expert(domain: ImageSpec, weights_dir: Path, out: Path, spec: ExpertSp
         "lora": {"rank": cfg.lora_rank, "targets": list(LORA_TARGETS)}, "eval": ev})
 
 
-def expert_specs(domain: ImageSpec, alpha: float) -> list[tuple[ExpertSpec, str, dict]]:
+def expert_specs(domain: ImageSpec, alpha: float,
+                 also: Sequence[str] = ()) -> list[tuple[ExpertSpec, str, dict]]:
     """Every adapter of the recipe: one expert per fine-tuned reward, MORL on a w grid of the
-    pair, and lambda-specific fine-tunes (alpha / lambda) of the pair's first reward."""
+    pair, and lambda-specific fine-tunes (alpha / lambda) of the pair's first reward; ``also``:
+    experts for other rewards of the domain (by the pair's preset), trained only when named."""
     pair = domain.pair
+    pathwise = domain.finetuned[pair[0]]
     out = [(ExpertSpec(r, [r], [1.0], alpha, p.split("-")[1]), p, {})
            for r, p in domain.finetuned.items()]
-    pathwise = domain.finetuned[pair[0]]
+    out += [(ExpertSpec(r, [r], [1.0], alpha, "pathwise"), pathwise, {}) for r in also]
     for w1 in domain.morl_grid:
         spec = ExpertSpec(morl_name(w1, pair), list(pair), [w1, 1 - w1], alpha, "pathwise")
         out.append((spec, pathwise, {}))
@@ -114,6 +117,12 @@ def expert_specs(domain: ImageSpec, alpha: float) -> list[tuple[ExpertSpec, str,
         out.append((ExpertSpec(kla_name(pair[0], lam), [pair[0]], [1.0], alpha / lam,
                                "pathwise"), pathwise, {"alpha": alpha / lam}))
     return out
+
+
+def optional_experts(domain: ImageSpec, names: Sequence[str] | None) -> list[str]:
+    """The rewards among ``names`` that the domain reports but does not fine-tune by default
+    (``--only class-logprob``): they get an expert when asked for by name."""
+    return [n for n in names or () if n in domain.rewards and n not in domain.finetuned]
 
 
 def run_train_experts(domain: ImageSpec, weights_dir: Path, out: Path,
@@ -131,7 +140,7 @@ def run_train_experts(domain: ImageSpec, weights_dir: Path, out: Path,
     stats = reward_stats(domain, base, classifier)
     write_json(out / "rewards.json", stats)
     done = {}
-    for spec, name, extra in expert_specs(domain, alpha):
+    for spec, name, extra in expert_specs(domain, alpha, optional_experts(domain, only)):
         if only and spec.name not in only:
             continue
         cfg = preset(name, alpha=extra.get("alpha", alpha), iterations=iterations, stop=stop,
