@@ -31,8 +31,10 @@ class Dist:
         return self.rank == 0
 
     def device(self) -> torch.device:
-        if self.world > 1 and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        """This rank's accelerator (``LOCAL_RANK``) when several processes share one, else CPU."""
+        accelerator = torch.accelerator.current_accelerator()
+        if self.world > 1 and accelerator is not None:
+            return torch.device(accelerator.type, int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
 
     def shard(self, seeds: Sequence[int]) -> list[int]:

@@ -272,12 +272,13 @@ class _Term:
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device`` (CUDA: the allocator's view; CPU: ``MemAvailable``), or None
-    where it cannot be read."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    """Bytes free on ``device`` (an accelerator: its runtime's view; CPU: ``MemAvailable``), or
+    None where it cannot be read."""
     if device.type != "cpu":
-        return None
+        try:
+            return torch.accelerator.get_memory_info(device)[0]
+        except (RuntimeError, ValueError, TypeError):
+            return None
     try:
         meminfo = Path("/proc/meminfo").read_text()
     except OSError:

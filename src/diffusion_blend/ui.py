@@ -256,29 +256,14 @@ def build_app(session, allow_extrapolation: bool = False):
     """The Gradio Blocks app around a session (not launched)."""
     import gradio as gr
 
-    k = len(session.experts)
     with gr.Blocks(title="diffusion-blend", analytics_enabled=False) as app:
         gr.Markdown("## diffusion-blend: one preference, any mix of the experts, live\n"
                     "Move a slider: the same seed is redrawn with the blended backward "
                     "process `eps_pre + lambda * sum_i w_i (eps_i - eps_pre)`.")
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                ws = [gr.Slider(0, 1, value=round(1 / k, 2), step=0.05, elem_id=f"w{i}",
-                                label=f"w: {name.rsplit('/', 1)[-1]}")
-                      for i, name in enumerate(session.experts)]
-                extrapolate = gr.Checkbox(allow_extrapolation, elem_id="extrapolate",
-                                          label="extrapolate (lambda up to 2)")
-                lam = gr.Slider(0, LAM_MAX if allow_extrapolation else 1, value=1, step=0.05,
-                                label="lambda (KL-strength modifier)", elem_id="lam")
-                method = gr.Radio(list(session.methods), value="db-mpa", label="method",
-                                  elem_id="method")
-                cond = (gr.Slider(0, len(session.spec.classes) - 1, value=3, step=1,
-                                  label="class: " + ", ".join(
-                                      f"{i} {c}" for i, c in enumerate(session.spec.classes)),
-                                  elem_id="class")
-                        if session.kind == "image" else
-                        gr.Textbox("a photo of an apple", label="prompt", elem_id="prompt"))
-                seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="seed")
+                method, ws, lam, extrapolate, cond, seed = _controls(gr, session,
+                                                                     allow_extrapolation)
             with gr.Column(scale=2):
                 image = gr.Image(label="samples (the same seed for every method)", type="pil",
                                  elem_id="img", show_label=True, height=180)
@@ -316,6 +301,27 @@ def build_app(session, allow_extrapolation: bool = False):
                                                    value=min(v, LAM_MAX if on else 1)),
                            [extrapolate, lam], lam, api_visibility="private")
     return app
+
+
+def _controls(gr, session, allow_extrapolation: bool) -> tuple:
+    """The left column's inputs: method, one slider per expert weight, lambda, its
+    extrapolation toggle, the class (or prompt) and the seed."""
+    k = len(session.experts)
+    ws = [gr.Slider(0, 1, value=round(1 / k, 2), step=0.05, elem_id=f"w{i}",
+                    label=f"w: {name.rsplit('/', 1)[-1]}")
+          for i, name in enumerate(session.experts)]
+    extrapolate = gr.Checkbox(allow_extrapolation, elem_id="extrapolate",
+                              label="extrapolate (lambda up to 2)")
+    lam = gr.Slider(0, LAM_MAX if allow_extrapolation else 1, value=1, step=0.05,
+                    label="lambda (KL-strength modifier)", elem_id="lam")
+    method = gr.Radio(list(session.methods), value="db-mpa", label="method", elem_id="method")
+    classes = ", ".join(f"{i} {c}" for i, c in enumerate(getattr(session.spec, "classes", ())))
+    cond = (gr.Slider(0, len(session.spec.classes) - 1, value=3, step=1,
+                      label="class: " + classes, elem_id="class")
+            if session.kind == "image" else
+            gr.Textbox("a photo of an apple", label="prompt", elem_id="prompt"))
+    seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="seed")
+    return method, ws, lam, extrapolate, cond, seed
 
 
 def _request(values: tuple) -> tuple:
