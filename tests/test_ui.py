@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 
 import pytest
@@ -22,7 +23,9 @@ pytest.importorskip("gradio")     # the ui extra (in the test extra, so CI alway
 def session():
     from diffusion_blend.ui import ImageSession
 
-    return ImageSession("digits", ["ink", "smooth"])
+    session = ImageSession("digits", ["ink", "smooth"])
+    yield session
+    session.close()      # after the app: no server thread left inside torch at exit
 
 
 def cli_sample(capsys, cls, w, lam, seed, method="db-mpa"):
@@ -102,6 +105,33 @@ def test_a_client_gets_the_cli_numbers_and_bad_values_are_errors(app, capsys):
         client.predict("db-mpa", 0.3, 0.7, 1.9, False, 4, 11, api_name="/render")
     with pytest.raises(Exception, match=r"lam \* sum\(w\)"):
         client.predict("db-mpa", 0.8, 0.8, 1.0, False, 4, 11, api_name="/render")
+
+
+def test_close_waits_for_the_render_in_flight_and_refuses_the_next():
+    """A daemon server thread still inside torch at interpreter exit aborts the process:
+    ``close`` returns only after the work in flight, and no work starts after it."""
+    from diffusion_blend.ui import Session
+
+    session, inside, release, order = Session(), threading.Event(), threading.Event(), []
+
+    def render():
+        inside.set()
+        release.wait(30)
+        order.append("rendered")
+
+    worker = threading.Thread(target=session.serve, args=(render,))
+    worker.start()
+    assert inside.wait(30)
+    closer = threading.Thread(target=lambda: (session.close(), order.append("closed")))
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive() and order == []          # close waits for the render
+    release.set()
+    worker.join(30), closer.join(30)
+    assert order == ["rendered", "closed"]
+    with pytest.raises(UsageError, match="closed"):
+        session.serve(render)
+    assert order == ["rendered", "closed"]
 
 
 def test_a_port_in_use_is_refused_before_models_load(capsys):

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +80,22 @@ class Session:
     fronts: dict = {}
     methods: tuple[str, ...] = METHODS   # what the method switch offers
 
+    def __init__(self) -> None:
+        self._lock, self._closed = threading.Lock(), False
+
+    def serve(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)``, one at a time, unless the session is closed: the server's threads
+        are daemons, and one still inside torch when the interpreter exits aborts it."""
+        with self._lock:
+            if self._closed:
+                raise UsageError("this session is closed; start `dblend ui` again")
+            return fn(*args)
+
+    def close(self) -> None:
+        """Wait for the work in flight, then refuse any more (call after the app closes)."""
+        with self._lock:
+            self._closed = True
+
     def render(self, method: str, w: list[float], lam: float, allow: bool, cond: Any,
                seed: float) -> Render:
         return self.place(self.sample(method, w, lam, allow, cond, seed))
@@ -97,6 +115,7 @@ class ImageSession(Session):
         from diffusion_blend.domains import image_domain
         from diffusion_blend.evaluation.methods import MethodConfig
 
+        super().__init__()
         self.domain = image_domain(domain)(experts)
         self.spec, self.experts = self.domain.spec, list(self.domain.names)
         self.mcfg = MethodConfig(smc_particles=smc_particles)
@@ -173,6 +192,7 @@ class SdSession(Session):
         from diffusion_blend.domains.sd import SdDomain
         from diffusion_blend.evaluation.methods import MethodConfig
 
+        super().__init__()
         self.experts = [str(e) for e in experts]
         self.domain = SdDomain(model, self.experts, ["a photo of an apple"], steps=steps,
                                guidance=guidance, amortised=amortised)
@@ -274,7 +294,7 @@ def build_app(session, allow_extrapolation: bool = False):
 
         def call(fn, *args):
             try:
-                return fn(*args)
+                return session.serve(fn, *args)
             except UsageError as e:
                 raise gr.Error(str(e)) from None
 
@@ -289,7 +309,7 @@ def build_app(session, allow_extrapolation: bool = False):
         def place(shown):                            # ... then their point on the fronts
             if shown is None:
                 return gr.skip(), gr.skip()
-            out = session.place(shown)
+            out = call(session.place, shown)
             return out.readout, out.figure
 
         app.load(render, inputs, outputs, api_name="render")     # what clients call

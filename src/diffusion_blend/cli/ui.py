@@ -26,10 +26,15 @@ def cmd_ui(a: argparse.Namespace) -> None:
     check_port(a.host, a.port)        # a port in use is an error before models load
     from diffusion_blend.ui import build_app
 
-    app = build_app(make_session(experts, a.sd_model, a.steps, a.amortised, a.domain),
-                    a.allow_extrapolation)
+    session = make_session(experts, a.sd_model, a.steps, a.amortised, a.domain)
+    app = build_app(session, a.allow_extrapolation)
     sys.stderr.write(f"dblend ui: serving http://{a.host}:{a.port}/ (Ctrl-C stops)\n")
-    app.launch(server_name=a.host, server_port=a.port, share=False, ssr_mode=False, quiet=True)
+    try:
+        app.launch(server_name=a.host, server_port=a.port, share=False, ssr_mode=False,
+                   quiet=True)
+    finally:
+        app.close(verbose=False)
+        session.close()     # no render left inside torch when the interpreter exits
 
 
 def register(sub: Any) -> None:
