@@ -29,13 +29,14 @@ W_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def paired_r_w(domain: ImageDomain, pref: Preference, seeds: list[int]) -> dict:
     """Mean ``r_w`` of DB-MPA and of the amortised blend on ``seeds``, and their paired
-    difference with its standard error."""
+    difference with its standard error (stratified by the seeds' classes)."""
     w = torch.tensor(pref.w, dtype=torch.float64)
     cond = domain.cond(seeds)
     r = {m: domain.rewards(run_method(m, domain, pref, seeds).x0, **cond).double() @ w
          for m in ("db-mpa", "amortised")}
     (mpa, ours, diff), (_, _, se) = mean_and_stderr(
-        torch.stack([r["db-mpa"], r["amortised"], r["amortised"] - r["db-mpa"]], 1))
+        torch.stack([r["db-mpa"], r["amortised"], r["amortised"] - r["db-mpa"]], 1),
+        domain.strata(seeds))
     return {"w": list(pref.w), "db_mpa": mpa, "amortised": ours, "diff": diff, "diff_se": se}
 
 

@@ -74,7 +74,7 @@ def reference(a: argparse.Namespace, k: int | None = None) -> tuple[float, ...] 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
     from diffusion_blend.distributed import Dist
-    from diffusion_blend.evaluation.report import write_report
+    from diffusion_blend.evaluation.report import check_reference, write_report
     from diffusion_blend.evaluation.sweep import check_sweep_out, run_sweep
 
     threads(a.threads)
@@ -82,6 +82,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     cfg = sweep_config(a)
     cfg.check()
     ref = reference(a, cfg.k())
+    check_reference(cfg.methods, ref)
     check_sweep_out(cfg, a.out, a.overwrite)
     out = run_sweep(cfg, a.out, a.overwrite, progress=not a.json)
     if not Dist().main:    # under accelerate launch, rank 0 reports the merged results

@@ -46,6 +46,10 @@ class Domain(Protocol):
     def cond(self, seeds: list[int]) -> dict:
         """The conditioning of each seed (class, prompt embeddings; ``{}`` if none)."""
 
+    def strata(self, seeds: list[int]) -> torch.Tensor | None:
+        """Each seed's stratum where the seed fixes the conditioning (class or prompt ``s % n``:
+        a balanced design, so standard errors count only the spread within); None: iid seeds."""
+
     def rewards(self, x0: torch.Tensor, **cond) -> torch.Tensor:
         """Each basis reward of each sample, ``[B, K]``."""
 

@@ -385,6 +385,9 @@ class ImageDomain:
             return {"y": classes_for(seeds, len(self.spec.classes))}
         return {"y": torch.full((len(seeds),), self.spec.check_class(cls), dtype=torch.long)}
 
+    def strata(self, seeds: Sequence[int]) -> torch.Tensor:
+        return classes_for(seeds, len(self.spec.classes))
+
     def rewards(self, x0: torch.Tensor, y: torch.Tensor | None = None, **_) -> torch.Tensor:
         return torch.stack([r(x0, y=y) for r in self.reward_fns], 1)
 

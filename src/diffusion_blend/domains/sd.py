@@ -233,6 +233,9 @@ class SdDomain:
     def cond(self, seeds: list[int]) -> dict:
         return self.bank(seeds)
 
+    def strata(self, seeds: list[int]) -> torch.Tensor:
+        return self.bank.index(seeds)
+
     def rewards(self, x0: torch.Tensor, prompt_idx: torch.Tensor | None = None,
                 **_) -> torch.Tensor:
         if not self.reward_fns:

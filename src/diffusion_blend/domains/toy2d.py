@@ -427,6 +427,9 @@ class Toy2dDomain:
     def cond(self, seeds: list[int]) -> dict:
         return {}
 
+    def strata(self, seeds: list[int]) -> None:
+        return None
+
     def rewards(self, x0: torch.Tensor, **_) -> torch.Tensor:
         r = self.problem.rewards_of(x0.double())
         return r @ self.basis.T if self.trained else r

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def score(values: torch.Tensor, names: Sequence[str]) -> dict:
-    """Mean and 95% CI half-width of every normalised reward (``values``: ``[n, K]``)."""
-    means, errs = mean_and_stderr(values)
+def score(values: torch.Tensor, names: Sequence[str], strata: torch.Tensor | None = None) -> dict:
+    """Mean and 95% CI half-width of every normalised reward (``values``: ``[n, K]``; the
+    interval stratified by ``strata``, the seeds' classes)."""
+    means, errs = mean_and_stderr(values, strata)
     return {r: {"mean": m, "ci95": 1.96 * e} for r, m, e in zip(names, means, errs, strict=True)}
 
 
@@ -122,13 +123,13 @@ def run_demo(domain: str = "fashion", out: str | Path = "dblend-demo", overwrite
                                     desc="demo"):
         res = run_method(method, pair if method == "morl" else every, pref, seeds)
         values[label] = torch.stack([r(res.x0, y=y) for r in scorers], 1)
-        rows[label] = score(values[label], spec.rewards) | {"nfe_per_sample": res.nfe_per_sample}
+        rows[label] = score(values[label], spec.rewards, y) | {"nfe_per_sample": res.nfe_per_sample}
         images[label] = res.x0
     _grids(spec, out, images, grid_w, lams)
     save_figure(pareto_figure(spec, rows), out / "pareto.png")
     cross = cross_rewards({k: values[k] for k in ("pretrained",
                                                   *(f"expert:{e}" for e in spec.finetuned))},
-                          spec.rewards)
+                          spec.rewards, y)
     seconds = time.perf_counter() - start
     write_json(out / "results.json", {"domain": domain, "rows": rows, "cross_rewards": cross,
                                       "seconds": seconds, "n_per_class": n_per_class,
@@ -176,15 +177,17 @@ def pareto_figure(spec: ImageSpec, rows: dict) -> Figure:
     return fig
 
 
-def cross_rewards(values: dict[str, torch.Tensor], names: Sequence[str]) -> dict:
+def cross_rewards(values: dict[str, torch.Tensor], names: Sequence[str],
+                  strata: torch.Tensor | None = None) -> dict:
     """Each expert's change of every reward from the pretrained model, paired on the same
-    seeds and classes (mean and 95% CI), and the conflicts: changes below zero beyond the CI."""
+    seeds and classes (mean and 95% CI, stratified by ``strata``), and the conflicts: changes
+    below zero beyond the CI."""
     base = values["pretrained"]
     out: dict = {"delta": {}, "conflicts": []}
     for key, vals in values.items():
         if key == "pretrained":
             continue
-        means, errs = mean_and_stderr(vals - base)
+        means, errs = mean_and_stderr(vals - base, strata)
         out["delta"][key] = {r: {"mean": m, "ci95": 1.96 * e}
                              for r, m, e in zip(names, means, errs, strict=True)}
         expert = key.split(":", 1)[1]
@@ -213,11 +216,14 @@ def demo_report(spec: ImageSpec, rows: dict, cross: dict, seconds: float,
         f"# diffusion-blend {spec.name} demo\n\n"
         f"Shipped base and LoRA experts; DDPM with {spec.steps} steps; {n_per_class} seeds "
         "per class (the same seeds for every row). Rewards are normalised by the pretrained "
-        "model (0 = its mean, 1 = its standard deviation); ± is a 95% confidence interval.\n\n"
+        "model (0 = its mean, 1 = its standard deviation); ± is a 95% confidence interval, "
+        "stratified by class.\n\n"
         "![DB-MPA](grid_mpa.png)\n\n![DB-KLA](grid_kla.png)\n\n![Pareto](pareto.png)\n\n"
         + "\n".join(_table("model", rows, spec.rewards, "nfe_per_sample"))
         + "\n\n## Cross-rewards: each expert's change from the pretrained model\n\n"
-        "Paired on the same seeds and classes, so the interval is that of the change itself.\n\n"
+        "Paired on the same seeds and classes, so the interval is that of the change itself; "
+        "the classes are fixed by the seeds (balanced), so it counts the spread within each "
+        "class only.\n\n"
         + "\n".join(_table("expert", cross["delta"], spec.rewards))
         + "\n\n## Conflicts (an expert lowers another reward, beyond the 95% CI)\n\n"
         + ("\n".join(conflicts) or "none") + f"\n\nWall time: {seconds:.1f} s.\n")

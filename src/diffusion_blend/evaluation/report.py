@@ -57,12 +57,21 @@ def methods_of(rows: list[dict], tag: str = "main") -> list[str]:
     return seen
 
 
+NO_REFERENCE = ("the sweep has no pretrained row: add 'pretrained' to --methods or give "
+                "--reference-point")
+
+
+def check_reference(methods: tuple[str, ...], ref: tuple[float, ...] | None) -> None:
+    """Refuse, before any sampling, a sweep whose report would have no hypervolume reference."""
+    if ref is None and "pretrained" not in methods:
+        raise UsageError(NO_REFERENCE)
+
+
 def reference_point(rows: list[dict]) -> list[float]:
     """The pretrained model's mean rewards (the default hypervolume reference)."""
     pre = select(rows, "main", "pretrained")
     if not pre:
-        raise UsageError("the sweep has no pretrained row: add 'pretrained' to --methods "
-                         "or give --reference-point")
+        raise UsageError(NO_REFERENCE)
     return pre[0]["rewards"]
 
 
@@ -105,10 +114,11 @@ def summarise(cfg: SweepConfig, rows: list[dict], ref: list[float] | None = None
     return out
 
 
-def per_seed_r_w(out: Path, row: dict) -> torch.Tensor | None:
-    """Row ``row``'s ``r_w`` on each seed (None for a sweep made before they were kept). For
-    SMC, each seed's run estimate ``sum_k W_k r_w(x_k)``: the output is one particle drawn by
-    the weights ``W``, so this has the same expectation and less variance (Rao-Blackwell)."""
+def per_seed_r_w(out: Path, row: dict) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Row ``row``'s ``r_w`` on each seed and each seed's stratum (None for a sweep made before
+    they were kept). For SMC, each seed's run estimate ``sum_k W_k r_w(x_k)``: the output is one
+    particle drawn by the weights ``W``, so this has the same expectation and less variance
+    (Rao-Blackwell)."""
     from safetensors.torch import load_file
 
     path = rewards_path(out, row["key"])
@@ -116,13 +126,16 @@ def per_seed_r_w(out: Path, row: dict) -> torch.Tensor | None:
         return None
     saved = load_file(path)
     per_seed = saved.get("estimates", saved["rewards"])
-    return per_seed @ torch.tensor(row["w"], dtype=torch.float64)
+    strata = saved.get("strata")
+    return (per_seed @ torch.tensor(row["w"], dtype=torch.float64),
+            None if strata is None else strata.long())
 
 
 def paired_r_w_diff(out: Path, rows: list[dict], matched: bool = False,
                     against: str = "db-mpa") -> dict:
     """Each method's ``r_w`` minus ``against``'s (DB-MPA or MORL) on the same seeds, per w:
-    ``{METHOD: {W1: [mean, ci95]}}``. ``matched``: the rows matched to MORL's path KL (DB-MPA,
+    ``{METHOD: {W1: [mean, ci95]}}``, the interval stratified by the seeds' classes or prompts
+    where the domain fixes them by seed. ``matched``: the rows matched to MORL's path KL (DB-MPA,
     the soup, RGG); against DB-MPA, its matched row is the reference and MORL is compared too."""
     ref_tag = "matched" if matched and against == "db-mpa" else "main"
     res: dict[str, dict[str, list[float]]] = {}
@@ -131,7 +144,7 @@ def paired_r_w_diff(out: Path, rows: list[dict], matched: bool = False,
         for r in _paired_rows(rows, ref, matched) if base is not None else ():
             d = per_seed_r_w(out, r)
             if d is not None:
-                (mean,), (se,) = mean_and_stderr((d - base)[:, None])
+                (mean,), (se,) = mean_and_stderr((d[0] - base[0])[:, None], base[1])
                 res.setdefault(r["method"], {})[f"{ref['w'][0]:g}"] = [mean, 1.96 * se]
     return res
 

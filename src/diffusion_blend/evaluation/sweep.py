@@ -218,13 +218,14 @@ def measure_row(spec: RowSpec, domain: Domain, cfg: SweepConfig, seeds: list[int
         return row | {"available": False}
     with torch.no_grad():
         r = domain.rewards(res.x0, **domain.cond(seeds)).double()
-    row |= {"available": True, **_stats("rewards", r), **_stats("r_w", r @ torch.tensor(spec.w,
-                                                                   dtype=torch.float64))}
-    _save_rewards(out, spec, r, res.estimates)
+    strata = domain.strata(seeds)
+    r_w = r @ torch.tensor(spec.w, dtype=torch.float64)
+    row |= {"available": True, **_stats("rewards", r, strata), **_stats("r_w", r_w, strata)}
+    _save_rewards(out, spec, r, res.estimates, strata)
     if res.estimates is not None:    # SMC: its runs' weighted means estimate the exact target's
-        row |= _stats("target_estimate", res.estimates.double())
+        row |= _stats("target_estimate", res.estimates.double(), strata)
     if res.chain is not None:
-        row |= _stats("path_kl", path_kl(domain, res.chain, seeds).double())
+        row |= _stats("path_kl", path_kl(domain, res.chain, seeds).double(), strata)
     row["cost"] = {"nfe_per_sample": res.nfe_per_sample, "seconds": res.seconds,
                    "seconds_per_sample": res.seconds / len(seeds),
                    "reward_evals_per_sample": res.reward_evals_per_sample,
@@ -244,8 +245,8 @@ def rgg_gamma_of(spec: RowSpec, cfg: SweepConfig) -> float | None:
     return cfg.baselines.rgg_gamma if spec.gamma is None else spec.gamma
 
 
-def _stats(name: str, v: torch.Tensor) -> dict:
-    means, errs = mean_and_stderr(v.reshape(len(v), -1))
+def _stats(name: str, v: torch.Tensor, strata: torch.Tensor | None = None) -> dict:
+    means, errs = mean_and_stderr(v.reshape(len(v), -1), strata)
     ci = [1.96 * e for e in errs]
     if v.ndim == 1:
         return {name: means[0], f"{name}_ci95": ci[0]}
@@ -267,16 +268,17 @@ def sample_path(out: Path, key: str) -> Path:
 
 def rewards_path(out: Path, key: str) -> Path:
     """Where row ``key``'s per-seed rewards ``[seeds, K]`` are kept (for paired comparisons:
-    every row runs the same seeds), with SMC's per-seed run estimates (``estimates``)."""
+    every row runs the same seeds), with SMC's per-seed run estimates (``estimates``) and each
+    seed's stratum (``strata``, where the domain has them)."""
     return out / "per_seed" / sample_path(out, key).name
 
 
-def _save_rewards(out: Path, spec: RowSpec, r: torch.Tensor,
-                  estimates: torch.Tensor | None = None) -> None:
+def _save_rewards(out: Path, spec: RowSpec, r: torch.Tensor, estimates: torch.Tensor | None,
+                  strata: torch.Tensor | None) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"rewards": r} | ({} if estimates is None else {"estimates": estimates})
-    tensors = {k: v.detach().double().contiguous() for k, v in tensors.items()}
+    tensors = {"rewards": r, "estimates": estimates, "strata": strata}
+    tensors = {k: v.detach().double().contiguous() for k, v in tensors.items() if v is not None}
     (out / "per_seed").mkdir(exist_ok=True)
     atomic_write(rewards_path(out, spec.key), lambda p: save_file(tensors, str(p)))
 
