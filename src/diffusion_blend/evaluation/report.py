@@ -434,9 +434,10 @@ def paired_table(summary: dict) -> list[str]:
         ws = sorted({w for d in diffs.values() for w in d}, key=float)
         head = "| method | " + " | ".join(f"w[0] = {w}" for w in ws) + " |"
         lines += [f"## r_w minus {title}", "",
-                  "Mean paired difference ± its 95% CI; **bold**: the interval excludes 0 (the "
-                  "methods separate there). SMC is paired through each seed's weighted run "
-                  "estimate (its drawn output's expectation, less variance).", "", head,
+                  "Mean paired difference ± its 95% CI (stratified by the class or prompt "
+                  "where the seed fixes it); **bold**: the interval excludes 0 (the methods "
+                  "separate there). SMC is paired through each seed's weighted run estimate "
+                  "(its drawn output's expectation, less variance).", "", head,
                   "|---" * (len(ws) + 1) + "|"]
         for m, d in diffs.items():
             cells = [_paired_cell(d.get(w)) for w in ws]
