@@ -188,9 +188,10 @@ def test_the_soup_coincides_only_where_the_paired_interval_holds_zero():
 
 
 def test_a_domain_with_strata_gets_stratified_intervals(tmp_path, monkeypatch):
-    """Seeds whose stratum (seed % 2) shifts every reward by 5, as a class fixed by the seed
-    does: the per-method and paired intervals count only the spread within strata, recomputed
-    here from the kept per-seed rewards; without strata they would include the shift."""
+    """Seeds whose stratum (seed % 2) scales every reward by 5 and shifts it by 5, as a class
+    fixed by the seed does: the per-method and paired intervals count only the spread within
+    strata, recomputed here from the kept per-seed rewards; without strata they would include
+    the stratum effects (the scale makes the paired differences differ by stratum too)."""
     from safetensors.torch import load_file
 
     from diffusion_blend.domains.toy2d import Toy2dDomain
@@ -203,7 +204,8 @@ def test_a_domain_with_strata_gets_stratified_intervals(tmp_path, monkeypatch):
             return torch.tensor([s % 2 for s in seeds])
 
         def rewards(self, x0, **cond):
-            return super().rewards(x0) + 5.0 * (torch.arange(len(x0)) % 2)[:, None]
+            odd = (torch.arange(len(x0)) % 2)[:, None]   # the sweep scores seeds 0..31 in order
+            return super().rewards(x0) * (1 + 4 * odd) + 5.0 * odd
 
     monkeypatch.setattr(sweep_mod, "make_domain", lambda cfg, out: Stratified("bimodal", 10))
     cfg = SweepConfig(domain="toy2d", w_grid="0,0.5,1", seeds=32, steps=10, seed=0,
@@ -213,12 +215,15 @@ def test_a_domain_with_strata_gets_stratified_intervals(tmp_path, monkeypatch):
     row = next(r for r in rows if r["key"] == "main|soup|w=0.5,0.5|lam=1")
     strata = torch.arange(32) % 2
     per_seed = {m: load_file(rewards_path(out, f"main|{m}|w=0.5,0.5|lam=1"))
-                for m in ("soup", "db-mpa")}
+                for m in ("soup", "db-mpa", "pretrained")}
     assert torch.equal(per_seed["soup"]["strata"].long(), strata)
     r_w = {m: per_seed[m]["rewards"] @ torch.tensor([0.5, 0.5], dtype=torch.float64)
            for m in per_seed}
     (_,), (se,) = mean_and_stderr(r_w["soup"][:, None], strata)
     (_,), (se_iid,) = mean_and_stderr(r_w["soup"][:, None])
-    assert row["r_w_ci95"] == pytest.approx(1.96 * se) and se < se_iid / 3
-    (_,), (dse,) = mean_and_stderr((r_w["soup"] - r_w["db-mpa"])[:, None], strata)
-    assert paired_r_w_diff(out, rows)["soup"]["0.5"][1] == pytest.approx(1.96 * dse)
+    assert row["r_w_ci95"] == pytest.approx(1.96 * se) and se < se_iid / 1.5
+    diff = (r_w["pretrained"] - r_w["db-mpa"])[:, None]
+    (_,), (dse,) = mean_and_stderr(diff, strata)
+    (_,), (dse_iid,) = mean_and_stderr(diff)
+    ci = paired_r_w_diff(out, rows)["pretrained"]["0.5"][1]
+    assert ci == pytest.approx(1.96 * dse) and ci != pytest.approx(1.96 * dse_iid, rel=0.01)
