@@ -1,4 +1,4 @@
-"""Bad input through the real CLI, in a subprocess: the documented exit code, one line on
+"""Bad input through the real CLI, in a fresh process: the documented exit code, one line on
 stderr naming the value, no traceback, and nothing created or deleted where the command would
 write. One row per hardening item (the issue's numbering), plus more of our own."""
 
@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +16,11 @@ from safetensors.torch import save_file
 
 from diffusion_blend.domains.digits import SPEC
 from diffusion_blend.io import sha256_file
+from tests.cli_process import run_cli
 
 pytestmark = pytest.mark.slow
 
-ENV = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def dblend(*argv: str, cwd: Path | None = None, timeout: float = 120):
-    return subprocess.run([sys.executable, "-m", "diffusion_blend.cli", *argv], cwd=cwd,
-                          capture_output=True, text=True, env=ENV, timeout=timeout)
+dblend = run_cli
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

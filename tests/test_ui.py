@@ -17,13 +17,17 @@ from diffusion_blend.errors import UsageError
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("gradio")     # the ui extra (in the test extra, so CI always has it)
+PARTICLES = 4
 
 
 @pytest.fixture(scope="module")
 def session():
     from diffusion_blend.ui import ImageSession
 
-    session = ImageSession("digits", ["ink", "smooth"])
+    class Small(ImageSession):
+        n_point = 8          # the fronts and the point on 8 seeds, not 32: the same code, faster
+
+    session = Small("digits", ["ink", "smooth"], smc_particles=PARTICLES)
     yield session
     session.close()      # after the app: no server thread left inside torch at exit
 
@@ -31,7 +35,7 @@ def session():
 def cli_sample(capsys, cls, w, lam, seed, method="db-mpa"):
     assert main(["sample", "digits", "--class", str(cls), "--experts", "ink,smooth", "--w",
                  w, "--lam", str(lam), "--n", "8", "--seed", str(seed), "--method", method,
-                 "--particles", "8", "--json"]) == 0
+                 "--particles", str(PARTICLES), "--json"]) == 0
     return json.loads(capsys.readouterr().out)["mean_rewards"]
 
 

@@ -32,6 +32,18 @@ def test_frechet_distance_zero_for_same_set_positive_for_shift():
     assert abs(frechet_distance(x, x + 1.0) - 5.0) < 1e-6  # |mu shift|^2, same covariance
 
 
+@pytest.fixture(scope="module", autouse=True)
+def small_evaluations():
+    """The experts' preset with small batches and evaluations (the same for every run here:
+    a resume compares configs)."""
+    from diffusion_blend.finetune.config import PRESETS
+
+    small = {"batch_size": 4, "eval_trajectories": 8, "stop_trajectories": 8}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(PRESETS, "images-pathwise", PRESETS["images-pathwise"] | small)
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny_recipe(tmp_path_factory):
     """The real recipes, shortened: 3 base iterations, 1 classifier epoch, 1 expert step."""
@@ -94,8 +106,10 @@ def test_recipe_resume_continues_each_begun_run_and_refuses_another_config(tiny_
     again = run_train_experts(ANOTHER, w, w / "experts", only=["ink", "crisp"], **kw)
     assert again["ink"]["sha256"] == ink["sha256"]       # the finished run, the same weights
     assert (w / "experts" / "runs" / "crisp" / "config.json").is_file()   # not begun: fresh
+    stamp = (w / "experts" / "rewards.json").stat().st_mtime_ns
     with pytest.raises(UsageError, match="config differs"):   # a resume, not a restart
         run_train_experts(SPEC, w, w / "experts", only=["ink"], **kw)   # another spacing
+    assert (w / "experts" / "rewards.json").stat().st_mtime_ns == stamp   # refused before it
 
 
 def test_class_outside_range():

@@ -113,8 +113,11 @@ def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_pat
     from diffusion_blend.domains.images import BaseConfig
     from diffusion_blend.evaluation.images import run_train_base
     from diffusion_blend.evaluation.methods import run_method
+    from diffusion_blend.finetune.config import PRESETS
     from diffusion_blend.finetune.images import expert_specs, run_train_experts
 
+    tiny_run = {"iterations": 1, "stop": "budget", "batch_size": 2, "eval_trajectories": 2}
+    monkeypatch.setitem(PRESETS, "images-pathwise", PRESETS["images-pathwise"] | tiny_run)
     spec, w = replace(tiny(root), steps=4), tmp_path / "w"
     run_train_base(spec, w, BaseConfig(iterations=2, batch_size=4), progress=False,
                    quality_per_class=1)
@@ -137,22 +140,20 @@ def test_experts_on_a_tiny_fashion_base_blend_with_exact_endpoints(root, tmp_pat
     assert torch.equal(run_method("morl", dom, Preference((1.0, 0.0)), seeds).x0, ink)
     assert dom.rewards(ink, **dom.cond(seeds)).shape == (3, 2)
     assert dom.cond([13])["y"].tolist() == [3] and dom.cond([0], "Dress")["y"].tolist() == [3]
-    _missing_morl_adapters_are_trained_on_demand(w, tmp_path / "morl", seeds, monkeypatch)
+    _missing_morl_adapters_are_trained_on_demand(w, tmp_path / "morl", seeds)
 
 
-def _missing_morl_adapters_are_trained_on_demand(w, morl, seeds, monkeypatch):
+def _missing_morl_adapters_are_trained_on_demand(w, morl, seeds):
     """``sweep --train-morl``: a MORL adapter not shipped is fine-tuned by the experts' recipe on
-    the chain being swept, saved in the MORL folder, and found there the next time."""
+    the chain being swept, saved in the MORL folder, and found there the next time (the
+    caller has shrunk the recipe's preset)."""
     import json
 
     from diffusion_blend.blend import Preference
     from diffusion_blend.domains.fashion import FashionDomain
     from diffusion_blend.evaluation.methods import run_method
     from diffusion_blend.evaluation.sweep import morl_trainer
-    from diffusion_blend.finetune.config import PRESETS
 
-    tiny_run = {"iterations": 1, "stop": "budget", "batch_size": 2, "eval_trajectories": 2}
-    monkeypatch.setitem(PRESETS, "images-pathwise", PRESETS["images-pathwise"] | tiny_run)
     dom = FashionDomain(steps=3, weights_dir=w, morl_dir=morl, morl_trainer=morl_trainer(morl))
     half, adapter = Preference((0.5, 0.5)), morl / "morl_ink_smooth_w050.safetensors"
     assert dom.morl(Preference((0.5, 0.5), 0.5)) is None and not morl.exists()   # lambda 1 only

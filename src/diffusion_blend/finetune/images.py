@@ -35,7 +35,7 @@ from diffusion_blend.domains.images import (
 )
 from diffusion_blend.finetune.config import FinetuneConfig, preset
 from diffusion_blend.finetune.objective import Task, evaluate, iteration_seeds
-from diffusion_blend.finetune.run import train
+from diffusion_blend.finetune.run import check_run_dir, train
 from diffusion_blend.io import save_weights, write_json
 from diffusion_blend.rewards import WeightedSum, get_reward
 
@@ -74,6 +74,12 @@ def make_task(domain: ImageSpec, model: nn.Module, adapter: str, reward: Callabl
                 freeze_last_step=cfg.freeze_last_step)
 
 
+def run_meta(domain: ImageSpec, spec: ExpertSpec, cfg: FinetuneConfig, base_sha256: str) -> dict:
+    """What identifies an adapter's run beside its config (a resume must match both)."""
+    return {"domain": domain.name, "expert": spec.name, "rewards": spec.rewards, "w": spec.w,
+            "alpha": cfg.alpha, "spacing": domain.spacing, "base_sha256": base_sha256}
+
+
 def train_expert(domain: ImageSpec, weights_dir: Path, out: Path, spec: ExpertSpec,
                  cfg: FinetuneConfig, stats: dict, progress: bool = True,
                  resume: bool = False) -> dict:
@@ -84,8 +90,7 @@ def train_expert(domain: ImageSpec, weights_dir: Path, out: Path, spec: ExpertSp
     reward = WeightedSum(normalised_rewards(spec.rewards, stats, classifier), spec.w)
     model = base  # the adapter is injected into the (frozen) base network
     task = make_task(domain, model, spec.name, reward, cfg)
-    meta = {"domain": domain.name, "expert": spec.name, "rewards": spec.rewards, "w": spec.w,
-            "alpha": cfg.alpha, "spacing": domain.spacing, "base_sha256": base_meta["sha256"]}
+    meta = run_meta(domain, spec, cfg, base_meta["sha256"])
     start = time.perf_counter()
     run = out / "runs" / spec.name
     run.parent.mkdir(parents=True, exist_ok=True)
@@ -134,17 +139,19 @@ def run_train_experts(domain: ImageSpec, weights_dir: Path, out: Path,
     ``steps``: the chain trained on (default the domain's sampling steps); ``resume``: each
     adapter's run continues where a stopped recipe left it."""
     alpha = domain.alpha if alpha is None else alpha
-    base, _ = load_base(domain, weights_dir)        # missing weights: error, nothing written
+    base, base_meta = load_base(domain, weights_dir)   # missing weights: error, nothing written
     classifier = load_classifier(domain, "classifier", weights_dir)
+    plan = [(spec, preset(name, alpha=extra.get("alpha", alpha), iterations=iterations,
+                          stop=stop, sample_steps=steps or domain.steps))
+            for spec, name, extra in expert_specs(domain, alpha, optional_experts(domain, only))
+            if not only or spec.name in only]
+    for spec, cfg in plan if resume else ():     # a begun run with another config: refused now
+        run = out / "runs" / spec.name
+        if (run / "config.json").exists():
+            meta = run_meta(domain, spec, cfg, base_meta["sha256"])
+            check_run_dir(run, cfg.to_dict() | {"task": meta}, True, False)
     out.mkdir(parents=True, exist_ok=True)
     stats = reward_stats(domain, base, classifier)
     write_json(out / "rewards.json", stats)
-    done = {}
-    for spec, name, extra in expert_specs(domain, alpha, optional_experts(domain, only)):
-        if only and spec.name not in only:
-            continue
-        cfg = preset(name, alpha=extra.get("alpha", alpha), iterations=iterations, stop=stop,
-                     sample_steps=steps or domain.steps)
-        done[spec.name] = train_expert(domain, weights_dir, out, spec, cfg, stats, progress,
-                                       resume)
-    return done
+    return {spec.name: train_expert(domain, weights_dir, out, spec, cfg, stats, progress, resume)
+            for spec, cfg in plan}
