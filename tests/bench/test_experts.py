@@ -26,7 +26,7 @@ def _ink_only(root, edit=None):
 
 def test_every_shipped_fine_tune_is_measured_against_the_optimum():
     """Every shipped adapter gets a row (on a short chain here: the subject is the rows)."""
-    out = bench_experts(n=32, runs=4, particles=4, steps=6, domain_name="digits")
+    out = bench_experts(n=16, runs=2, particles=2, steps=6, domain_name="digits")
     names = shipped(SPEC.weights_dir)
     assert set(out["experts"]) == set(names) and "ink" in names and "morl_ink_smooth_w050" in names
     for row in out["experts"].values():

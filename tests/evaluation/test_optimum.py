@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from diffusion_blend.blend import Preference
@@ -22,6 +23,9 @@ class Prompted(Toy2dDomain):
 
     def cond(self, seeds: list[int]) -> dict:
         return {"c": torch.tensor([s % 3 for s in seeds], dtype=torch.float64)}
+
+    def strata(self, seeds: list[int]) -> torch.Tensor:
+        return torch.tensor([s % 3 for s in seeds])
 
 
 def measure(domain: Toy2dDomain, shift: float) -> dict:
@@ -53,7 +57,8 @@ def test_a_prompted_optimum_is_met_per_prompt():
     """A reward offset by the prompt (``r1 + 4 alpha c``) that no model can change: the
     optimum is ``alpha log Z + 4 alpha E[c]`` (``E_c[alpha log Z_c]``), not the Jensen-larger
     ``alpha log E_c[Z_c]``, the exact expert still reaches it (gain ratio 1), and the optimum's
-    path KL is the unprompted one."""
+    path KL is the unprompted one. The seed fixes the prompt, so the objective's standard error
+    counts only the spread within a prompt: the offset leaves it as it is."""
     domain = Prompted("bimodal-linear")
     shift, alpha = 4 * domain.alpha, domain.alpha
     res = measure(domain, shift)
@@ -67,6 +72,7 @@ def test_a_prompted_optimum_is_met_per_prompt():
     # a constant per prompt does not change the tilted law: the optimum moves as far as without
     target_kl = closed_form(domain.problem, W)["target_kl"]
     assert z_ok(res["optimum_path_kl"], target_kl, res["optimum_path_kl_se"])
+    assert res["objective_se"] == pytest.approx(measure(domain, 0.0)["objective_se"])
 
 
 def test_the_tilted_mean_reweights_a_proposal_far_from_the_target():

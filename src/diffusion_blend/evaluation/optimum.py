@@ -102,12 +102,12 @@ def gain_ratio(domain: Domain, model: Denoiser, reward: Reward, alpha: float, n:
                runs: int = 16, particles: int = 16, seed: int = 0) -> dict:
     """The model's objective, the pretrained one, the SMC optimum (``runs`` per condition) and
     the gain ratio, each with its standard error (model and pretrained chain on the same
-    seeds)."""
+    seeds; stratified where the seed fixes the condition)."""
     seeds = seed_range(seed, n)
     r, kl = objective(domain, model, reward, alpha, seeds)
     r_pre, _ = objective(domain, domain.base, reward, alpha, seeds)
     (j, j_pre, gain), (j_se, j_pre_se, gain_se) = mean_and_stderr(
-        torch.stack([r - alpha * kl, r_pre, r - alpha * kl - r_pre], 1))
+        torch.stack([r - alpha * kl, r_pre, r - alpha * kl - r_pre], 1), domain.strata(seeds))
     opt = optimum_estimates(domain, model, reward, alpha, domain.cond(seeds), n, runs, particles,
                             seed + n)
     lz, lz_se = opt["log_z"], opt["log_z_se"]
