@@ -140,7 +140,12 @@ def test_paired_differences_against_db_mpa_on_the_same_seeds(swept):
         -diff["morl"]["0.5"][0]) and vs_morl["db-mpa"]["0.5"][1] == pytest.approx(
         diff["morl"]["0.5"][1])
     assert set(summary["paired_r_w_diff_vs_morl_matched_kl"]) >= {"db-mpa", "soup"}
-    assert "r_w minus MORL's on the same seeds" in (swept / "report.md").read_text()
+    from diffusion_blend.evaluation.report import separation
+
+    text = (swept / "report.md").read_text()
+    assert "r_w minus MORL's on the same seeds" in text
+    for against, d in (("DB-MPA", diff), ("MORL", vs_morl)):   # the verdict under each table
+        assert separation(d, against) in text
 
 
 def test_smc_is_paired_through_its_runs_weighted_estimates(swept):
@@ -185,6 +190,22 @@ def test_the_soup_coincides_only_where_the_paired_interval_holds_zero():
     assert coincidences(paired) == ["0.5"]
     assert coincidences(paired, "morl") == ["0.25"]
     assert coincidences({}) == []
+
+
+def test_the_report_says_which_methods_separate_and_where_the_others_coincide():
+    """Every method with an interior w is named once: apart (its interval excludes 0 at every
+    interior w) or with the w at which it coincides; the vertices do not count."""
+    from diffusion_blend.evaluation.report import separation
+
+    paired = {"soup": {"0": [0.0, 0.0], "0.25": [-0.05, 0.01], "0.5": [-0.04, 0.01],
+                       "1": [0.0, 0.0]},
+              "code": {"0": [0.1, 0.3], "0.25": [0.01, 0.1], "0.5": [0.5, 0.1]},
+              "smc": {"0.5": [0.1, 0.2], "0.25": [0.0, 0.2]}, "ends": {"1": [0.0, 0.0]}}
+    assert separation(paired, "DB-MPA") == (
+        "Separate from DB-MPA at every interior w: soup. Coincide with it within the paired "
+        "CI: code at w[0] = 0.25; smc at w[0] = 0.25, 0.5.")
+    assert separation({}, "MORL").endswith("every interior w: none. Coincide with it within "
+                                           "the paired CI: nowhere.")
 
 
 def test_a_domain_with_strata_gets_stratified_intervals(tmp_path, monkeypatch):

@@ -90,8 +90,8 @@ def gain_ratios(rows: list[dict], tag: str) -> dict[str, dict[str, float]]:
 def coincidences(paired: dict, method: str = "soup") -> list[str]:
     """The interior ``w`` at which ``method``'s ``r_w`` is within the paired 95% CI of DB-MPA's
     (same seeds): there the sweep cannot tell them apart."""
-    return [w for w, (mean, ci) in paired.get(method, {}).items()
-            if 0 < float(w) < 1 and abs(mean) <= ci]
+    return sorted((w for w, (mean, ci) in paired.get(method, {}).items()
+                   if 0 < float(w) < 1 and abs(mean) <= ci), key=float)
 
 
 def summarise(cfg: SweepConfig, rows: list[dict], ref: list[float] | None = None) -> dict:
@@ -442,8 +442,24 @@ def paired_table(summary: dict) -> list[str]:
         for m, d in diffs.items():
             cells = [_paired_cell(d.get(w)) for w in ws]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", separation(diffs, "MORL" if "morl" in key else "DB-MPA"), ""]
     return lines
+
+
+def separation(diffs: dict, against: str) -> str:
+    """In words: the methods whose paired interval excludes 0 at every interior w, and the
+    interior w at which each other method coincides with ``against`` (within its CI)."""
+    apart, close = [], []
+    for m, d in diffs.items():
+        if not any(0 < float(w) < 1 for w in d):
+            continue
+        same = coincidences(diffs, m)
+        if same:
+            close.append(f"{m} at w[0] = {', '.join(same)}")
+        else:
+            apart.append(m)
+    return (f"Separate from {against} at every interior w: {', '.join(apart) or 'none'}. "
+            f"Coincide with it within the paired CI: {'; '.join(close) or 'nowhere'}.")
 
 
 def _paired_cell(v: list[float] | None) -> str:
