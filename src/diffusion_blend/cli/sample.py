@@ -85,10 +85,12 @@ def cmd_images(a: argparse.Namespace) -> None:
     kind = image_domain(a.domain)
     cls = kind.spec.check_class(a.cls)
     cfg, mcfg = configs(a)
+    names = a.experts.split(",") if a.experts else list(kind.spec.pair)
+    cfg.preference(len(names))                  # a bad w or lam: refused before models load
     if a.out:
         check_out_file(a.out, ".png")
-    domain = kind(a.experts.split(",") if a.experts else None, a.steps,
-                  weights_dir=Path(a.weights) if a.weights else None, spacing=a.spacing)
+    domain = kind(names, a.steps, weights_dir=Path(a.weights) if a.weights else None,
+                  spacing=a.spacing)
     summary, x0 = run_sample(domain, cfg, mcfg, cond=domain.cond(range(a.seed, a.seed + a.n),
                                                                   cls))
     if not Dist().main:
