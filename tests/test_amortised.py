@@ -11,6 +11,7 @@ from diffusion_blend.amortised import (
     sample_preferences,
 )
 from diffusion_blend.blend import BlendedDenoiser, Preference
+from diffusion_blend.errors import UsageError
 
 
 class TinyTime(torch.nn.Module):
@@ -69,13 +70,21 @@ def test_distill_recipe_resumes_to_the_same_weights_and_the_loader_accepts_it(tm
     from diffusion_blend.domains.images import amortised_name, load_amortised
     from diffusion_blend.finetune.distill_images import DistillConfig, run_distill
 
-    cfg, wd, NAME = dict(batch_size=4, checkpoint_every=1), SPEC.weights_dir, amortised_name(SPEC)
+    cfg, wd, NAME = (dict(batch_size=4, checkpoint_every=1, lr_schedule="constant"),
+                     SPEC.weights_dir, amortised_name(SPEC))
     run_distill(replace(SPEC, steps=3), wd, tmp_path / "c", DistillConfig(iterations=1, **cfg),
                 progress=False)
     meta = json.loads((tmp_path / "c" / f"{NAME}.json").read_text())
     assert meta["config"]["steps"] == 3     # distilled on the chain the domain samples
     run_distill(SPEC, wd, tmp_path / "a", DistillConfig(iterations=2, **cfg), progress=False)
     run_distill(SPEC, wd, tmp_path / "b", DistillConfig(iterations=1, **cfg), progress=False)
+    latest = tmp_path / "b" / "checkpoints" / "latest.json"
+    stamp = latest.stat().st_mtime_ns
+    with pytest.raises(UsageError, match=r"config differs in \['lr'\]"):   # refused up front
+        run_distill(SPEC, wd, tmp_path / "b", DistillConfig(iterations=2, lr=1e-3, **cfg),
+                    resume=True, progress=False)
+    assert latest.stat().st_mtime_ns == stamp
+    # a constant rate may run on past the saved count: the same weights as one longer run
     run_distill(SPEC, wd, tmp_path / "b", DistillConfig(iterations=2, **cfg), resume=True,
                 progress=False)
     a = load_file(tmp_path / "a" / f"{NAME}.safetensors")
@@ -87,10 +96,6 @@ def test_distill_recipe_resumes_to_the_same_weights_and_the_loader_accepts_it(tm
 
 
 def test_a_preference_outside_the_training_range_is_refused():
-    import pytest
-
-    from diffusion_blend.errors import UsageError
-
     net = TinyTime()
     den = AmortisedDenoiser(net, PrefEmbedding(2, 16), net.time_embedding,
                             Preference((0.5, 0.5)), lam_max=2.0)

@@ -83,6 +83,12 @@ def test_base_recipe_stopped_and_resumed_gives_the_same_weights(root, tmp_path):
 
     earlier = float(load_file(tmp_path / "b" / "checkpoints" / "step-000002" /
                               "extra.safetensors")["seconds"])
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "b").iterdir())
+    with pytest.raises(UsageError, match=r"config differs in \['lr'\]"):
+        run_train_base(spec, tmp_path / "b", BaseConfig(iterations=3, batch_size=4,
+                                                        checkpoint_every=1, lr=1e-3),
+                       resume=True, progress=False)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "b").iterdir()) == before
     again = run_train_base(spec, tmp_path / "b", cfg, resume=True, progress=False,
                            quality_per_class=1)
     assert again["base"]["resumed_at"] == 2

@@ -94,6 +94,9 @@ def test_a_resumed_distillation_ends_on_the_same_weights(tmp_path):
     stopped = distill(make_pipe("sd-eps", tmp_path / "t2"), ["a", "b"], PROMPTS,
                       tmp_path / "r", c, progress=False, stop_after=3)
     assert stopped == {"stopped_at": 3}
+    with pytest.raises(UsageError, match=r"config differs in \['guidance'\]"):
+        distill(make_pipe("sd-eps", tmp_path / "t4"), ["a", "b"], PROMPTS, tmp_path / "r",
+                cfg(iterations=4, checkpoint_every=2, guidance=5.0), resume=True, progress=False)
     resumed = distill(make_pipe("sd-eps", tmp_path / "t3"), ["a", "b"], PROMPTS, tmp_path / "r",
                       c, resume=True, progress=False)
     assert resumed["sha256"] == whole["sha256"]

@@ -21,6 +21,7 @@ from diffusion_blend.domains.images import (
 )
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.base import distill_guidance, train_base, train_classifier
+from diffusion_blend.finetune.run import check_resume
 from diffusion_blend.io import (
     prepare_out_dir,
     read_json,
@@ -97,6 +98,9 @@ def run_train_base(spec: ImageSpec, out: str | Path, cfg: BaseConfig | None = No
     kind = f"{spec.name}-base"
     if resume:
         check_resumable(out, kind)
+        for run in (Path(out), Path(out) / "guidance"):    # another config: refused up front
+            if (run / "checkpoints" / "latest.json").is_file():
+                check_resume(run, asdict(cfg))
     out = Path(out) if resume else prepare_out_dir(out, overwrite, kind)
     start = time.perf_counter()
     metas = _classifiers(spec, out, cfg, resume)

@@ -30,7 +30,7 @@ from diffusion_blend.domains.images import (
 )
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.objective import iteration_seeds
-from diffusion_blend.finetune.run import load_checkpoint, save_checkpoint
+from diffusion_blend.finetune.run import check_resume, load_checkpoint, save_checkpoint
 from diffusion_blend.io import prepare_out_dir, save_weights
 from diffusion_blend.lr import warmup_lr
 from diffusion_blend.sampling import sample
@@ -123,6 +123,8 @@ def run_distill(spec: ImageSpec, weights_dir: Path, out: Path, cfg: DistillConfi
     cfg = cfg or DistillConfig()
     cfg = replace(cfg, steps=cfg.steps or spec.steps)      # resolved before it is saved
     weights_dir, out = Path(weights_dir), Path(out)
+    if resume:
+        check_resume(out, asdict(cfg))
     model, base_meta, experts, emb = _setup(spec, weights_dir, cfg)
     params = [p for p in model.parameters() if p.requires_grad] + list(emb.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)

@@ -38,7 +38,7 @@ from diffusion_blend.distributed import Dist
 from diffusion_blend.domains import sd
 from diffusion_blend.errors import UsageError
 from diffusion_blend.finetune.objective import iteration_seeds
-from diffusion_blend.finetune.run import load_checkpoint, save_checkpoint
+from diffusion_blend.finetune.run import check_resume, load_checkpoint, save_checkpoint
 from diffusion_blend.io import prepare_out_dir, save_weights
 from diffusion_blend.lr import warmup_lr
 from diffusion_blend.pipelines import blend_pipeline, denoiser_attr, prediction_of, unblend_pipeline
@@ -203,6 +203,8 @@ def distill(pipe, names: list[str], prompts: list[str], out: str | Path,
     ``OUT/amortised.safetensors`` with its JSON (``meta`` added). ``stop_after``: return after
     that iteration without saving (as a killed run would; tests resume from there)."""
     cfg, out, dist = cfg or SdDistillConfig(), Path(out), Dist()
+    if resume:
+        check_resume(out, asdict(cfg))
     parts = setup(pipe, names, cfg)
     params = [p for p in parts[0].parameters() if p.requires_grad] + list(parts[1].parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

@@ -130,17 +130,37 @@ def save_checkpoint(out: Path, iteration: int, modules: dict, optimizers: dict,
     return final
 
 
-def load_checkpoint(out: Path, modules: dict, optimizers: dict) -> dict:
-    """Verify every file's sha256, then load; a corrupt checkpoint is refused, not loaded."""
+def latest_state(out: Path) -> tuple[Path, dict]:
+    """The latest checkpoint's folder and its ``state.json`` (refused if missing)."""
     latest = out / "checkpoints" / "latest.json"
     if not latest.is_file():
         raise UsageError(f"--resume: {out} has no checkpoint (no checkpoints/latest.json)")
     try:
         ck = out / "checkpoints" / read_json(latest, "checkpoint pointer")["checkpoint"]
-        state = read_json(ck / "state.json", "checkpoint state")
+        return ck, read_json(ck / "state.json", "checkpoint state")
+    except (KeyError, TypeError, UsageError) as e:
+        raise UsageError(f"checkpoint in {out / 'checkpoints'} is corrupt ({e}); "
+                         "not loaded") from None
+
+
+def check_resume(out: Path, config: dict) -> None:
+    """``--resume`` with a config the checkpoint was not saved with is refused before anything
+    loads: the resumed run would not end where an uninterrupted one does."""
+    _, state = latest_state(out)
+    saved = state.get("config") if isinstance(state, dict) else None
+    diff = config_differences(saved if isinstance(saved, dict) else {}, config)
+    if diff:
+        raise UsageError(f"--resume: the checkpoint's config differs in {diff}; "
+                         "resume with the same settings or start a new --out")
+
+
+def load_checkpoint(out: Path, modules: dict, optimizers: dict) -> dict:
+    """Verify every file's sha256, then load; a corrupt checkpoint is refused, not loaded."""
+    ck, state = latest_state(out)
+    try:
         files, iteration = dict(state["files"]), int(state["iteration"])
         opt_meta = {name: state["optimizers"][name] for name in optimizers}
-    except (KeyError, TypeError, ValueError, UsageError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"checkpoint in {out / 'checkpoints'} is corrupt ({e}); "
                          "not loaded") from None
     for fname, digest in files.items():
