@@ -34,7 +34,8 @@ def _main(argv: list[str], cwd: str, out: str, err: str) -> int:
     except BaseException:  # noqa: BLE001 - an uncaught error: a traceback, as Python prints it
         traceback.print_exc()
         code = 1
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     return int(code)
 
 

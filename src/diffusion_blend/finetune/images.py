@@ -35,7 +35,7 @@ from diffusion_blend.domains.images import (
 )
 from diffusion_blend.finetune.config import FinetuneConfig, preset
 from diffusion_blend.finetune.objective import Task, evaluate, iteration_seeds
-from diffusion_blend.finetune.run import check_run_dir, train
+from diffusion_blend.finetune.run import check_run_dir, run_identity, train
 from diffusion_blend.io import save_weights, write_json
 from diffusion_blend.rewards import WeightedSum, get_reward
 
@@ -149,7 +149,7 @@ def run_train_experts(domain: ImageSpec, weights_dir: Path, out: Path,
         run = out / "runs" / spec.name
         if (run / "config.json").exists():
             meta = run_meta(domain, spec, cfg, base_meta["sha256"])
-            check_run_dir(run, cfg.to_dict() | {"task": meta}, True, False)
+            check_run_dir(run, run_identity(cfg, meta), True, False)
     out.mkdir(parents=True, exist_ok=True)
     stats = reward_stats(domain, base, classifier)
     write_json(out / "rewards.json", stats)

@@ -147,11 +147,7 @@ def check_resume(out: Path, config: dict) -> None:
     """``--resume`` with a config the checkpoint was not saved with is refused before anything
     loads: the resumed run would not end where an uninterrupted one does."""
     _, state = latest_state(out)
-    saved = state.get("config") if isinstance(state, dict) else None
-    diff = config_differences(saved if isinstance(saved, dict) else {}, config)
-    if diff:
-        raise UsageError(f"--resume: the checkpoint's config differs in {diff}; "
-                         "resume with the same settings or start a new --out")
+    refuse_changed(state.get("config") if isinstance(state, dict) else None, config)
 
 
 def load_checkpoint(out: Path, modules: dict, optimizers: dict) -> dict:
@@ -186,6 +182,19 @@ def config_differences(saved: dict, new: dict) -> list[str]:
     return sorted(k for k in keys if saved.get(k) != new.get(k))
 
 
+def refuse_changed(saved: object, new: dict) -> None:
+    """A resume whose config differs from the saved one (where it matters) is refused."""
+    diff = config_differences(saved if isinstance(saved, dict) else {}, new)
+    if diff:
+        raise UsageError(f"--resume: the checkpoint's config differs in {diff}; "
+                         "resume with the same settings or start a new --out")
+
+
+def run_identity(cfg: FinetuneConfig, meta: dict) -> dict:
+    """A fine-tuning run's identity: its config and the task it trains (``config.json``)."""
+    return cfg.to_dict() | {"task": meta}
+
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -198,10 +207,7 @@ def check_run_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) ->
     cfg_path = out / "config.json"
     if not cfg_path.is_file():
         raise UsageError(f"--resume: {out} holds no run (no config.json)")
-    diff = config_differences(read_json(cfg_path, "run config"), run_config)
-    if diff:
-        raise UsageError(f"--resume: the checkpoint's config differs in {diff}; "
-                         "resume with the same settings or start a new --out")
+    refuse_changed(read_json(cfg_path, "run config"), run_config)
 
 
 def prepare_run_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) -> None:
@@ -229,7 +235,7 @@ def train(task: Task, cfg: FinetuneConfig, out: str | Path, meta: dict, resume: 
     """
     cfg.check()
     out, dist = Path(out), Dist()
-    run_config = cfg.to_dict() | {"task": meta}
+    run_config = run_identity(cfg, meta)
     if dist.main:
         prepare_run_dir(out, run_config, resume, overwrite)
     _place(task, dist)
