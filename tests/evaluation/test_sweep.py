@@ -144,8 +144,9 @@ def test_paired_differences_against_db_mpa_on_the_same_seeds(swept):
 
     text = (swept / "report.md").read_text()
     assert "r_w minus MORL's on the same seeds" in text
+    seeds = json.loads((swept / "sweep.json").read_text())["seeds"]
     for against, d in (("DB-MPA", diff), ("MORL", vs_morl)):   # the verdict under each table
-        assert separation(d, against) in text
+        assert separation(d, against, seeds) in text
 
 
 def test_smc_is_paired_through_its_runs_weighted_estimates(swept):
@@ -206,6 +207,21 @@ def test_the_report_says_which_methods_separate_and_where_the_others_coincide():
         "CI: code at w[0] = 0.25; smc at w[0] = 0.25, 0.5.")
     assert separation({}, "MORL").endswith("every interior w: none. Coincide with it within "
                                            "the paired CI: nowhere.")
+    with_seeds = separation(paired, "DB-MPA", 100)   # what more seeds would resolve
+    assert ("code at w[0] = 0.25 (~10,000 seeds); smc at w[0] = 0.25 (no difference "
+            "measured), 0.5 (~400 seeds)." in with_seeds) and "`100 (ci / |mean|)^2`" in with_seeds
+    assert "seeds at which" not in separation({"soup": paired["soup"]}, "DB-MPA", 100)
+
+
+@pytest.mark.parametrize("mean, ci, n", [(0.01, 0.1, 100), (-0.004, 0.0064, 128), (0.3, 0.1, 64)])
+def test_seeds_to_resolve_is_where_the_shrinking_interval_first_clears_the_difference(mean, ci, n):
+    """The 95% CI shrinks as ``1 / sqrt(n)``: at the named seed count it is within ``|mean|``,
+    one seed fewer it is not."""
+    from diffusion_blend.evaluation.report import seeds_to_resolve
+
+    text = seeds_to_resolve(mean, ci, n)
+    need = int(text.removeprefix("~").removesuffix(" seeds").replace(",", ""))
+    assert ci * (n / need) ** 0.5 <= abs(mean) * (1 + 1e-12) < ci * (n / (need - 1)) ** 0.5
 
 
 def test_a_domain_with_strata_gets_stratified_intervals(tmp_path, monkeypatch):

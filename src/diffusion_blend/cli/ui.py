@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import Any
 
@@ -19,11 +20,9 @@ def cmd_ui(a: argparse.Namespace) -> None:
         raise UsageError("--sd-model needs --experts (LoRA directories)")
     if a.amortised and not a.sd_model:
         raise UsageError("--amortised is for --sd-model (the image domains ship theirs)")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise UsageError("dblend ui needs Gradio: pip install 'diffusion-blend[ui]'") from None
-    check_port(a.host, a.port)        # a port in use is an error before models load
+    if importlib.util.find_spec("gradio") is None:     # found, not imported: that takes 3 s
+        raise UsageError("dblend ui needs Gradio: pip install 'diffusion-blend[ui]'")
+    check_port(a.host, a.port)        # a port in use is an error before gradio or models load
     from diffusion_blend.ui import build_app
 
     session = make_session(experts, a.sd_model, a.steps, a.amortised, a.domain)

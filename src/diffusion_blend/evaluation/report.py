@@ -9,6 +9,7 @@ r_w(pretrained))`` at the same ``w``, averaged over the interior grid points whe
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -387,7 +388,7 @@ def report_md(cfg: SweepConfig, rows: list[dict], summary: dict, names: list[str
         lines.append(f"| {m} | {hv[m]:.4f} | {'-' if r is None else f'{r:.3f}'} | "
                      f"{'-' if mhv is None else f'{mhv:.4f}'} | "
                      f"{'-' if mr is None else f'{mr:.3f}'} |")
-    lines += ["", _soup_note(summary), "", *paired_table(summary)]
+    lines += ["", _soup_note(summary), "", *paired_table(summary, cfg.seeds)]
     if "distance_to_target" in summary:
         lines += ["## Distance to the exact target (toy2d, mean over the w grid)", "",
                   "| method | reward error | energy distance |", "|---|---|---|"]
@@ -418,9 +419,9 @@ def _soup_note(summary: dict) -> str:
             "cannot separate the two methods at those w.")
 
 
-def paired_table(summary: dict) -> list[str]:
+def paired_table(summary: dict, seeds: int | None = None) -> list[str]:
     """The paired differences of ``r_w`` against DB-MPA and MORL (same seeds), with what
-    separates."""
+    separates (and, given the sweep's ``seeds``, what more seeds would resolve)."""
     lines = []
     for key, title in (("paired_r_w_diff", "DB-MPA's on the same seeds, at lam = 1"),
                        ("paired_r_w_diff_matched_kl", "DB-MPA's on the same seeds, at matched "
@@ -442,24 +443,38 @@ def paired_table(summary: dict) -> list[str]:
         for m, d in diffs.items():
             cells = [_paired_cell(d.get(w)) for w in ws]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines += ["", separation(diffs, "MORL" if "morl" in key else "DB-MPA"), ""]
+        lines += ["", separation(diffs, "MORL" if "morl" in key else "DB-MPA", seeds), ""]
     return lines
 
 
-def separation(diffs: dict, against: str) -> str:
+def separation(diffs: dict, against: str, seeds: int | None = None) -> str:
     """In words: the methods whose paired interval excludes 0 at every interior w, and the
-    interior w at which each other method coincides with ``against`` (within its CI)."""
+    interior w at which each other method coincides with ``against`` (within its CI); with
+    ``seeds``, also how many seeds would resolve each coincidence (``seeds_to_resolve``)."""
     apart, close = [], []
     for m, d in diffs.items():
         if not any(0 < float(w) < 1 for w in d):
             continue
         same = coincidences(diffs, m)
         if same:
-            close.append(f"{m} at w[0] = {', '.join(same)}")
+            at = [w if seeds is None else f"{w} ({seeds_to_resolve(*d[w], seeds)})"
+                  for w in same]
+            close.append(f"{m} at w[0] = {', '.join(at)}")
         else:
             apart.append(m)
+    need = ("" if seeds is None or not close else
+            f" (In brackets: the seeds at which the measured difference would exceed its "
+            f"95% CI, `{seeds} (ci / |mean|)^2`, if difference and spread stay as measured.)")
     return (f"Separate from {against} at every interior w: {', '.join(apart) or 'none'}. "
-            f"Coincide with it within the paired CI: {'; '.join(close) or 'nowhere'}.")
+            f"Coincide with it within the paired CI: {'; '.join(close) or 'nowhere'}.{need}")
+
+
+def seeds_to_resolve(mean: float, ci: float, seeds: int) -> str:
+    """The seeds at which a paired difference ``mean ± ci`` measured on ``seeds`` seeds would
+    exceed its 95% CI (the interval shrinks as ``1 / sqrt(n)``): ``seeds (ci / |mean|)^2``."""
+    if mean == 0:
+        return "no difference measured"
+    return f"~{math.ceil(seeds * (ci / abs(mean)) ** 2):,} seeds"
 
 
 def _paired_cell(v: list[float] | None) -> str:
