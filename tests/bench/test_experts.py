@@ -24,10 +24,13 @@ def _ink_only(root, edit=None):
     return root
 
 
-def test_every_shipped_fine_tune_is_measured_against_the_optimum():
-    """Every shipped adapter gets a row (on a short chain here: the subject is the rows)."""
-    out = bench_experts(n=16, runs=2, particles=2, steps=6, domain_name="digits")
+def test_every_shipped_fine_tune_is_measured_against_the_optimum(capsys):
+    """Every shipped adapter gets a row (on a short chain here: the subject is the rows), with
+    a progress bar over the adapters."""
+    out = bench_experts(n=16, runs=2, particles=2, steps=6, domain_name="digits", progress=True)
     names = shipped(SPEC.weights_dir)
+    err = capsys.readouterr().err
+    assert "adapters: 100%|" in err and f"{len(names)}/{len(names)}" in err
     assert set(out["experts"]) == set(names) and "ink" in names and "morl_ink_smooth_w050" in names
     for row in out["experts"].values():
         assert all(math.isfinite(row[k]) for k in ("gain_ratio", "gain_ratio_se", "log_z",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from diffusion_blend.bench.digits import best_of, cost_of, plain_time
 from diffusion_blend.blend import Preference
@@ -47,7 +48,8 @@ def relative_error(rows: list[dict]) -> float:
 
 
 def bench_amortised(n: int = 500, lams: Sequence[float] = LAMS, seed: int = 0,
-                    weights_dir: Path | None = None, domain_name: str = "digits") -> dict:
+                    weights_dir: Path | None = None, domain_name: str = "digits",
+                    progress: bool = False) -> dict:
     """Per lambda, ``r_w`` of both methods over the w grid and the largest relative gap;
     the amortised blend's time per image over the plain network's (best of two, on at most
     200 of the seeds)."""
@@ -56,8 +58,12 @@ def bench_amortised(n: int = 500, lams: Sequence[float] = LAMS, seed: int = 0,
         raise UsageError(f"no amortised blend in {domain.experts_dir}; distil one with "
                          f"`{domain.spec.recipe('amortised')}`")
     seeds = seed_range(seed, n)
-    rows = {f"{lam:g}": [paired_r_w(domain, Preference((w1, 1 - w1), lam, True), seeds)
-                         for w1 in W_GRID] for lam in lams}
+    jobs = tqdm([(lam, w1) for lam in lams for w1 in W_GRID], disable=not progress,
+                desc="lambda x w")
+    rows: dict[str, list] = {}
+    for lam, w1 in jobs:
+        rows.setdefault(f"{lam:g}", []).append(
+            paired_r_w(domain, Preference((w1, 1 - w1), lam, True), seeds))
     time_seeds = seeds[:200]       # a batch of at most 200 images, the same for both timings
     amortised = best_of(lambda: cost_of(run_method("amortised", domain, Preference((0.5, 0.5)),
                                                time_seeds)))[0]

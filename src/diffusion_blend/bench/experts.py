@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from diffusion_blend.domains import image_domain
 from diffusion_blend.domains.images import ImageDomain, load_classifier
@@ -36,14 +37,14 @@ def judge_agreement(domain: ImageDomain, model, judge, seeds: list[int]) -> floa
 
 def bench_experts(n: int = 512, runs: int = 16, particles: int = 16, seed: int = 0,
                   weights_dir: Path | None = None, steps: int | None = None,
-                  domain_name: str = "digits") -> dict:
+                  domain_name: str = "digits", progress: bool = False) -> dict:
     """Gain ratio of every shipped adapter on its own objective ``w . r`` at its alpha, on the
     chain it was trained on (its steps and spacing; ``steps`` overrides the steps)."""
     kind = image_domain(domain_name)
     weights_dir = Path(weights_dir or kind.spec.weights_dir)
     domains: dict[tuple, ImageDomain] = {}
     rows, judge = {}, load_classifier(kind.spec, "judge", weights_dir)
-    for name in shipped(weights_dir):
+    for name in tqdm(shipped(weights_dir), disable=not progress, desc="adapters"):
         meta = read_json(weights_dir / "experts" / f"{name}.json", "adapter metadata")
         chain = (steps or meta["config"]["sample_steps"], meta.get("spacing", "linear"))
         key = tuple(meta["rewards"])

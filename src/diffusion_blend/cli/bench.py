@@ -64,7 +64,8 @@ def cmd_experts(a: argparse.Namespace) -> None:
         raise UsageError(f"--weights {a.weights}: no fine-tuned adapters in "
                          f"{Path(a.weights) / 'experts'} (run dblend finetune {a.domain} --out "
                          "there)")
-    emit(bench_experts(a.n, a.runs, a.particles, a.seed, a.weights, a.steps, a.domain), a.json)
+    emit(bench_experts(a.n, a.runs, a.particles, a.seed, a.weights, a.steps, a.domain,
+                       progress=not a.json), a.json)
 
 
 def cmd_amortised(a: argparse.Namespace) -> None:
@@ -75,7 +76,7 @@ def cmd_amortised(a: argparse.Namespace) -> None:
     if any(not 0 < lam <= 2 for lam in lams):
         raise UsageError(f"--lams {a.lams}: each lambda must be in (0, 2], the distilled "
                          "adapter's training range")
-    emit(bench_amortised(a.n, lams, a.seed, a.weights, a.domain), a.json)
+    emit(bench_amortised(a.n, lams, a.seed, a.weights, a.domain, progress=not a.json), a.json)
 
 
 def cmd_digits(a: argparse.Namespace) -> None:
