@@ -219,8 +219,8 @@ def test_seeds_to_resolve_is_where_the_shrinking_interval_first_clears_the_diffe
     one seed fewer it is not."""
     from diffusion_blend.evaluation.report import seeds_to_resolve
 
-    text = seeds_to_resolve(mean, ci, n)
-    need = int(text.removeprefix("~").removesuffix(" seeds").replace(",", ""))
+    need = seeds_to_resolve(mean, ci, n)
+    assert seeds_to_resolve(0.0, ci, n) is None
     assert ci * (n / need) ** 0.5 <= abs(mean) * (1 + 1e-12) < ci * (n / (need - 1)) ** 0.5
 
 

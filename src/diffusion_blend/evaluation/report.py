@@ -457,8 +457,7 @@ def separation(diffs: dict, against: str, seeds: int | None = None) -> str:
             continue
         same = coincidences(diffs, m)
         if same:
-            at = [w if seeds is None else f"{w} ({seeds_to_resolve(*d[w], seeds)})"
-                  for w in same]
+            at = [w if seeds is None else f"{w} ({_seeds_text(*d[w], seeds)})" for w in same]
             close.append(f"{m} at w[0] = {', '.join(at)}")
         else:
             apart.append(m)
@@ -469,12 +468,16 @@ def separation(diffs: dict, against: str, seeds: int | None = None) -> str:
             f"Coincide with it within the paired CI: {'; '.join(close) or 'nowhere'}.{need}")
 
 
-def seeds_to_resolve(mean: float, ci: float, seeds: int) -> str:
+def seeds_to_resolve(mean: float, ci: float, seeds: int) -> int | None:
     """The seeds at which a paired difference ``mean ± ci`` measured on ``seeds`` seeds would
-    exceed its 95% CI (the interval shrinks as ``1 / sqrt(n)``): ``seeds (ci / |mean|)^2``."""
-    if mean == 0:
-        return "no difference measured"
-    return f"~{math.ceil(seeds * (ci / abs(mean)) ** 2):,} seeds"
+    exceed its 95% CI (the interval shrinks as ``1 / sqrt(n)``): ``seeds (ci / |mean|)^2``;
+    None when no difference was measured."""
+    return None if mean == 0 else math.ceil(seeds * (ci / abs(mean)) ** 2)
+
+
+def _seeds_text(mean: float, ci: float, seeds: int) -> str:
+    need = seeds_to_resolve(mean, ci, seeds)
+    return "no difference measured" if need is None else f"~{need:,} seeds"
 
 
 def _paired_cell(v: list[float] | None) -> str:
